@@ -1,0 +1,171 @@
+"""Command line: parse, call the library, print. Expected errors become one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import DEFAULT_BACKBONE, DEFAULT_CS, DEFAULT_KS, ExtractConfig, KnnConfig, ProbeConfig
+from pipeline.errors import PipelineError
+
+EXIT_USAGE = 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,20; got {text!r}") \
+            from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,20; got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers such as 0.1,1,10; got {text!r}") \
+            from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers such as 0.1,1,10; got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("extract", help="images -> L2-normalised penultimate features in an HDF5 store")
+    p.add_argument("--data", required=True, type=Path, help="image folder: ROOT/<class>/<img> or ROOT/<split>/<class>/")
+    p.add_argument("--out", required=True, type=Path, help="the HDF5 store to write (e.g. data/stores/x.h5)")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"registered name or timm:<model> ({DEFAULT_BACKBONE})")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--workers", type=_non_negative_int, default=None, help="decode workers (default: cores - 1)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--random-init", action="store_true", help="untrained weights (recorded in the store)")
+    p.add_argument("--overwrite", action="store_true", help="replace a store built with other settings")
+
+    p = sub.add_parser("probe", help="logistic-regression linear probe on a store")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--out", type=Path, default=None, help="results JSON (default: STORE.probe.json beside the store)")
+    p.add_argument("--C", dest="Cs", type=_float_list, default=DEFAULT_CS, help="C grid, comma-separated")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="train slice held out when there is no val split")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("knn", help="kNN classification on an exact FAISS index")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--k", dest="ks", type=_int_list, default=DEFAULT_KS, help="comma-separated, e.g. 1,20")
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--out", type=Path, default=None, help="results JSON (default: STORE.knn.json beside the store)")
+
+    p = sub.add_parser("demo", help="digits -> extract -> probe + kNN as one Prefect flow; writes under data/")
+    p.add_argument("--data-dir", type=Path, default=Path("data"))
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    p.add_argument("--per-class", type=_positive_int, default=None, help="only N images per class and split")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--workers", type=_non_negative_int, default=None)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("backbones", help="list registered backbones")
+    p.add_argument("pattern", nargs="?", default=None, help="shell-style filter, e.g. 'efficient*'")
+    return parser
+
+
+def _cmd_extract(args: argparse.Namespace) -> None:
+    from pipeline.extract import extract_to_store
+
+    config = ExtractConfig(data=args.data, out=args.out, backbone=args.backbone, batch_size=args.batch_size,
+                           workers=args.workers, device=args.device, overwrite=args.overwrite, progress=not args.quiet)
+    result = extract_to_store(config, random_init=args.random_init)
+    print(result.summary())
+
+
+def _cmd_probe(args: argparse.Namespace) -> None:
+    from pipeline.probes import run_probe
+    from pipeline.report import format_table
+
+    if not 0.0 < args.val_fraction < 1.0:
+        raise PipelineError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+    result, out = run_probe(ProbeConfig(store=args.store, out=args.out, Cs=args.Cs, val_fraction=args.val_fraction,
+                                        seed=args.seed))
+    print(format_table(result, None))
+    print(f"results: {out}  head: {result['head']}")
+
+
+def _cmd_knn(args: argparse.Namespace) -> None:
+    from pipeline.index import run_knn
+    from pipeline.report import format_table
+
+    result, out = run_knn(KnnConfig(store=args.store, out=args.out, ks=args.ks, temperature=args.temperature))
+    print(format_table(None, result))
+    print(f"results: {out}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    import importlib
+
+    # flows/ holds the Prefect code; importing it here (and only here) keeps pipeline/ free of Prefect.
+    demo = importlib.import_module("flows.demo")
+    outcome = demo.demo_flow(data_dir=str(args.data_dir), backbone=args.backbone, per_class=args.per_class,
+                             batch_size=args.batch_size, workers=args.workers, device=args.device,
+                             progress=not args.quiet)
+    print(outcome["table"])
+    print(f"results: {outcome['results']}  report: {outcome['report']}")
+
+
+def _cmd_backbones(args: argparse.Namespace) -> None:
+    from pipeline.backbones import list_backbones
+
+    specs = list_backbones(args.pattern)
+    if not specs:
+        raise PipelineError(f"no registered backbone matches {args.pattern!r}; run without a pattern to list all")
+    for spec in specs:
+        print(f"{spec.name:24s} {'weights present' if spec.weights_present() else 'weights missing':16s} "
+              f"{spec.description}")
+    print("Any timm model is also available as timm:<model>[.<tag>] (weights from the Hugging Face cache).")
+
+
+COMMANDS = {"extract": _cmd_extract, "probe": _cmd_probe, "knn": _cmd_knn, "demo": _cmd_demo,
+            "backbones": _cmd_backbones}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline").setLevel(level)  # our logs only: third-party INFO (faiss, httpx) stays quiet
+    try:
+        COMMANDS[args.command](args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

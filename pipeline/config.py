@@ -1,0 +1,57 @@
+"""Typed configuration for each command. No I/O here: the CLI and the flows build these and pass them on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+DEFAULT_KS: tuple[int, ...] = (1, 20)
+# C grid for the logistic-regression probe: log-spaced, wide enough for unit-norm features (weak to almost no L2).
+DEFAULT_CS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """What `extract` needs: the image folder, the store to write, and how to run the backbone."""
+
+    data: Path
+    out: Path
+    backbone: str = DEFAULT_BACKBONE
+    batch_size: int = 64
+    workers: int | None = None  # None: chosen from the core count
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    test_fraction: float = 0.3  # used only when the folder has no split sub-folders
+    seed: int = 0
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Logistic-regression probe: C is chosen on validation, the head refit on train+val, tested once."""
+
+    store: Path
+    out: Path | None = None
+    Cs: tuple[float, ...] = DEFAULT_CS
+    val_fraction: float = 0.2  # slice of train used for validation when the store has no `val` split
+    seed: int = 0
+    max_iter: int = 1000
+
+
+@dataclass(frozen=True)
+class KnnConfig:
+    """kNN classification on an exact FAISS inner-product index (cosine on unit-norm features)."""
+
+    store: Path
+    out: Path | None = None
+    ks: tuple[int, ...] = DEFAULT_KS
+    temperature: float = 0.07
