@@ -104,7 +104,7 @@ def _map_state_dict_in_order(model: torch.nn.Module, source: dict[str, torch.Ten
     if len(source) != len(target):
         raise PipelineError(f"{origin} has {len(source)} tensors but the model expects {len(target)}; wrong file?")
     mapped = {}
-    for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items()):
+    for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items(), strict=True):
         if tensor.shape != expected.shape:
             raise PipelineError(
                 f"{origin}: tensor {src_key} has shape {tuple(tensor.shape)} but {dst_key} needs "
@@ -187,7 +187,7 @@ def _load_timm(model_name: str, random_init: bool) -> tuple[torch.nn.Module, dic
         raise PipelineError(
             f"pretrained weights for {TIMM_PREFIX}{model_name} are not in the Hugging Face cache and could not be "
             f"downloaded ({type(exc).__name__}); run once with network access (cache: $HF_HOME, default "
-            "~/.cache/huggingface) or pass --random-init for untrained weights"
+            "~/.cache/huggingface; HF_HUB_OFFLINE=1 skips the network retries) or pass --random-init"
         ) from exc
     cfg = model.pretrained_cfg
     return model, cfg, f"timm:{cfg.get('hf_hub_id') or cfg.get('url') or model_name}"

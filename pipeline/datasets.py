@@ -133,13 +133,13 @@ def scan_image_folder(root: str | Path, *, test_fraction: float = 0.3, seed: int
         class_names = tuple(sorted(classes))
         index = {name: i for i, name in enumerate(class_names)}
         ids = {cls: [p.relative_to(root).as_posix() for p in files] for cls, files in classes.items()}
-        test_ids = {i for cls_ids in ids.values() for i in assign_splits(cls_ids, test_fraction=test_fraction, seed=seed)}
-        samples = [
-            Sample(p.relative_to(root).as_posix(), p, index[cls], "test" if p.relative_to(root).as_posix() in test_ids
-                   else "train")
-            for cls, files in classes.items()
-            for p in files
-        ]
+        test_ids = {i for cls_ids in ids.values() for i in assign_splits(cls_ids, test_fraction=test_fraction,
+                                                                            seed=seed)}
+        samples = []
+        for cls, files in classes.items():
+            for p in files:
+                sample_id = p.relative_to(root).as_posix()
+                samples.append(Sample(sample_id, p, index[cls], "test" if sample_id in test_ids else "train"))
         split_source = f"stratified(test_fraction={test_fraction}, seed={seed})"
     if not samples:
         raise DataError(

@@ -45,7 +45,8 @@ def default_workers() -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
-def make_loader(dataset: ImageDataset, *, batch_size: int, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+def make_loader(dataset: ImageDataset, *, batch_size: int, workers: int,
+                pin_memory: bool) -> torch.utils.data.DataLoader:
     """A DataLoader in dataset order; workers use forkserver, since forking a threaded process can deadlock."""
     return torch.utils.data.DataLoader(
         dataset,
@@ -94,7 +95,8 @@ class ExtractResult:
     def summary(self) -> str:
         if self.skipped:
             return f"{self.store} is up to date ({self.rows} rows, {self.backbone}); no forward pass was run"
-        text = f"{self.rows} extracted, {self.failed} failed in {self.seconds:.1f} s ({self.images_per_second:.1f} img/s)"
+        text = (f"{self.rows} extracted, {self.failed} failed in {self.seconds:.1f} s "
+                f"({self.images_per_second:.1f} img/s)")
         if self.failures:
             shown = "; ".join(f"{i}: {r}" for i, r in self.failures[:3])
             text += f": {shown}" + (" ..." if self.failed > 3 else "")

@@ -134,7 +134,9 @@ def load_store(path: str | Path) -> FeatureSet:
         if any(length != n for length in lengths.values()):
             raise StoreError(f"{path} is inconsistent: committed_rows={n} but dataset lengths are {lengths}; "
                              "extract it again")
-        failed = dict(zip(f["failed/ids"].asstr()[...], f["failed/reasons"].asstr()[...])) if "failed" in f else {}
+        failed = {}
+        if "failed" in f:
+            failed = dict(zip(f["failed/ids"].asstr()[...], f["failed/reasons"].asstr()[...], strict=True))
         return FeatureSet(
             path=path,
             features=f["features"][...],

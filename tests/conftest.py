@@ -1,0 +1,78 @@
+"""Shared fixtures: real tiny models, real files in tmp_path, one Prefect test harness per session."""
+
+from __future__ import annotations
+
+import os
+import random
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.backbones import create_backbone
+from pipeline.config import ExtractConfig
+from pipeline.demo import write_digits_folder
+from pipeline.extract import extract_to_store
+
+TINY_BACKBONE = "timm:test_resnet"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _restore_rng_state():
+    """Tests must not leak RNG state into each other."""
+    torch_state, np_state, py_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    yield
+    torch.set_rng_state(torch_state)
+    np.random.set_state(np_state)
+    random.setstate(py_state)
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    """The embedded default backbone with its real packaged ImageNet weights."""
+    return create_backbone("efficientnet_lite0", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A tiny random-init timm model: fast, real torch code."""
+    return create_backbone(TINY_BACKBONE, device="cpu", random_init=True)
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory):
+    return write_digits_folder(tmp_path_factory.mktemp("digits") / "digits")
+
+
+@pytest.fixture(scope="session")
+def small_digits_root(tmp_path_factory):
+    """5 images per class and split: 100 images."""
+    return write_digits_folder(tmp_path_factory.mktemp("digits5") / "digits", per_class=5)
+
+
+@pytest.fixture(scope="session")
+def digits_store(tmp_path_factory, digits_root, lite0):
+    """All 1,797 digits through EfficientNet-Lite0 (the slowest fixture: ~1 min on 2 cores)."""
+    out = tmp_path_factory.mktemp("stores") / "digits.h5"
+    extract_to_store(ExtractConfig(data=digits_root, out=out, workers=0, progress=False), backbone=lite0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield

@@ -1,0 +1,108 @@
+"""Every expected error path: one line on stderr, exit code 2, no traceback. And the happy path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from tests.helpers import make_folder
+
+TINY = ["--backbone", "timm:test_resnet", "--random-init", "--workers", "0"]
+
+
+def _run(capsys, *argv):
+    code = main(["--quiet", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_one_line_error(code, err, *needles):
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.mark.parametrize(
+    "make, needles",
+    [
+        (lambda tmp: tmp / "missing", ["does not exist", "--data"]),
+        (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", ["no images found"]),
+        (lambda tmp: make_folder(tmp / "bad", {"train/a": 1, "other": 1}), ["mixes split folders"]),
+    ],
+)
+def test_extract_data_errors(tmp_path, capsys, make, needles):
+    data = make(tmp_path)
+    code, _, err = _run(capsys, "extract", "--data", str(data), "--out", str(tmp_path / "s.h5"), *TINY)
+    _assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_unknown_backbone(tmp_path, capsys):
+    data = make_folder(tmp_path / "d", {"a": 2})
+    code, _, err = _run(capsys, "extract", "--data", str(data), "--out", str(tmp_path / "s.h5"),
+                        "--backbone", "efficientnet_lite1")
+    _assert_one_line_error(code, err, "unknown backbone", "efficientnet_lite0", "python -m pipeline backbones")
+
+
+@pytest.mark.parametrize("command", ["probe", "knn"])
+def test_store_errors(tmp_path, capsys, command):
+    code, _, err = _run(capsys, command, "--store", str(tmp_path / "none.h5"))
+    _assert_one_line_error(code, err, "no feature store", "python -m pipeline extract")
+    (tmp_path / "text.h5").write_text("hi")
+    code, _, err = _run(capsys, command, "--store", str(tmp_path / "text.h5"))
+    _assert_one_line_error(code, err, "not an HDF5")
+    with h5py.File(tmp_path / "foreign.h5", "w") as f:
+        f["x"] = np.arange(3)
+    code, _, err = _run(capsys, command, "--store", str(tmp_path / "foreign.h5"))
+    _assert_one_line_error(code, err, "not a feature store")
+    (tmp_path / "half.h5.partial").write_bytes(b"")
+    code, _, err = _run(capsys, command, "--store", str(tmp_path / "half.h5"))
+    _assert_one_line_error(code, err, "not complete", "run extract again")
+
+
+def test_bad_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["knn", "--store", "x.h5", "--k", "0,abc"])
+    assert exc.value.code == 2
+    assert "comma-separated positive integers" in capsys.readouterr().err
+
+
+def test_extract_probe_knn_happy_path(tmp_path, capsys, small_digits_root):
+    store = tmp_path / "s.h5"
+    code, out, err = _run(capsys, "extract", "--data", str(small_digits_root), "--out", str(store), *TINY)
+    assert code == 0, err
+    assert "100 extracted, 0 failed" in out
+    code, out, _ = _run(capsys, "extract", "--data", str(small_digits_root), "--out", str(store), *TINY)
+    assert code == 0 and "no forward pass" in out
+    code, out, _ = _run(capsys, "probe", "--store", str(store), "--C", "0.1,1")
+    assert code == 0 and "linear probe" in out
+    probe = json.loads((tmp_path / "s.probe.json").read_text())
+    assert probe["chosen_C"] in (0.1, 1.0) and (tmp_path / "s.probe.head.joblib").exists()
+    code, out, _ = _run(capsys, "knn", "--store", str(store), "--k", "1,5", "--out", str(tmp_path / "k.json"))
+    assert code == 0 and "kNN k=5 weighted" in out
+    assert set(json.loads((tmp_path / "k.json").read_text())["by_k"]) == {"1", "5"}
+    code, _, err = _run(capsys, "knn", "--store", str(store), "--k", "500")
+    _assert_one_line_error(code, err, "larger than")
+
+
+def test_backbones_command_lists_the_default(capsys):
+    code, out, _ = _run(capsys, "backbones")
+    assert code == 0 and "efficientnet_lite0" in out and "weights present" in out
+    code, _, err = _run(capsys, "backbones", "nothing*")
+    _assert_one_line_error(code, err, "no registered backbone")
+
+
+def test_real_entry_point_prints_one_line_and_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "probe", "--store", str(tmp_path / "x.h5")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: no feature store")

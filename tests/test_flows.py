@@ -1,0 +1,51 @@
+"""Real Prefect flow runs (ephemeral, under one test harness) and the library/orchestration boundary."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pipeline_never_imports_prefect():
+    offenders = []
+    for path in (ROOT / "pipeline").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("prefect", "flows")]
+    assert offenders == []
+    code = ("import sys, pipeline.cli, pipeline.extract, pipeline.probes, pipeline.index, pipeline.report, "
+            "pipeline.demo; assert 'prefect' not in sys.modules, 'prefect was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.slow
+def test_demo_flow_end_to_end(tmp_path, prefect_harness):
+    from flows.demo import demo_flow
+
+    state = demo_flow(data_dir=str(tmp_path), per_class=5, workers=0, progress=False, return_state=True)
+    assert state.is_completed()
+    outcome = state.result()
+    results = json.loads(Path(outcome["results"]).read_text())
+    assert results["extraction"]["rows"] == 100 and not results["extraction"]["skipped"]
+    assert 0.0 <= results["probe"]["test_top1"] <= 1.0 and "20" in results["knn"]["by_k"]
+    report = Path(outcome["report"]).read_text()
+    assert "linear probe" in report and "kNN k=20 weighted" in report
+    assert (tmp_path / "stores" / "digits-5pc__efficientnet_lite0.h5").exists()
+
+    again = demo_flow(data_dir=str(tmp_path), per_class=5, workers=0, progress=False)
+    assert again["extraction"]["skipped"]  # the store's cache key makes a rerun a no-op
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+    names = {r.name for r in runs}
+    assert "demo-digits-efficientnet_lite0" in names
