@@ -81,6 +81,9 @@ def knn_classify(fs: FeatureSet, *, ks: tuple[int, ...], temperature: float = 0.
         scores = vote_scores(bank_labels[idx[:, :k]], sims[:, :k], n_classes=len(classes), temperature=temperature)
         results[str(k)] = {vote: classification_metrics(y_true, s, classes, fs.class_names)
                            for vote, s in scores.items()}
+        if k < 5:  # fewer than 5 neighbours cannot rank 5 classes: the rest would be arbitrary ties
+            for metrics in results[str(k)].values():
+                metrics["top5"] = None
     return {
         "protocol": "exact FAISS inner-product (cosine) kNN; bank = train+val, queries = test",
         "temperature": temperature,

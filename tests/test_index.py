@@ -51,6 +51,9 @@ def test_knn_classification_equals_numpy_reference(digits_store, k):
     assert result["n_bank"] == int(bank.sum()) and result["n_queries"] == int(test.sum())
     if k == 1:
         assert result["by_k"]["1"]["majority"]["top1"] == result["by_k"]["1"]["weighted"]["top1"]
+        assert result["by_k"]["1"]["weighted"]["top5"] is None  # undefined with one neighbour
+    else:
+        assert result["by_k"][str(k)]["weighted"]["top5"] >= result["by_k"][str(k)]["weighted"]["top1"]
 
 
 def test_knn_on_digits_is_well_above_chance(digits_store, tmp_path):
