@@ -73,7 +73,7 @@ def test_bad_arguments_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["knn", "--store", "x.h5", "--k", "0,abc"])
     assert exc.value.code == 2
-    assert "comma-separated positive integers" in capsys.readouterr().err
+    assert "comma-separated positive numbers such as 1,20" in capsys.readouterr().err
 
 
 def test_extract_probe_knn_happy_path(tmp_path, capsys, small_digits_root):
