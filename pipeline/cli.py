@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_non_negative_int, default=None, help="decode workers (default: cores - 1)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--random-init", action="store_true", help="untrained weights (recorded in the store)")
+    p.add_argument("--weights", type=Path, default=None, help="local .pth/.safetensors for the architecture (strict)")
+    p.add_argument("--layer", default=None, help="pool this module's output (e.g. layer3) instead of the pre-logits")
     p.add_argument("--overwrite", action="store_true", help="replace a store built with other settings")
 
     p = sub.add_parser("probe", help="logistic-regression linear probe on a store")
@@ -89,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_non_negative_int, default=None)
     p.add_argument("--device", default="auto")
 
-    p = sub.add_parser("backbones", help="list registered backbones")
-    p.add_argument("pattern", nargs="?", default=None, help="shell-style filter, e.g. 'efficient*'")
+    p = sub.add_parser("backbones", help="list backbones, marking those whose weights are present locally")
+    p.add_argument("pattern", nargs="?", default=None, help="shell-style filter, e.g. 'timm:resnet*'")
     return parser
 
 
@@ -98,8 +100,9 @@ def _cmd_extract(args: argparse.Namespace) -> None:
     from pipeline.extract import extract_to_store
 
     config = ExtractConfig(data=args.data, out=args.out, backbone=args.backbone, batch_size=args.batch_size,
-                           workers=args.workers, device=args.device, overwrite=args.overwrite, progress=not args.quiet)
-    result = extract_to_store(config, random_init=args.random_init)
+                           workers=args.workers, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
+                           random_init=args.random_init, weights=args.weights, layer=args.layer)
+    result = extract_to_store(config)
     print(result.summary())
 
 
@@ -137,15 +140,21 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _cmd_backbones(args: argparse.Namespace) -> None:
-    from pipeline.backbones import list_backbones
+    import timm
 
-    specs = list_backbones(args.pattern)
-    if not specs:
-        raise PipelineError(f"no registered backbone matches {args.pattern!r}; run without a pattern to list all")
-    for spec in specs:
-        print(f"{spec.name:24s} {'weights present' if spec.weights_present() else 'weights missing':16s} "
-              f"{spec.description}")
-    print("Any timm model is also available as timm:<model>[.<tag>] (weights from the Hugging Face cache).")
+    from pipeline.backbones import available_backbones
+
+    rows = available_backbones(args.pattern)
+    if not rows:
+        raise PipelineError(f"no backbone matches {args.pattern!r}; try a wider pattern such as 'timm:*resnet*' or "
+                            "run without a pattern")
+    width = max(len(name) for name, _, _ in rows)
+    for name, present, description in rows:
+        print(f"{name:{width}s}  {'present' if present else '-':8s} {description}")
+    if args.pattern is None:
+        print(f"... and {len(timm.list_pretrained())} timm pretrained models as timm:<model>.<tag>; "
+              "filter with a pattern, e.g. python -m pipeline backbones 'timm:convnext*'")
+    print("'present': weights are on this machine (package, torch hub cache or Hugging Face cache)")
 
 
 COMMANDS = {"extract": _cmd_extract, "probe": _cmd_probe, "knn": _cmd_knn, "demo": _cmd_demo,
@@ -165,4 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0

@@ -25,6 +25,9 @@ class ExtractConfig:
     seed: int = 0
     overwrite: bool = False
     progress: bool = True
+    random_init: bool = False  # untrained weights, recorded in the store
+    weights: Path | None = None  # a local checkpoint for the backbone's architecture
+    layer: str | None = None  # pool this module's output instead of the pre-logits
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -23,7 +23,6 @@ from pipeline.config import ExtractConfig
 from pipeline.datasets import Batch, ImageDataset, ImageFolder, collate_batch, scan_image_folder
 from pipeline.errors import DataError, StoreError
 from pipeline.store import (
-    FEATURE_LAYER,
     StoreWriter,
     cache_key,
     is_current,
@@ -109,7 +108,7 @@ def _store_attrs(backbone: Backbone, folder: ImageFolder, key: str, fingerprint:
         "weights": backbone.weights,
         "random_init": backbone.random_init,
         "preprocessing": backbone.preprocessing_json(),
-        "layer": FEATURE_LAYER,
+        "layer": backbone.layer,
         "class_names": json.dumps(list(folder.class_names)),
         "normalized": True,
         "feature_dim": backbone.dim,
@@ -140,13 +139,14 @@ def _check_target(out: Path, key: str, overwrite: bool) -> None:
             )
 
 
-def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None,
-                     random_init: bool = False) -> ExtractResult:
+def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None) -> ExtractResult:
     """Extract features for an image folder into an HDF5 store; a no-op when the store is already current."""
     folder = scan_image_folder(config.data, test_fraction=config.test_fraction, seed=config.seed)
     if backbone is None:
-        backbone = create_backbone(config.backbone, device=resolve_device(config.device), random_init=random_init)
-    key = cache_key(backbone=backbone.name, weights=backbone.weights, preprocessing=backbone.preprocessing_json())
+        backbone = create_backbone(config.backbone, device=resolve_device(config.device),
+                                   random_init=config.random_init, weights_path=config.weights, layer=config.layer)
+    key = cache_key(backbone=backbone.name, weights=backbone.weights, preprocessing=backbone.preprocessing_json(),
+                    layer=backbone.layer)
     fingerprint = data_fingerprint(folder)
     out = Path(config.out)
     if is_current(out, key=key, fingerprint=fingerprint):

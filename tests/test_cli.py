@@ -49,7 +49,7 @@ def test_extract_data_errors(tmp_path, capsys, make, needles):
 def test_unknown_backbone(tmp_path, capsys):
     data = make_folder(tmp_path / "d", {"a": 2})
     code, _, err = _run(capsys, "extract", "--data", str(data), "--out", str(tmp_path / "s.h5"),
-                        "--backbone", "efficientnet_lite1")
+                        "--backbone", "efficientnet_lite9")
     _assert_one_line_error(code, err, "unknown backbone", "efficientnet_lite0", "python -m pipeline backbones")
 
 
@@ -94,11 +94,34 @@ def test_extract_probe_knn_happy_path(tmp_path, capsys, small_digits_root):
     _assert_one_line_error(code, err, "larger than")
 
 
-def test_backbones_command_lists_the_default(capsys):
+def test_backbones_command_lists_and_marks_weights(capsys):
     code, out, _ = _run(capsys, "backbones")
-    assert code == 0 and "efficientnet_lite0" in out and "weights present" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert code == 0 and "present" in lines["efficientnet_lite0"]
+    assert "torchvision:resnet50.IMAGENET1K_V2" in lines and "timm pretrained models" in out
+    code, out, _ = _run(capsys, "backbones", "timm:resnet18.a1*")
+    assert code == 0 and out.splitlines()[0].split()[:2] == ["timm:resnet18.a1_in1k", "-"]
     code, _, err = _run(capsys, "backbones", "nothing*")
-    _assert_one_line_error(code, err, "no registered backbone")
+    _assert_one_line_error(code, err, "no backbone matches")
+
+
+def test_weights_and_layer_options(tmp_path, capsys, small_digits_root):
+    import timm
+    import torch
+
+    torch.save(timm.create_model("test_resnet").state_dict(), tmp_path / "mine.pth")
+    store = tmp_path / "s.h5"
+    code, out, err = _run(capsys, "extract", "--data", str(small_digits_root), "--out", str(store), "--backbone",
+                          "timm:test_resnet", "--weights", str(tmp_path / "mine.pth"), "--layer", "layer2",
+                          "--workers", "0")
+    assert code == 0, err
+    with h5py.File(store) as f:
+        assert f.attrs["weights"].startswith("file:mine.pth:sha256:") and f.attrs["layer"] == "layer2:avgpool"
+        assert not f.attrs["random_init"]
+    torch.save({"fc.weight": torch.zeros(2)}, tmp_path / "wrong.pth")
+    code, _, err = _run(capsys, "extract", "--data", str(small_digits_root), "--out", str(tmp_path / "t.h5"),
+                        "--backbone", "timm:test_resnet", "--weights", str(tmp_path / "wrong.pth"))
+    _assert_one_line_error(code, err, "does not fit this architecture", "missing keys")
 
 
 def test_real_entry_point_prints_one_line_and_exits_2(tmp_path):

@@ -66,7 +66,7 @@ def test_rerun_with_same_inputs_runs_no_forward_pass(tmp_path, small_digits_root
     first = _extract(small_digits_root, out, tiny)
     mtime = out.stat().st_mtime_ns
     calls = []
-    hook = tiny.model.register_forward_hook(lambda *a: calls.append(1))
+    hook = next(tiny.model.net.children()).register_forward_hook(lambda *a: calls.append(1))
     try:
         again = _extract(small_digits_root, out, tiny)
     finally:
