@@ -309,7 +309,26 @@ def _load_timm(model_name: str, random_init: bool) -> Loaded:
             "or pass --random-init"
         ) from exc
     cfg = net.pretrained_cfg
-    return Loaded(net, "timm", _timm_data_config(cfg), f"timm:{cfg.get('hf_hub_id') or cfg.get('url') or model_name}")
+    weights = f"timm:{cfg.get('hf_hub_id') or cfg.get('url') or model_name}"
+    path = _timm_weights_file(cfg)
+    return Loaded(net, "timm", _timm_data_config(cfg), f"{weights}:sha256:{file_sha256(path)}" if path else weights)
+
+
+def _timm_weights_file(cfg: dict) -> Path | None:
+    """The local file timm loaded: from the Hugging Face cache, or the torch hub cache for URL-only weights."""
+    hub_id = cfg.get("hf_hub_id")
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("open_clip_model.safetensors", "model.safetensors", "open_clip_pytorch_model.bin",
+                         "pytorch_model.bin"):
+            found = try_to_load_from_cache(hub_id, filename)
+            if isinstance(found, str):
+                return Path(found)
+    if cfg.get("url"):
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg["url"]).name
+        return path if path.is_file() else None
+    return None
 
 
 def _torchvision_data_config(transform: Callable) -> dict:
@@ -467,14 +486,10 @@ def create_backbone(name: str, *, device: str | torch.device = "cpu", random_ini
 
 def _timm_weights_present(name: str) -> bool:
     try:
-        from huggingface_hub import try_to_load_from_cache
-
-        hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id
-    except Exception:  # noqa: BLE001 - no config or no hub: not present
+        cfg = timm.models.get_pretrained_cfg(name).to_dict()
+    except Exception:  # noqa: BLE001 - no config: not present
         return False
-    if not hub_id:
-        return False
-    return any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in ("model.safetensors", "pytorch_model.bin"))
+    return _timm_weights_file(cfg) is not None
 
 
 def available_backbones(pattern: str | None = None) -> list[tuple[str, bool, str]]:

@@ -174,3 +174,27 @@ def test_unknown_torchvision_names_and_tags():
         create_backbone("torchvision:resnet5O")
     with pytest.raises(PipelineError, match="IMAGENET1K_V2"):
         create_backbone("torchvision:resnet50.IMAGENET9K")
+
+
+def test_timm_weights_resolve_from_the_hugging_face_cache(tmp_path):
+    """A real HF cache layout (refs/main -> snapshot) for a timm tag; loaded offline, identified by sha256."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    repo = tmp_path / "hub" / "models--timm--resnet18.a1_in1k"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    state = _original("timm:resnet18").state_dict()
+    save_file(state, snapshot / "model.safetensors")
+    code = ("from pipeline.backbones import create_backbone; b = create_backbone('timm:resnet18.a1_in1k'); "
+            "print(b.weights, b.random_init)")
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [f"timm:timm/resnet18.a1_in1k:sha256:{file_sha256(snapshot / 'model.safetensors')}",
+                                  "False"]
