@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check pipeline flows tests benchmarks
+	$(PY) -m ruff check pipeline flows tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
