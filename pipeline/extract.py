@@ -18,17 +18,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.backbones import Backbone, create_backbone, resolve_device
+from pipeline.backbones import Backbone, create_backbone
 from pipeline.config import ExtractConfig
 from pipeline.datasets import Batch, ImageDataset, ImageFolder, collate_batch, scan_image_folder
-from pipeline.errors import DataError, StoreError
-from pipeline.store import (
-    StoreWriter,
-    cache_key,
-    is_current,
-    library_versions,
-    partial_path,
-)
+from pipeline.errors import DataError
+from pipeline.store import StoreWriter, cache_key, check_target, is_current, library_versions, partial_path
 
 log = logging.getLogger(__name__)
 EPS = 1e-12
@@ -121,30 +115,12 @@ def _store_attrs(backbone: Backbone, folder: ImageFolder, key: str, fingerprint:
     }
 
 
-def _check_target(out: Path, key: str, overwrite: bool) -> None:
-    """Refuse to replace a file that is not ours, or a store made by other settings, unless told to."""
-    if not out.exists() or overwrite:
-        return
-    import h5py
-
-    if out.is_dir() or not h5py.is_hdf5(out):
-        raise StoreError(f"--out {out} exists and is not a feature store; choose another path")
-    with h5py.File(out, "r") as f:
-        if "schema_version" not in f.attrs:
-            raise StoreError(f"--out {out} is an HDF5 file but not a feature store; choose another path")
-        if f.attrs.get("cache_key") != key:
-            raise StoreError(
-                f"{out} holds features from another configuration (backbone {f.attrs.get('backbone')!r}); "
-                "choose another --out, or pass --overwrite to replace it"
-            )
-
-
 def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None) -> ExtractResult:
     """Extract features for an image folder into an HDF5 store; a no-op when the store is already current."""
     folder = scan_image_folder(config.data, test_fraction=config.test_fraction, seed=config.seed)
     if backbone is None:
-        backbone = create_backbone(config.backbone, device=resolve_device(config.device),
-                                   random_init=config.random_init, weights_path=config.weights, layer=config.layer)
+        backbone = create_backbone(config.backbone, device=config.device, random_init=config.random_init,
+                                   weights_path=config.weights, layer=config.layer)
     key = cache_key(backbone=backbone.name, weights=backbone.weights, preprocessing=backbone.preprocessing_json(),
                     layer=backbone.layer)
     fingerprint = data_fingerprint(folder)
@@ -152,7 +128,7 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None)
     if is_current(out, key=key, fingerprint=fingerprint):
         log.info("%s is up to date; no forward pass", out)
         return ExtractResult(str(out), len(folder), 0, True, 0.0, 0.0, backbone.name, backbone.dim)
-    _check_target(out, key, config.overwrite)
+    check_target(out, key=key, overwrite=config.overwrite)
 
     workers = default_workers() if config.workers is None else config.workers
     dataset = ImageDataset([s.path for s in folder.samples], backbone.transform)
@@ -182,6 +158,5 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None)
         partial_path(out).unlink(missing_ok=True)
         raise
     seconds = time.perf_counter() - start
-    rows = len(samples) - len(failures)
-    return ExtractResult(str(out), rows, len(failures), False, seconds, rows / max(seconds, 1e-9), backbone.name,
-                         backbone.dim, failures)
+    return ExtractResult(str(out), writer.rows, writer.failures, False, seconds, writer.rows / max(seconds, 1e-9),
+                         backbone.name, backbone.dim, failures)

@@ -101,8 +101,7 @@ def run_knn(config: KnnConfig) -> tuple[dict[str, Any], Path]:
 
     fs = load_store(config.store)
     result = knn_classify(fs, ks=config.ks, temperature=config.temperature)
-    result.update(store=str(fs.path), backbone=fs.attrs["backbone"], weights=fs.attrs["weights"],
-                  cache_key=fs.attrs["cache_key"], class_names=fs.class_names)
+    result.update(fs.provenance())
     out = Path(config.out) if config.out else default_results_path(Path(config.store), "knn")
     save_json(out, result)
     return result, out

@@ -142,8 +142,7 @@ def run_probe(config: ProbeConfig) -> tuple[dict[str, Any], Path]:
                                     max_iter=config.max_iter)
     out = Path(config.out) if config.out else default_results_path(Path(config.store), "probe")
     head_path = out.with_name(f"{out.stem}.head.joblib")
-    result.update(store=str(fs.path), backbone=fs.attrs["backbone"], weights=fs.attrs["weights"],
-                  cache_key=fs.attrs["cache_key"], class_names=fs.class_names, head=str(head_path))
+    result.update(fs.provenance(), head=str(head_path))
     save_head(head_path, head, fs=fs, chosen_C=result["chosen_C"])
     save_json(out, result)
     return result, out

@@ -26,12 +26,11 @@ from filelock import FileLock, Timeout
 from pipeline.errors import StoreError
 
 SCHEMA_VERSION = 1
-FEATURE_LAYER = "pre_logits"
 _STR = h5py.string_dtype("utf-8")
 _CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: fast sequential writes and chunk-aligned reads (see NOTES)
 
 
-def cache_key(*, backbone: str, weights: str, preprocessing: str, layer: str = FEATURE_LAYER) -> str:
+def cache_key(*, backbone: str, weights: str, preprocessing: str, layer: str) -> str:
     """Hash of everything that changes the feature bytes for a given image."""
     payload = json.dumps(
         {"schema_version": SCHEMA_VERSION, "backbone": backbone, "weights": weights, "preprocessing": preprocessing,
@@ -79,6 +78,11 @@ class FeatureSet:
 
     def mask(self, *splits: str) -> np.ndarray:
         return np.isin(self.splits, list(splits))
+
+    def provenance(self) -> dict[str, Any]:
+        """Which store, backbone and weights a result was computed from, for results files."""
+        return {"store": str(self.path), "backbone": self.attrs["backbone"], "weights": self.attrs["weights"],
+                "cache_key": self.attrs["cache_key"], "class_names": self.class_names}
 
     def split_names(self) -> list[str]:
         return [s for s in ("train", "val", "test") if (self.splits == s).any()]
@@ -156,6 +160,22 @@ def is_current(path: Path, *, key: str, fingerprint: str) -> bool:
     with h5py.File(path, "r") as f:
         a = f.attrs
         return bool(a.get("complete", False)) and a.get("cache_key") == key and a.get("data_fingerprint") == fingerprint
+
+
+def check_target(path: Path, *, key: str, overwrite: bool) -> None:
+    """Refuse to replace a file that is not a store, or a store made by other settings, unless told to."""
+    if not path.exists() or overwrite:
+        return
+    if path.is_dir() or not h5py.is_hdf5(path):
+        raise StoreError(f"--out {path} exists and is not a feature store; choose another path")
+    with h5py.File(path, "r") as f:
+        if "schema_version" not in f.attrs:
+            raise StoreError(f"--out {path} is an HDF5 file but not a feature store; choose another path")
+        if f.attrs.get("cache_key") != key:
+            raise StoreError(
+                f"{path} holds features from another configuration (backbone {f.attrs.get('backbone')!r}); "
+                "choose another --out, or pass --overwrite to replace it"
+            )
 
 
 class StoreWriter:
