@@ -9,8 +9,10 @@ from pathlib import Path
 
 from pipeline.config import DEFAULT_BACKBONE, DEFAULT_CS, DEFAULT_KS, ExtractConfig, KnnConfig, ProbeConfig
 from pipeline.errors import PipelineError
+from pipeline.store import COMPRESSIONS, FEATURE_DTYPES
 
 EXIT_USAGE = 2
+EXIT_PROBLEMS = 1  # `store verify` found problems
 
 
 def _int_at_least(minimum: int):
@@ -68,7 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-init", action="store_true", help="untrained weights (recorded in the store)")
     p.add_argument("--weights", type=Path, default=None, help="local .pth/.safetensors for the architecture (strict)")
     p.add_argument("--layer", default=None, help="pool this module's output (e.g. layer3) instead of the pre-logits")
-    p.add_argument("--overwrite", action="store_true", help="replace a store built with other settings")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace whatever is at --out (another configuration, or recompute every row)")
+    p.add_argument("--dtype", dest="feature_dtype", choices=FEATURE_DTYPES, default="float32",
+                   help="feature storage type; float16 halves the size (default float32)")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="none", help="HDF5 compression of the features")
+    p.add_argument("--shard-rows", type=_positive_int, default=None,
+                   help="write fixed-size shards of N rows plus one entry file (for millions of images)")
+    p.add_argument("--check-content", action="store_true",
+                   help="hash every image to find changes that keep the size and mtime (slower)")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for another run writing the same store (default: fail at once)")
 
     p = sub.add_parser("probe", help="logistic-regression linear probe on a store")
     p.add_argument("--store", required=True, type=Path)
@@ -91,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_non_negative_int, default=None)
     p.add_argument("--device", default="auto")
 
+    p = sub.add_parser("store", help="inspect or verify a feature store")
+    store_sub = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    q = store_sub.add_parser("info", help="rows, dim, backbone, splits, classes, failures, completeness, size")
+    q.add_argument("store", type=Path)
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    q = store_sub.add_parser("verify", help="check completeness, alignment, finite unit-norm rows, unique ids")
+    q.add_argument("store", type=Path)
+
     p = sub.add_parser("backbones", help="list backbones, marking those whose weights are present locally")
     p.add_argument("pattern", nargs="?", default=None, help="shell-style filter, e.g. 'timm:resnet*'")
     return parser
@@ -101,7 +121,9 @@ def _cmd_extract(args: argparse.Namespace) -> None:
 
     config = ExtractConfig(data=args.data, out=args.out, backbone=args.backbone, batch_size=args.batch_size,
                            workers=args.workers, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
-                           random_init=args.random_init, weights=args.weights, layer=args.layer)
+                           random_init=args.random_init, weights=args.weights, layer=args.layer,
+                           feature_dtype=args.feature_dtype, compression=args.compression, shard_rows=args.shard_rows,
+                           check_content=args.check_content, lock_timeout=args.wait)
     result = extract_to_store(config)
     print(result.summary())
 
@@ -139,6 +161,31 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(f"results: {outcome['results']}  report: {outcome['report']}")
 
 
+def _cmd_store(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.store import store_info, verify_store
+
+    if args.store_command == "info":
+        info = store_info(args.store)
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+        size = info.pop("size_bytes")
+        for key, value in info.items():
+            print(f"{key:12s} {value}")
+        print(f"{'size':12s} {size / 2**20:.1f} MiB")
+        return 0
+    problems = verify_store(args.store)
+    for problem in problems:
+        print(f"problem: {problem}")
+    if problems:
+        print(f"{args.store}: {len(problems)} problem(s) found", file=sys.stderr)
+        return EXIT_PROBLEMS
+    print(f"{args.store}: ok")
+    return 0
+
+
 def _cmd_backbones(args: argparse.Namespace) -> None:
     import timm
 
@@ -158,7 +205,7 @@ def _cmd_backbones(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"extract": _cmd_extract, "probe": _cmd_probe, "knn": _cmd_knn, "demo": _cmd_demo,
-            "backbones": _cmd_backbones}
+            "store": _cmd_store, "backbones": _cmd_backbones}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(level)  # our logs only: third-party INFO (faiss, httpx) stays quiet
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -179,4 +226,4 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    return 0
+    return code or 0

@@ -28,6 +28,11 @@ class ExtractConfig:
     random_init: bool = False  # untrained weights, recorded in the store
     weights: Path | None = None  # a local checkpoint for the backbone's architecture
     layer: str | None = None  # pool this module's output instead of the pre-logits
+    feature_dtype: str = "float32"  # float32 | float16 (half the size; cosine changes < 1e-4)
+    compression: str = "none"  # none | lzf
+    shard_rows: int | None = None  # None: one file; N: fixed-size shards of N rows plus an entry file
+    check_content: bool = False  # hash every image to detect changes that keep size and mtime
+    lock_timeout: float = 0.0  # seconds to wait for another writer of the same store (0: fail at once)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -36,6 +41,8 @@ class ExtractConfig:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.shard_rows is not None and self.shard_rows < 1:
+            raise ValueError(f"shard_rows must be >= 1, got {self.shard_rows}")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ image paths relative to ROOT in POSIX form, so they are stable whatever the work
 from __future__ import annotations
 
 import hashlib
+import io
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,9 +182,31 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode one image file into RGB, applying EXIF orientation; the first frame of animated images."""
-    with Image.open(path) as image:
+def content_hash(data: bytes) -> str:
+    """The identity of a file's bytes (BLAKE2b-128, hex): tells a changed file from one that was only touched."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def hash_file(path: str | Path) -> str:
+    """`content_hash` of a file, or "" when it cannot be read."""
+    try:
+        return content_hash(Path(path).read_bytes())
+    except OSError:
+        return ""
+
+
+def file_stamp(path: str | Path) -> tuple[int, int]:
+    """(size, mtime_ns) of a file, following links; (-1, -1) when it cannot be stat'ed (e.g. a broken link)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def load_image(source: str | Path | io.BytesIO) -> Image.Image:
+    """Decode one image (a path or in-memory bytes) into RGB, applying EXIF orientation; first frame if animated."""
+    with Image.open(source) as image:
         image.seek(0)
         image = ImageOps.exif_transpose(image)
         image.load()
@@ -190,8 +214,9 @@ def load_image(path: str | Path) -> Image.Image:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Reader stage: index → (index, tensor, error). A file that fails to decode yields its error, not an exception,
-    so that one bad image never stops a run and is recorded instead of silently dropped."""
+    """Reader stage: index → (index, tensor, error, content hash). A file that fails to decode yields its error, not
+    an exception, so that one bad image never stops a run and is recorded instead of silently dropped. The file is
+    read once: its bytes are hashed (for incremental runs) and decoded from memory."""
 
     def __init__(self, paths: list[Path], transform: Callable[[Image.Image], torch.Tensor]) -> None:
         self.paths = list(paths)
@@ -200,20 +225,23 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str, str]:
         try:
-            return index, self.transform(load_image(self.paths[index])), ""
+            data = self.paths[index].read_bytes()
+            return index, self.transform(load_image(io.BytesIO(data))), "", content_hash(data)
         except Exception as exc:  # noqa: BLE001 - any decode failure becomes a recorded failure for this file
-            return index, None, f"{type(exc).__name__}: {exc}".strip()
+            return index, None, f"{type(exc).__name__}: {exc}".strip(), ""
 
 
 @dataclass
 class Batch:
-    """A collated batch: `indices` of decoded images with their `images`, plus failures as (index, reason)."""
+    """A collated batch: `indices` of decoded images with their `images` and content `hashes`, plus failures as
+    (index, reason)."""
 
     indices: np.ndarray
     images: torch.Tensor | None
     failures: list[tuple[int, str]]
+    hashes: list[str]
 
     def pin_memory(self) -> Batch:
         if self.images is not None:
@@ -221,9 +249,9 @@ class Batch:
         return self
 
 
-def collate_batch(items: list[tuple[int, torch.Tensor | None, str]]) -> Batch:
-    ok = [(i, x) for i, x, err in items if x is not None]
-    failures = [(i, err) for i, x, err in items if x is None]
-    indices = np.array([i for i, _ in ok], dtype=np.int64)
-    images = torch.stack([x for _, x in ok]) if ok else None
-    return Batch(indices=indices, images=images, failures=failures)
+def collate_batch(items: list[tuple[int, torch.Tensor | None, str, str]]) -> Batch:
+    ok = [(i, x, h) for i, x, _, h in items if x is not None]
+    failures = [(i, err) for i, x, err, _ in items if x is None]
+    indices = np.array([i for i, _, _ in ok], dtype=np.int64)
+    images = torch.stack([x for _, x, _ in ok]) if ok else None
+    return Batch(indices=indices, images=images, failures=failures, hashes=[h for _, _, h in ok])

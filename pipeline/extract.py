@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 
 from pipeline.backbones import Backbone, create_backbone
 from pipeline.config import ExtractConfig
-from pipeline.datasets import Batch, ImageDataset, ImageFolder, collate_batch, scan_image_folder
+from pipeline.datasets import Batch, ImageDataset, ImageFolder, collate_batch, file_stamp, scan_image_folder
 from pipeline.errors import DataError
-from pipeline.store import StoreWriter, cache_key, check_target, is_current, library_versions, partial_path
+from pipeline.store import cache_key, check_target, is_current, library_versions, partial_path
+from pipeline.store_writer import Listing, StoreWriter
 
 log = logging.getLogger(__name__)
 EPS = 1e-12
@@ -62,12 +63,19 @@ def extract_features(backbone: Backbone, batches: Iterable[Batch]) -> Iterator[t
         yield batch, l2_normalize(backbone.features(batch.images)).cpu().numpy()
 
 
-def data_fingerprint(folder: ImageFolder) -> str:
+def folder_listing(folder: ImageFolder) -> Listing:
+    """What the store must hold for this folder: every sample with its file's (size, mtime_ns) stamp."""
+    samples = folder.samples
+    stamps = np.array([file_stamp(s.path) for s in samples], dtype=np.int64).reshape(-1, 2)
+    return Listing(ids=[s.id for s in samples], labels=np.array([s.label for s in samples], dtype=np.int64),
+                   splits=[s.split for s in samples], stamps=stamps, paths=[s.path for s in samples])
+
+
+def data_fingerprint(folder: ImageFolder, listing: Listing) -> str:
     """Hash of the listing (ids, labels, splits, sizes, mtimes, class names): changes when any input changes."""
     digest = hashlib.sha256(json.dumps(list(folder.class_names)).encode())
-    for s in folder.samples:
-        st = s.path.stat() if s.path.exists() else None
-        digest.update(f"{s.id}\0{s.label}\0{s.split}\0{st and st.st_size}\0{st and st.st_mtime_ns}\n".encode())
+    for i, (size, mtime) in enumerate(listing.stamps):
+        digest.update(f"{listing.ids[i]}\0{listing.labels[i]}\0{listing.splits[i]}\0{size}\0{mtime}\n".encode())
     return digest.hexdigest()[:32]
 
 
@@ -76,20 +84,28 @@ class ExtractResult:
     """What an extraction did: small enough to return from a Prefect task."""
 
     store: str
-    rows: int
+    rows: int  # rows in the store
     failed: int
     skipped: bool
     seconds: float
-    images_per_second: float
+    images_per_second: float  # computed rows per second
     backbone: str
     feature_dim: int
     failures: list[tuple[str, str]] = field(default_factory=list)
+    computed: int = 0  # rows that went through the model in this run
+    resumed: int = 0  # rows taken from an interrupted run
+    kept: int = 0  # rows kept from the previous store (incremental run)
 
     def summary(self) -> str:
         if self.skipped:
             return f"{self.store} is up to date ({self.rows} rows, {self.backbone}); no forward pass was run"
-        text = (f"{self.rows} extracted, {self.failed} failed in {self.seconds:.1f} s "
-                f"({self.images_per_second:.1f} img/s)")
+        text = f"{self.computed} extracted, {self.failed} failed in {self.seconds:.1f} s"
+        if self.computed:
+            text += f" ({self.images_per_second:.1f} img/s)"
+        reused = [f"{n} {what}" for n, what in ((self.resumed, "resumed from the interrupted run"),
+                                                (self.kept, "unchanged kept")) if n]
+        if reused:
+            text += f"; {', '.join(reused)}"
         if self.failures:
             shown = "; ".join(f"{i}: {r}" for i, r in self.failures[:3])
             text += f": {shown}" + (" ..." if self.failed > 3 else "")
@@ -97,6 +113,7 @@ class ExtractResult:
 
 
 def _store_attrs(backbone: Backbone, folder: ImageFolder, key: str, fingerprint: str) -> dict:
+    """Attributes that identify what produced the store; the writer adds layout, dtype and completion."""
     return {
         "backbone": backbone.name,
         "weights": backbone.weights,
@@ -116,47 +133,59 @@ def _store_attrs(backbone: Backbone, folder: ImageFolder, key: str, fingerprint:
 
 
 def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None) -> ExtractResult:
-    """Extract features for an image folder into an HDF5 store; a no-op when the store is already current."""
+    """Extract features for an image folder into an HDF5 store, computing only what the store does not hold yet.
+
+    A no-op when the store is current. Otherwise rows of an interrupted run and unchanged rows of the existing store
+    are reused (see `store_writer`), and only new or changed images go through the model.
+    """
     folder = scan_image_folder(config.data, test_fraction=config.test_fraction, seed=config.seed)
     if backbone is None:
         backbone = create_backbone(config.backbone, device=config.device, random_init=config.random_init,
                                    weights_path=config.weights, layer=config.layer)
     key = cache_key(backbone=backbone.name, weights=backbone.weights, preprocessing=backbone.preprocessing_json(),
-                    layer=backbone.layer)
-    fingerprint = data_fingerprint(folder)
+                    layer=backbone.layer, feature_dtype=config.feature_dtype)
+    listing = folder_listing(folder)
+    fingerprint = data_fingerprint(folder, listing)
     out = Path(config.out)
-    if is_current(out, key=key, fingerprint=fingerprint):
+    layout = {"layout": "single" if config.shard_rows is None else "sharded", "shard_rows": config.shard_rows or 0,
+              "compression": config.compression}
+    if not config.overwrite and not config.check_content and is_current(out, key=key, fingerprint=fingerprint,
+                                                                         layout=layout):
         log.info("%s is up to date; no forward pass", out)
         return ExtractResult(str(out), len(folder), 0, True, 0.0, 0.0, backbone.name, backbone.dim)
     check_target(out, key=key, overwrite=config.overwrite)
 
-    workers = default_workers() if config.workers is None else config.workers
-    dataset = ImageDataset([s.path for s in folder.samples], backbone.transform)
-    loader = make_loader(dataset, batch_size=config.batch_size, workers=workers,
-                         pin_memory=backbone.device.type == "cuda")
     samples = folder.samples
     failures: list[tuple[str, str]] = []
     start = time.perf_counter()
     attrs = _store_attrs(backbone, folder, key, fingerprint)
-    try:
-        with StoreWriter(out, dim=backbone.dim, expected_ids=[s.id for s in samples], attrs=attrs) as writer, \
-                tqdm(total=len(samples), unit="img", desc=f"extract {backbone.name}", disable=not config.progress,
-                     dynamic_ncols=True) as bar:
-            for batch, feats in extract_features(backbone, loader):
-                rows = [samples[i] for i in batch.indices]
-                writer.write([s.id for s in rows], feats, np.array([s.label for s in rows], dtype=np.int64),
-                             [s.split for s in rows])
-                failed = [(samples[i].id, reason) for i, reason in batch.failures]
-                writer.fail([i for i, _ in failed], [r for _, r in failed])
-                failures.extend(failed)
-                bar.update(len(batch.indices) + len(batch.failures))
-            if writer.rows == 0:
-                raise DataError(f"none of the {len(samples)} images under {config.data} could be read "
-                                f"(e.g. {failures[0][0]}: {failures[0][1]})")
-            writer.finish()
-    except BaseException:
-        partial_path(out).unlink(missing_ok=True)
-        raise
+    with StoreWriter(out, listing=listing, dim=backbone.dim, attrs=attrs, feature_dtype=config.feature_dtype,
+                     compression=config.compression, shard_rows=config.shard_rows,
+                     check_content=config.check_content, lock_timeout=config.lock_timeout) as writer:
+        todo = writer.prepare(reuse=not config.overwrite)
+        if writer.resumed or writer.kept:
+            log.info("%s: %d row(s) resumed, %d unchanged kept, %d to compute", out, writer.resumed, writer.kept,
+                     len(todo))
+        if len(todo):
+            workers = default_workers() if config.workers is None else config.workers
+            dataset = ImageDataset([samples[i].path for i in todo], backbone.transform)
+            loader = make_loader(dataset, batch_size=config.batch_size, workers=workers,
+                                 pin_memory=backbone.device.type == "cuda")
+            with tqdm(total=len(samples), initial=len(samples) - len(todo), unit="img",
+                      desc=f"extract {backbone.name}", disable=not config.progress, dynamic_ncols=True) as bar:
+                for batch, feats in extract_features(backbone, loader):
+                    writer.write(todo[batch.indices], feats, batch.hashes)
+                    failed = [(samples[todo[i]].id, reason) for i, reason in batch.failures]
+                    writer.fail([todo[i] for i, _ in batch.failures], [r for _, r in failed])
+                    failures.extend(failed)
+                    bar.update(len(batch.indices) + len(batch.failures))
+                    log.debug("committed %d of %d rows", writer.rows + writer.failures, len(samples))
+        if writer.rows == 0:
+            partial_path(out).unlink(missing_ok=True)  # nothing worth resuming
+            raise DataError(f"none of the {len(samples)} images under {config.data} could be read "
+                            f"(e.g. {failures[0][0]}: {failures[0][1]})")
+        writer.finish()
     seconds = time.perf_counter() - start
-    return ExtractResult(str(out), writer.rows, writer.failures, False, seconds, writer.rows / max(seconds, 1e-9),
-                         backbone.name, backbone.dim, failures)
+    return ExtractResult(str(out), writer.rows, writer.failures, False, seconds, writer.computed / max(seconds, 1e-9),
+                         backbone.name, backbone.dim, failures, computed=writer.computed, resumed=writer.resumed,
+                         kept=writer.kept)

@@ -1,40 +1,50 @@
-"""The HDF5 feature store (schema v1): one file per (data set, backbone, preprocessing).
+"""The HDF5 feature store (schema v2): reading, streaming, inspecting and verifying. Writing is in `store_writer`.
 
-Datasets: `features` [N, D] float32 (rows L2-normalised), `ids` [N] UTF-8, `labels` [N] int64 (-1: unlabelled),
-`splits` [N] UTF-8; `failed/ids` and `failed/reasons` for images that could not be decoded. Attributes identify
-what produced the bytes (`backbone`, `weights`, `preprocessing`, `cache_key`, ...).
+A store is one entry file. Row-aligned datasets: `features` [N, D] (float32 or float16, rows L2-normalised),
+`ids` [N] UTF-8, `labels` [N] int64 (-1: unlabelled), `splits` [N] UTF-8, and `files/size`, `files/mtime_ns`,
+`files/hash` (each image's size, modification time and content hash, so that incremental runs know what changed).
+`failed/ids` and `failed/reasons` hold the images that could not be read. Attributes say what produced the bytes
+(`backbone`, `weights`, `preprocessing`, `cache_key`, ...) and whether the store is `complete`.
 
-A store is written to `<name>.partial`, flushed after every batch with an explicit committed row count, checked for
-completeness, marked complete and only then renamed to its final name: a file at the final name is always whole.
+Layouts (attribute `layout`):
+- `single`: everything in the entry file.
+- `sharded`: `features` is an HDF5 virtual dataset over fixed-size shard files in `<entry>.shards/`; every other
+  dataset is in the entry. Each shard holds its rows' features, ids and file stamps, so it can be reused alone.
+
+A store is written as `<entry>.partial` and renamed into place only once complete, so a file at the final name is
+always whole; readers refuse anything else with a message that says what to do.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
-import os
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
-from filelock import FileLock, Timeout
 
 from pipeline.errors import StoreError
 
-SCHEMA_VERSION = 1
-_STR = h5py.string_dtype("utf-8")
-_CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: fast sequential writes and chunk-aligned reads (see NOTES)
+SCHEMA_VERSION = 2
+FEATURE_DTYPES = ("float32", "float16")
+COMPRESSIONS = ("none", "lzf")
+STR_DTYPE = h5py.string_dtype("utf-8")
+HASH_DTYPE = "S32"  # hex BLAKE2b-128
+ROW_DATASETS = ("ids", "labels", "splits", "files/size", "files/mtime_ns", "files/hash")
+# Unit-norm tolerance per storage dtype: float16 keeps ~11 bits of mantissa.
+NORM_TOLERANCE = {"float32": 1e-4, "float16": 2e-3}
 
 
-def cache_key(*, backbone: str, weights: str, preprocessing: str, layer: str) -> str:
-    """Hash of everything that changes the feature bytes for a given image."""
+def cache_key(*, backbone: str, weights: str, preprocessing: str, layer: str, feature_dtype: str = "float32") -> str:
+    """Hash of everything that changes the stored feature bytes for a given image."""
     payload = json.dumps(
         {"schema_version": SCHEMA_VERSION, "backbone": backbone, "weights": weights, "preprocessing": preprocessing,
-         "layer": layer},
+         "layer": layer, "feature_dtype": feature_dtype},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
@@ -48,6 +58,10 @@ def lock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
+def shards_dir(path: Path) -> Path:
+    return path.with_name(path.name + ".shards")
+
+
 def library_versions() -> dict[str, str]:
     import PIL
     import timm
@@ -58,6 +72,70 @@ def library_versions() -> dict[str, str]:
         "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
         "timm": timm.__version__, "numpy": np.__version__, "h5py": h5py.__version__, "pillow": PIL.__version__,
     }
+
+
+def attrs_to_dict(attrs: h5py.AttributeManager) -> dict[str, Any]:
+    out = {}
+    for key, value in attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode()
+        elif isinstance(value, np.generic):
+            value = value.item()
+        out[key] = value
+    return out
+
+
+def shard_list(attrs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The shards of a sharded store, in row order: [{"file": name, "rows": n}, ...] (empty for `single`)."""
+    return json.loads(attrs.get("shards", "[]"))
+
+
+def _open_checked(path: Path) -> h5py.File:
+    if not path.exists():
+        if partial_path(path).exists():
+            raise StoreError(f"{path} is not complete: its extraction stopped early ({partial_path(path).name} "
+                             "remains); run extract again with the same arguments to resume it")
+        raise StoreError(f"no feature store at {path}; create one with: python -m pipeline extract --data ROOT "
+                         f"--out {path}")
+    if not path.is_file() or not h5py.is_hdf5(path):
+        raise StoreError(f"{path} is not an HDF5 feature store; pass a file written by `python -m pipeline extract`")
+    f = h5py.File(path, "r")
+    if "schema_version" not in f.attrs or "features" not in f:
+        f.close()
+        raise StoreError(f"{path} is an HDF5 file but not a feature store (no schema_version/features); pass a file "
+                         "written by `python -m pipeline extract`")
+    version = int(f.attrs["schema_version"])
+    if version != SCHEMA_VERSION:
+        f.close()
+        hint = "upgrade this package" if version > SCHEMA_VERSION else "extract it again with --overwrite"
+        raise StoreError(f"{path} has store schema version {version}, this code reads {SCHEMA_VERSION}; {hint}")
+    return f
+
+
+def _check_shards(path: Path, attrs: dict[str, Any]) -> None:
+    """A virtual dataset reads a missing shard back as NaN, silently: check every shard is there and long enough."""
+    for shard in shard_list(attrs):
+        file = shards_dir(path) / shard["file"]
+        if not file.is_file():
+            raise StoreError(f"{path}: shard {file.name} is missing from {shards_dir(path).name}/; run extract again "
+                             "with the same arguments to rebuild the missing rows")
+        with h5py.File(file, "r") as s:
+            if int(s.attrs.get("committed_rows", -1)) < shard["rows"] or s["features"].shape[0] < shard["rows"]:
+                raise StoreError(f"{path}: shard {file.name} has fewer rows than the store expects; run extract "
+                                 "again with the same arguments to rebuild it")
+
+
+def _check_complete(path: Path, f: h5py.File) -> dict[str, Any]:
+    attrs = attrs_to_dict(f.attrs)
+    if not attrs.get("complete", False):
+        raise StoreError(f"{path} is marked incomplete; run extract again with the same arguments to finish it")
+    n = int(attrs["committed_rows"])
+    lengths = {name: f[name].shape[0] for name in ("features", *ROW_DATASETS)}
+    if any(length != n for length in lengths.values()):
+        raise StoreError(f"{path} is inconsistent: committed_rows={n} but dataset lengths are {lengths}; "
+                         "run `python -m pipeline store verify` on it, then extract it again")
+    _check_shards(path, attrs)
+    return attrs
 
 
 @dataclass
@@ -88,78 +166,82 @@ class FeatureSet:
         return [s for s in ("train", "val", "test") if (self.splits == s).any()]
 
 
-def _attrs_to_dict(attrs: h5py.AttributeManager) -> dict[str, Any]:
-    out = {}
-    for key, value in attrs.items():
-        if isinstance(value, bytes):
-            value = value.decode()
-        elif isinstance(value, np.generic):
-            value = value.item()
-        out[key] = value
-    return out
-
-
-def _open_checked(path: Path) -> h5py.File:
-    if not path.exists():
-        if partial_path(path).exists():
-            raise StoreError(f"{path} is not complete: its extraction stopped early ({partial_path(path).name} "
-                             "remains); run extract again with the same arguments")
-        raise StoreError(f"no feature store at {path}; create one with: python -m pipeline extract --data ROOT "
-                         f"--out {path}")
-    if not path.is_file() or not h5py.is_hdf5(path):
-        raise StoreError(f"{path} is not an HDF5 feature store; pass a file written by `python -m pipeline extract`")
-    f = h5py.File(path, "r")
-    if "schema_version" not in f.attrs or "features" not in f:
-        f.close()
-        raise StoreError(f"{path} is an HDF5 file but not a feature store (no schema_version/features); pass a file "
-                         "written by `python -m pipeline extract`")
-    if int(f.attrs["schema_version"]) > SCHEMA_VERSION:
-        version = int(f.attrs["schema_version"])
-        f.close()
-        raise StoreError(f"{path} has schema version {version}, newer than this code's {SCHEMA_VERSION}; upgrade")
-    return f
+def _read_failed(f: h5py.File) -> dict[str, str]:
+    if "failed" not in f:
+        return {}
+    return dict(zip(f["failed/ids"].asstr()[...], f["failed/reasons"].asstr()[...], strict=True))
 
 
 def read_attrs(path: str | Path) -> dict[str, Any]:
     """The attributes of a store (complete or not), after checking that it is a feature store."""
     with _open_checked(Path(path)) as f:
-        return _attrs_to_dict(f.attrs)
+        return attrs_to_dict(f.attrs)
 
 
 def load_store(path: str | Path) -> FeatureSet:
-    """Read a complete store; refuse incomplete, foreign or inconsistent files with a clear message."""
+    """Read a complete store into memory (features as float32); refuse incomplete, foreign or inconsistent files."""
     path = Path(path)
     with _open_checked(path) as f:
-        attrs = _attrs_to_dict(f.attrs)
-        if not attrs.get("complete", False):
-            raise StoreError(f"{path} is marked incomplete; run extract again with the same arguments to finish it")
-        n = int(attrs["committed_rows"])
-        lengths = {name: f[name].shape[0] for name in ("features", "ids", "labels", "splits")}
-        if any(length != n for length in lengths.values()):
-            raise StoreError(f"{path} is inconsistent: committed_rows={n} but dataset lengths are {lengths}; "
-                             "extract it again")
-        failed = {}
-        if "failed" in f:
-            failed = dict(zip(f["failed/ids"].asstr()[...], f["failed/reasons"].asstr()[...], strict=True))
+        attrs = _check_complete(path, f)
         return FeatureSet(
             path=path,
-            features=f["features"][...],
+            features=f["features"][...].astype(np.float32, copy=False),
             ids=np.asarray(f["ids"].asstr()[...], dtype=object),
             labels=f["labels"][...].astype(np.int64),
             splits=np.asarray(f["splits"].asstr()[...], dtype=object),
             class_names=json.loads(attrs["class_names"]),
             attrs=attrs,
-            failed=failed,
+            failed=_read_failed(f),
         )
 
 
-def is_current(path: Path, *, key: str, fingerprint: str) -> bool:
-    """True when `path` is a complete store with this cache key built from exactly this data listing."""
+@dataclass
+class Block:
+    """A contiguous block of rows from `iter_store`; `start` is the index of its first row in the store."""
+
+    start: int
+    features: np.ndarray
+    ids: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+
+
+def iter_store(path: str | Path, *, rows: int = 65536, splits: tuple[str, ...] | None = None) -> Iterator[Block]:
+    """Stream a complete store in blocks of `rows` rows (features as float32), optionally keeping only some splits.
+
+    Memory is bounded by one block, whatever the store's size: the way to read a store that does not fit in memory.
+    """
+    path = Path(path)
+    with _open_checked(path) as f:
+        attrs = _check_complete(path, f)
+        n = int(attrs["committed_rows"])
+        step = max(1, int(rows))
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            block = Block(start, f["features"][start:stop].astype(np.float32, copy=False),
+                          np.asarray(f["ids"].asstr()[start:stop], dtype=object), f["labels"][start:stop],
+                          np.asarray(f["splits"].asstr()[start:stop], dtype=object))
+            if splits is not None:
+                keep = np.isin(block.splits, list(splits))
+                block = Block(start, block.features[keep], block.ids[keep], block.labels[keep], block.splits[keep])
+            yield block
+
+
+def is_current(path: Path, *, key: str, fingerprint: str, layout: dict[str, Any] | None = None) -> bool:
+    """True when `path` is a complete, readable store with this cache key built from exactly this data listing
+    (and, when given, with these `layout` attributes, e.g. {"layout": "sharded", "shard_rows": 1000})."""
     if not path.is_file() or not h5py.is_hdf5(path):
         return False
-    with h5py.File(path, "r") as f:
-        a = f.attrs
-        return bool(a.get("complete", False)) and a.get("cache_key") == key and a.get("data_fingerprint") == fingerprint
+    try:
+        with _open_checked(path) as f:
+            a = attrs_to_dict(f.attrs)
+            wanted = {"complete": True, "cache_key": key, "data_fingerprint": fingerprint, **(layout or {})}
+            if any(a.get(k) != v for k, v in wanted.items()):
+                return False
+            _check_complete(path, f)
+    except StoreError:
+        return False
+    return True
 
 
 def check_target(path: Path, *, key: str, overwrite: bool) -> None:
@@ -171,132 +253,133 @@ def check_target(path: Path, *, key: str, overwrite: bool) -> None:
     with h5py.File(path, "r") as f:
         if "schema_version" not in f.attrs:
             raise StoreError(f"--out {path} is an HDF5 file but not a feature store; choose another path")
+        if int(f.attrs["schema_version"]) != SCHEMA_VERSION:
+            raise StoreError(f"{path} was written with store schema version {int(f.attrs['schema_version'])} "
+                             f"(this code writes {SCHEMA_VERSION}); pass --overwrite to extract it again")
         if f.attrs.get("cache_key") != key:
             raise StoreError(
-                f"{path} holds features from another configuration (backbone {f.attrs.get('backbone')!r}); "
-                "choose another --out, or pass --overwrite to replace it"
+                f"{path} holds features from another configuration (backbone {f.attrs.get('backbone')!r}, "
+                f"dtype {f.attrs.get('feature_dtype', 'float32')!r}); choose another --out, or pass --overwrite to "
+                "replace it"
             )
 
 
-class StoreWriter:
-    """Writes one store batch by batch; the only stateful part of extraction.
+def disk_usage(path: Path) -> int:
+    """Bytes on disk of a store: its entry file plus its shard folder."""
+    total = path.stat().st_size if path.is_file() else 0
+    folder = shards_dir(path)
+    if folder.is_dir():
+        total += sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    return total
 
-    Use as a context manager: it takes an exclusive lock on the store, writes to `<path>.partial`, and on `finish()`
-    checks that every expected id is either a row or a recorded failure before renaming into place.
+
+def store_info(path: str | Path) -> dict[str, Any]:
+    """A summary of a store for people: size, model, splits, classes, failures; works on an unfinished store too."""
+    path = Path(path)
+    target = path
+    if not path.exists() and partial_path(path).exists():
+        target = partial_path(path)
+    elif not path.exists() and path.suffix == ".partial":
+        target = path
+    with _open_checked(target) as f:
+        attrs = attrs_to_dict(f.attrs)
+        n = int(attrs.get("committed_rows", 0))
+        splits = np.asarray(f["splits"].asstr()[:n], dtype=object) if "splits" in f else np.array([], dtype=object)
+        names, counts = np.unique(splits, return_counts=True) if n else ([], [])
+        failed = int(f["failed/ids"].shape[0]) if "failed" in f else 0
+        return {
+            "path": str(path),
+            "complete": bool(attrs.get("complete", False)) and target == path,
+            "rows": n,
+            "dim": int(f["features"].shape[1]),
+            "dtype": attrs.get("feature_dtype", str(f["features"].dtype)),
+            "compression": attrs.get("compression", "none"),
+            "layout": attrs.get("layout", "single"),
+            "shards": len(shard_list(attrs)),
+            "backbone": attrs.get("backbone"),
+            "weights": attrs.get("weights"),
+            "layer": attrs.get("layer") or "pre-logits",
+            "splits": {str(k): int(v) for k, v in zip(names, counts, strict=True)},
+            "classes": len(json.loads(attrs.get("class_names", "[]"))),
+            "failed": failed,
+            "size_bytes": disk_usage(target),
+            "created": attrs.get("created", ""),
+            "cache_key": attrs.get("cache_key"),
+            "data_root": attrs.get("data_root", ""),
+        }
+
+
+def verify_store(path: str | Path, *, rows: int = 65536) -> list[str]:
+    """Check a store thoroughly, streaming it in blocks; return the problems found (empty when it is sound).
+
+    Checks: complete; row counts agree; shards present with the rows and ids the entry expects; features finite and
+    of unit norm; ids unique and disjoint from failed ids; labels within the class list; splits known.
     """
-
-    def __init__(self, path: str | Path, *, dim: int, expected_ids: list[str], attrs: dict[str, Any],
-                 lock_timeout: float = 0.0) -> None:
-        self.path = Path(path)
-        self.dim = int(dim)
-        self.expected = set(expected_ids)
-        if len(self.expected) != len(expected_ids):
-            raise StoreError(f"duplicate ids given to the store writer for {self.path}")
-        self.attrs = attrs
-        self._lock = FileLock(str(lock_path(self.path)), timeout=lock_timeout)
-        self._file: h5py.File | None = None
-        self._seen: set[str] = set()
-        self.rows = 0
-        self.failures = 0
-
-    def __enter__(self) -> StoreWriter:
-        try:
-            self._lock.acquire()
-        except Timeout as exc:
-            raise StoreError(f"another process is writing {self.path} (lock {lock_path(self.path).name}); wait for it "
-                             "to finish or write to another --out") from exc
-        try:
-            self._open()
-        except BaseException:
-            self._lock.release()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        try:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-        finally:
-            self._lock.release()
-
-    def _open(self) -> None:
-        tmp = partial_path(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = h5py.File(tmp, "w")
-        rows_per_chunk = max(1, _CHUNK_BYTES // (4 * self.dim))
-        f.create_dataset("features", shape=(0, self.dim), maxshape=(None, self.dim), dtype=np.float32,
-                         chunks=(rows_per_chunk, self.dim), fillvalue=np.nan)
-        for name, dtype in (("ids", _STR), ("labels", np.int64), ("splits", _STR)):
-            f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,))
-        failed = f.create_group("failed")
-        for name in ("ids", "reasons"):
-            failed.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_STR, chunks=(256,))
-        for key, value in self.attrs.items():
-            f.attrs[key] = value
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["complete"] = False
-        f.attrs["committed_rows"] = 0
-        f.attrs["failed_count"] = 0
-        f.flush()
-        self._file = f
-
-    def _claim(self, ids: list[str]) -> None:
-        for i in ids:
-            if i not in self.expected:
-                raise StoreError(f"id {i!r} was not expected in {self.path}")
-            if i in self._seen:
-                raise StoreError(f"id {i!r} was written twice to {self.path}")
-            self._seen.add(i)
-
-    @staticmethod
-    def _append(ds: h5py.Dataset, values: np.ndarray | list) -> None:
-        start = ds.shape[0]
-        ds.resize(start + len(values), axis=0)
-        ds[start:] = values
-
-    def write(self, ids: list[str], features: np.ndarray, labels: np.ndarray, splits: list[str]) -> None:
-        """Append rows; they count as committed once the data and the row count are flushed."""
-        if not (len(ids) == len(features) == len(labels) == len(splits)):
-            raise StoreError("write() needs ids, features, labels and splits of the same length")
-        if features.ndim != 2 or features.shape[1] != self.dim:
-            raise StoreError(f"features have shape {features.shape}; the store expects [N, {self.dim}]")
-        if not len(ids):
-            return
-        self._claim(ids)
-        f = self._file
-        self._append(f["features"], np.asarray(features, dtype=np.float32))
-        self._append(f["ids"], list(ids))
-        self._append(f["labels"], np.asarray(labels, dtype=np.int64))
-        self._append(f["splits"], list(splits))
-        f.flush()
-        self.rows += len(ids)
-        f.attrs["committed_rows"] = self.rows  # written after the data, then flushed: trust this, not the shape
-        f.flush()
-
-    def fail(self, ids: list[str], reasons: list[str]) -> None:
-        """Record images that could not be read: they are accounted for, not silently dropped."""
-        if not ids:
-            return
-        self._claim(ids)
-        self._append(self._file["failed/ids"], list(ids))
-        self._append(self._file["failed/reasons"], list(reasons))
-        self.failures += len(ids)
-        self._file.attrs["failed_count"] = self.failures
-        self._file.flush()
-
-    def finish(self) -> Path:
-        """Check completeness, mark complete and move the file into place atomically."""
-        missing = self.expected - self._seen
-        if missing:
-            example = sorted(missing)[:3]
-            raise StoreError(f"{len(missing)} image(s) were neither written nor recorded as failed (e.g. {example}); "
-                             f"the store {self.path} was not completed")
-        f = self._file
-        f.attrs["complete"] = True
-        f.attrs["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        f.flush()
-        f.close()
-        self._file = None
-        os.replace(partial_path(self.path), self.path)
-        return self.path
+    path = Path(path)
+    problems: list[str] = []
+    try:
+        with _open_checked(path) as f:
+            attrs = _check_complete(path, f)
+    except StoreError as exc:
+        return [str(exc)]
+    with h5py.File(path, "r") as f:
+        n = int(attrs["committed_rows"])
+        n_classes = len(json.loads(attrs["class_names"]))
+        tolerance = NORM_TOLERANCE.get(attrs.get("feature_dtype", "float32"), 1e-4)
+        seen: set[str] = set()
+        offset = 0
+        shard_starts = {}
+        for shard in shard_list(attrs):
+            shard_starts[offset] = shard
+            offset += shard["rows"]
+        if shard_starts and offset != n:
+            problems.append(f"the shards hold {offset} rows but the store has {n}")
+        for shard_start, shard in shard_starts.items():
+            with h5py.File(shards_dir(path) / shard["file"], "r") as s:
+                shard_ids = s["ids"].asstr()[: shard["rows"]]
+                entry_ids = f["ids"].asstr()[shard_start: shard_start + shard["rows"]]
+                if list(shard_ids) != list(entry_ids):
+                    problems.append(f"shard {shard['file']} does not hold the ids the store lists for rows "
+                                    f"{shard_start}..{shard_start + shard['rows'] - 1} (rows misaligned)")
+        step = max(1, int(rows))
+        bad_finite = bad_norm = duplicates = bad_labels = bad_splits = 0
+        examples: dict[str, str] = {}
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            feats = f["features"][start:stop].astype(np.float32)
+            ids = f["ids"].asstr()[start:stop]
+            finite = np.isfinite(feats).all(axis=1)
+            bad_finite += int((~finite).sum())
+            if (~finite).any():
+                examples.setdefault("finite", ids[int(np.argmin(finite))])
+            norms = np.linalg.norm(np.where(np.isfinite(feats), feats, 0), axis=1)
+            off = finite & (np.abs(norms - 1.0) > tolerance)
+            bad_norm += int(off.sum())
+            if off.any():
+                examples.setdefault("norm", ids[int(np.argmax(off))])
+            for i in ids:
+                if i in seen:
+                    duplicates += 1
+                    examples.setdefault("dup", i)
+                seen.add(i)
+            labels = f["labels"][start:stop]
+            bad_labels += int(((labels < -1) | (labels >= n_classes)).sum())
+            split_values = f["splits"].asstr()[start:stop]
+            bad_splits += int(sum(s not in ("train", "val", "test") for s in split_values))
+        if bad_finite:
+            problems.append(f"{bad_finite} row(s) have non-finite features (e.g. {examples['finite']!r})")
+        if bad_norm:
+            problems.append(f"{bad_norm} row(s) are not unit-norm within {tolerance:g} (e.g. {examples['norm']!r})")
+        if duplicates:
+            problems.append(f"{duplicates} duplicate id(s) (e.g. {examples['dup']!r})")
+        if bad_labels:
+            problems.append(f"{bad_labels} label(s) outside -1..{n_classes - 1}")
+        if bad_splits:
+            problems.append(f"{bad_splits} split value(s) other than train/val/test")
+        failed = set(_read_failed(f))
+        both = failed & seen
+        if both:
+            problems.append(f"{len(both)} id(s) are both rows and failures (e.g. {sorted(both)[0]!r})")
+        if int(attrs.get("failed_count", len(failed))) != len(failed):
+            problems.append(f"failed_count={attrs.get('failed_count')} but {len(failed)} failures are recorded")
+    return problems
