@@ -99,7 +99,11 @@ def _open_checked(path: Path) -> h5py.File:
                          f"--out {path}")
     if not path.is_file() or not h5py.is_hdf5(path):
         raise StoreError(f"{path} is not an HDF5 feature store; pass a file written by `python -m pipeline extract`")
-    f = h5py.File(path, "r")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise StoreError(f"{path} cannot be opened ({str(exc).splitlines()[0]}); if it is an interrupted store, run "
+                         "extract again with the same arguments to resume or rebuild it") from exc
     if "schema_version" not in f.attrs or "features" not in f:
         f.close()
         raise StoreError(f"{path} is an HDF5 file but not a feature store (no schema_version/features); pass a file "

@@ -19,7 +19,9 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import secrets
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +88,9 @@ class _Segment:
         self.path = path
         self.file = file
         self.rows = int(file.attrs["committed_rows"])
+        # Hold every dataset open: HDF5 writes a dataset's cached chunks when its last handle closes, and an error
+        # there (disk full) is only printed; with the handles held, it surfaces at flush() as an exception.
+        self.datasets = {name: file[name] for name in ("features", *(c for c, _ in _COLUMNS))}
 
     @classmethod
     def create(cls, path: Path, *, dim: int, dtype: str, compression: str, attrs: dict[str, Any],
@@ -107,11 +112,11 @@ class _Segment:
     @classmethod
     def reopen(cls, path: Path) -> _Segment:
         """Open an interrupted segment for appending, cutting every dataset back to the committed row count."""
-        f = h5py.File(path, "r+")
+        f = _open_segment(path, "r+")
         segment = cls(path, f)
-        for name in ("features", *(c for c, _ in _COLUMNS)):
-            if f[name].shape[0] != segment.rows:
-                f[name].resize(segment.rows, axis=0)
+        for ds in segment.datasets.values():
+            if ds.shape[0] != segment.rows:
+                ds.resize(segment.rows, axis=0)
         f.flush()
         return segment
 
@@ -122,7 +127,7 @@ class _Segment:
         f = self.file
         start = self.rows
         for name, values in (("features", features), *columns.items()):
-            ds = f[name]
+            ds = self.datasets[name]
             ds.resize(start + n, axis=0)
             ds[start:] = values
         f.flush()
@@ -135,19 +140,19 @@ class _Segment:
         f = self.file
         f.attrs["committed_rows"] = 0
         f.flush()
-        names = ("features", *(c for c, _ in _COLUMNS))
-        step = max(1, COPY_BYTES // max(1, f["features"].dtype.itemsize * f["features"].shape[1]))
+        ds = self.datasets
+        step = max(1, COPY_BYTES // max(1, ds["features"].dtype.itemsize * ds["features"].shape[1]))
         write = 0
         for start in range(0, self.rows, step):
             stop = min(self.rows, start + step)
             block_keep = keep[start:stop]
             k = int(block_keep.sum())
             if k:
-                for name in names:  # read fully before writing: the destination never passes the source
-                    f[name][write:write + k] = f[name][start:stop][block_keep]
+                for d in ds.values():  # read fully before writing: the destination never passes the source
+                    d[write:write + k] = d[start:stop][block_keep]
             write += k
-        for name in names:
-            f[name].resize(write, axis=0)
+        for d in ds.values():
+            d.resize(write, axis=0)
         self.rows = write
         f.flush()
         f.attrs["committed_rows"] = write
@@ -156,12 +161,51 @@ class _Segment:
     def close(self, *, complete: bool) -> None:
         if complete:
             self.file.attrs["complete"] = True
+        self.datasets.clear()
         self.file.close()
+
+    def close_after_error(self) -> None:
+        """After a failed write: cut the datasets back to the committed rows, so that the chunks HDF5 could not write
+        fall out of its cache and the file can still be closed cleanly (otherwise HDF5 retries them at exit)."""
+        for ds in self.datasets.values():
+            try:
+                ds.resize(self.rows, axis=0)
+            except Exception:  # noqa: BLE001 - best effort; the committed count already protects the rows
+                log.debug("could not cut %s back after an error", ds.name, exc_info=True)
+        try:
+            self.file.flush()
+        except Exception:  # noqa: BLE001
+            log.debug("flush after an error failed for %s", self.path, exc_info=True)
+        self.datasets.clear()
+        self.file.close()
+
+
+def _open_segment(path: Path, mode: str) -> h5py.File:
+    """Open a segment file; one cut short by a failed write (e.g. a file-size limit) is padded back first.
+
+    When the last write fails, the file can end before the end-of-file address HDF5 recorded, and HDF5 refuses it.
+    The missing tail only held uncommitted data, so padding the file with zeros up to that address is safe.
+    """
+    try:
+        return h5py.File(path, mode)
+    except OSError as exc:
+        found = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", str(exc))
+        if not found or int(found.group(2)) <= int(found.group(1)):
+            raise
+        log.warning("%s ends before its recorded end of file (a write failed); padding it to resume", path.name)
+        os.truncate(path, int(found.group(2)))
+        return h5py.File(path, mode)
+
+
+def _short_error(exc: BaseException) -> str:
+    """The useful part of an HDF5 I/O error (e.g. 'No space left on device'), on one line."""
+    found = re.search(r"error message = '([^']+)'", str(exc))
+    return found.group(1) if found else str(exc).splitlines()[0]
 
 
 def _read_index(path: Path) -> tuple[dict[str, Any], list[str], np.ndarray, np.ndarray]:
     """(attrs, ids, stamps [n, 2], hashes) of the committed rows of a segment file."""
-    with h5py.File(path, "r") as f:
+    with _open_segment(path, "r") as f:
         attrs = attrs_to_dict(f.attrs)
         n = int(attrs["committed_rows"])
         ids = list(f["ids"].asstr()[:n])
@@ -215,25 +259,41 @@ class StoreWriter:
     # -- lifecycle -------------------------------------------------------------------------------------------------
 
     def __enter__(self) -> StoreWriter:
+        if self._lock.timeout:
+            log.info("waiting up to %.0f s for the lock on %s", self._lock.timeout, self.path)
         try:
             self._lock.acquire()
         except Timeout as exc:
             raise StoreError(f"another process is writing {self.path} (lock {lock_path(self.path).name}); wait for it "
-                             "to finish or write to another --out") from exc
+                             "to finish (--wait SECONDS) or write to another --out") from exc
+        self._previous_hook = sys.unraisablehook
+        sys.unraisablehook = self._quiet_write_errors
         return self
 
     def __exit__(self, exc_type: object, *exc_info: object) -> None:
         try:
             if self._target is not None:
                 try:
-                    self._target.close(complete=False)
+                    if exc_type is None:
+                        self._target.close(complete=False)
+                    else:
+                        self._target.close_after_error()
                 except Exception:  # noqa: BLE001 - already failing; the committed count keeps the file consistent
                     if exc_type is None:
                         raise
                     log.debug("closing %s after an error failed", self._target.path, exc_info=True)
                 self._target = None
         finally:
+            sys.unraisablehook = self._previous_hook
             self._lock.release()
+
+    def _quiet_write_errors(self, info: Any) -> None:
+        """HDF5 reports a failed write once as an exception (raised as StoreError) and again from handle destructors,
+        which Python prints as 'Exception ignored'; keep the repeats out of the user's terminal."""
+        if "write failed" in str(info.exc_value):
+            log.debug("repeated HDF5 write error: %s", info.exc_value)
+        else:
+            self._previous_hook(info)
 
     @property
     def rows(self) -> int:
@@ -248,7 +308,7 @@ class StoreWriter:
     def _usable(self, path: Path) -> bool:
         """A segment file we may take rows from: a feature-store segment with our cache key and dimension."""
         try:
-            with h5py.File(path, "r") as f:
+            with _open_segment(path, "r") as f:
                 a = f.attrs
                 return (int(a.get("schema_version", -1)) == SCHEMA_VERSION and a.get("cache_key") == self.key
                         and a.get("layout", "single") != "sharded" and "committed_rows" in a and "features" in f
@@ -421,8 +481,9 @@ class StoreWriter:
                 start += take
         except (OSError, RuntimeError) as exc:
             where = self._target.path if self._target is not None else self.path
-            raise StoreError(f"writing {where} failed ({exc}); the rows committed so far are kept: free space or fix "
-                             "the cause, then run the same command again to resume") from exc
+            exc.__traceback__ = None  # frees the frames holding dataset handles now, while write errors are quiet
+            raise StoreError(f"writing {where} failed ({_short_error(exc)}); the rows committed so far are kept: free "
+                             "space or fix the cause, then run the same command again to resume") from exc
 
     def write(self, positions: Sequence[int] | np.ndarray, features: np.ndarray, hashes: Sequence[str]) -> None:
         """Append computed rows for these listing positions; committed once flushed."""

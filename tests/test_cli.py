@@ -129,3 +129,30 @@ def test_real_entry_point_prints_one_line_and_exits_2(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: no feature store")
+
+
+def test_sharded_float16_extract_then_store_info_and_verify(tmp_path, capsys, small_digits_root):
+    store = tmp_path / "s.h5"
+    code, out, err = _run(capsys, "extract", "--data", str(small_digits_root), "--out", str(store), *TINY,
+                          "--shard-rows", "40", "--dtype", "float16", "--compression", "lzf")
+    assert code == 0, err
+    code, out, _ = _run(capsys, "store", "info", str(store), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["rows"] == 100 and info["shards"] == 3 and info["dtype"] == "float16"
+    assert info["complete"] and info["layout"] == "sharded" and info["splits"] == {"test": 50, "train": 50}
+    code, out, _ = _run(capsys, "store", "info", str(store))
+    assert code == 0 and "backbone     timm:test_resnet" in out and "MiB" in out
+    code, out, _ = _run(capsys, "store", "verify", str(store))
+    assert code == 0 and out.strip().endswith(": ok")
+    with h5py.File(sorted((tmp_path / "s.h5.shards").glob("*.h5"))[1], "a") as f:
+        f["features"][0] = np.full(f["features"].shape[1], np.nan)  # corrupt one row inside a shard
+    code, out, err = _run(capsys, "store", "verify", str(store))
+    assert code == 1 and "problem: 1 row(s) have non-finite features" in out and "1 problem(s)" in err
+
+
+def test_other_dtype_is_another_configuration(tmp_path, capsys, small_digits_root):
+    store = tmp_path / "s.h5"
+    assert _run(capsys, "extract", "--data", str(small_digits_root), "--out", str(store), *TINY)[0] == 0
+    code, _, err = _run(capsys, "extract", "--data", str(small_digits_root), "--out", str(store), *TINY,
+                        "--dtype", "float16")
+    _assert_one_line_error(code, err, "another configuration", "--overwrite")
