@@ -5,10 +5,12 @@ The loop joining them stays dumb; the store writer is the only stateful part.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -39,6 +41,33 @@ def default_workers() -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # killed but not yet reaped: a zombie still answers kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _exit_with_main_process(main_pid: int, _worker_id: int) -> None:
+    """Worker init: exit when the main process is gone. A forkserver worker's parent is the forkserver, which lives
+    as long as its workers do, so after a SIGKILL of the main process PyTorch's own parent check never fires and
+    the worker and forkserver would linger forever."""
+
+    def watch() -> None:
+        while not _process_gone(main_pid):
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="main-process-watch", daemon=True).start()
+
+
 def make_loader(dataset: ImageDataset, *, batch_size: int, workers: int,
                 pin_memory: bool) -> torch.utils.data.DataLoader:
     """A DataLoader in dataset order; workers use forkserver, since forking a threaded process can deadlock."""
@@ -51,6 +80,7 @@ def make_loader(dataset: ImageDataset, *, batch_size: int, workers: int,
         pin_memory=pin_memory,
         multiprocessing_context="forkserver" if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=functools.partial(_exit_with_main_process, os.getpid()) if workers > 0 else None,
     )
 
 

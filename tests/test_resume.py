@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -240,3 +241,38 @@ def test_a_failing_disk_stops_with_a_clear_message_and_the_committed_rows_surviv
     fs = load_store(out)
     np.testing.assert_array_equal(fs.features[np.argsort(fs.ids)], x)
     assert verify_store(out) == []
+
+
+def _descendants(pid: int) -> set[int]:
+    """Live descendants of a process, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def test_decode_workers_do_not_outlive_a_killed_extraction(tmp_path, digits_root):
+    out = tmp_path / "s.h5"
+    proc = _start([*CLI[:-4], "--workers", "1", "--batch-size", "16", "--data", str(digits_root), "--out", str(out)])
+    for line in proc.stderr:
+        if "committed" in line:
+            break
+    helpers = _descendants(proc.pid)  # the forkserver and its decode worker
+    assert helpers, "expected decode worker processes"
+    proc.send_signal(signal.SIGKILL)
+    proc.stderr.close()
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in helpers):
+        time.sleep(0.5)
+    assert not any(Path(f"/proc/{p}").exists() for p in helpers), "decode workers outlived the killed extraction"
