@@ -250,6 +250,7 @@ class StoreWriter:
         self._kept_shards: list[dict[str, Any]] = []
         self._new_shards: list[dict[str, Any]] = []
         self._run = secrets.token_hex(4)
+        self._store_shards: set[str] | None = None
         self._failed: list[tuple[str, str]] = []
         self.resumed = 0  # rows taken from an interrupted run
         self.kept = 0  # rows taken from the previous complete store
@@ -392,8 +393,9 @@ class StoreWriter:
             self.resumed += n
 
     def _referenced_by_store(self, name: str) -> bool:
-        if not hasattr(self, "_store_shards"):
-            self._store_shards: set[str] = set()
+        """Whether a shard file belongs to the existing complete store (its rows count as kept, not resumed)."""
+        if self._store_shards is None:
+            self._store_shards = set()
             if self.path.is_file() and h5py.is_hdf5(self.path):
                 with h5py.File(self.path, "r") as f:
                     self._store_shards = {s["file"] for s in shard_list(attrs_to_dict(f.attrs))}
