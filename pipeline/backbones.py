@@ -7,11 +7,14 @@ Names are registered short names (`efficientnet_lite0/1/2`, whose ImageNet weigh
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import functools
 import hashlib
 import json
+import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +23,16 @@ import timm
 import torch
 from timm.data import create_transform, resolve_data_config
 
+from pipeline.config import PRECISIONS
 from pipeline.errors import PipelineError, UnknownBackboneError
+
+log = logging.getLogger(__name__)
 
 TIMM_PREFIX = "timm:"
 TV_PREFIX = "torchvision:"
 RANDOM_INIT_SEED = 0
 PRE_LOGITS = "pre_logits"
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class _LayerReached(Exception):
@@ -131,19 +138,53 @@ class Backbone:
     random_init: bool
     device: torch.device
     layer: str = PRE_LOGITS
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast dtype of the forward pass
+    compiled: bool = False  # forward pass through torch.compile
+    runner: Callable | None = None  # what runs the forward pass when not the eager model (compiled or frozen)
+    optimization: str = "eager"  # eager | torch.compile | jit-freeze
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Penultimate features (the input of the final classifier), or the pooled output of `layer`."""
-        return self.model.features(self._to_device(images)).float()
+        """Penultimate features (the input of the final classifier), or the pooled output of `layer`, as float32."""
+        run = self.runner if self.runner is not None else self.model.features
+        with torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES.get(self.precision),
+                            enabled=self.precision != "fp32"):
+            return run(self._to_device(images)).float()
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Class scores of the backbone's own classifier (used to prove the weights are the real ones)."""
         return self.model.logits(self._to_device(images)).float()
+
+    def optimized(self) -> Backbone:
+        """This backbone with a faster CPU forward pass when one is safe, else itself.
+
+        A TorchScript trace, frozen and optimised for inference (BatchNorm folded into convolutions, ops fused):
+        measured 1.65x eager for EfficientNet-Lite0 on 2 cores. Tracing can bake in shapes or control flow, so the
+        result is checked against eager on two batch sizes and dropped on any difference (cosine < 0.9999).
+        Only for fp32 on CPU, without --layer and without torch.compile.
+        """
+        if self.device.type != "cpu" or self.precision != "fp32" or self.layer != PRE_LOGITS or self.runner:
+            return self
+        shape = self.data_config["input_size"]
+        probe = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
+        probe = probe.contiguous(memory_format=torch.channels_last)
+        try:
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer warnings: the check below decides
+                frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(self.model, probe[:2])))
+                for n in (1, 3):
+                    eager, traced = self.model.features(probe[:n]).float(), frozen(probe[:n]).float()
+                    cosine = torch.nn.functional.cosine_similarity(eager, traced, dim=-1)
+                    if eager.shape != traced.shape or not bool((cosine >= 0.9999).all()):
+                        raise ValueError(f"traced output differs from eager (cosine {cosine.min().item():.6f})")
+        except Exception as exc:  # noqa: BLE001 - any failure means: stay eager
+            log.info("%s stays eager: tracing did not reproduce it (%s)", self.name, str(exc).splitlines()[0][:200])
+            return self
+        return dataclasses.replace(self, runner=frozen, optimization="jit-freeze")
 
     def preprocessing_json(self) -> str:
         """The resolved data config in timm's keys, as stored in the feature store."""
@@ -462,15 +503,31 @@ def _load(name: str, random_init: bool) -> Loaded:
                                "python -m pipeline backbones (registered names, timm:<model>, torchvision:<model>)")
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 on CUDA when supported (else fp16), fp32 on CPU, where autocast is slower than fp32."""
+    if precision not in PRECISIONS:
+        raise PipelineError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
 def create_backbone(name: str, *, device: str | torch.device = "cpu", random_init: bool = False,
-                    weights_path: str | Path | None = None, layer: str | None = None) -> Backbone:
+                    weights_path: str | Path | None = None, layer: str | None = None, precision: str = "fp32",
+                    compile: bool = False) -> Backbone:
     """Build a frozen backbone by name, with its weights, eval transform and feature dimension.
 
     Pretrained weights are required unless `random_init` is asked for; `weights_path` loads a local checkpoint
     (strictly) into the architecture instead. `layer` pools an intermediate module instead of the pre-logits.
+    `precision` sets the autocast dtype (`auto`: see `resolve_precision`); `compile` runs the forward pass through
+    `torch.compile` (compiled on the first batch).
     """
     if random_init and weights_path:
         raise PipelineError("--random-init and --weights contradict each other; pass one of them")
+    if compile and layer is not None:
+        raise PipelineError("--compile cannot be combined with --layer (the layer hook stops the graph); drop one")
     loaded = _load(name, random_init or weights_path is not None)
     weights = loaded.weights
     if weights_path is not None:
@@ -483,9 +540,12 @@ def create_backbone(name: str, *, device: str | torch.device = "cpu", random_ini
     with torch.inference_mode():
         probe = torch.zeros(1, *loaded.data_config["input_size"], device=torch_device)
         dim = int(model.features(probe).shape[-1])
+    runner = torch.compile(model, dynamic=True) if compile else None
     return Backbone(name=name, model=model, transform=transform, data_config=loaded.data_config, dim=dim,
                     weights=weights, random_init=random_init, device=torch_device,
-                    layer=PRE_LOGITS if layer is None else f"{layer}:avgpool")
+                    layer=PRE_LOGITS if layer is None else f"{layer}:avgpool",
+                    precision=resolve_precision(precision, torch_device), compiled=compile, runner=runner,
+                    optimization="torch.compile" if compile else "eager")
 
 
 def _timm_weights_present(name: str) -> bool:

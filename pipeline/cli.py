@@ -7,7 +7,15 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import DEFAULT_BACKBONE, DEFAULT_CS, DEFAULT_KS, ExtractConfig, KnnConfig, ProbeConfig
+from pipeline.config import (
+    DEFAULT_BACKBONE,
+    DEFAULT_CS,
+    DEFAULT_KS,
+    PRECISIONS,
+    ExtractConfig,
+    KnnConfig,
+    ProbeConfig,
+)
 from pipeline.errors import PipelineError
 from pipeline.store import COMPRESSIONS, FEATURE_DTYPES
 
@@ -32,6 +40,10 @@ def _int_at_least(minimum: int):
 
 _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
+
+
+def _batch_size(text: str) -> int | None:
+    return None if text == "auto" else _positive_int(text)
 
 
 def _positive_list(cast: type, example: str):
@@ -64,9 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="image folder: ROOT/<class>/<img> or ROOT/<split>/<class>/")
     p.add_argument("--out", required=True, type=Path, help="the HDF5 store to write (e.g. data/stores/x.h5)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"registered name or timm:<model> ({DEFAULT_BACKBONE})")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--workers", type=_non_negative_int, default=None, help="decode workers (default: cores - 1)")
+    p.add_argument("--batch-size", type=_batch_size, default=64,
+                   help="images per forward pass, or 'auto' (the largest that fits on a GPU; 64 on CPU)")
+    p.add_argument("--workers", type=_non_negative_int, default=None,
+                   help="decode worker processes (default: 0 on <= 2 cores, else cores - 1, at most 16)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="autocast dtype: auto = bf16 (or fp16) on CUDA, fp32 on CPU; fp32 forces full precision")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster after)")
+    p.add_argument("--eager", action="store_true",
+                   help="plain eager forward pass (by default on CPU a frozen TorchScript trace is used when it "
+                        "reproduces eager)")
     p.add_argument("--random-init", action="store_true", help="untrained weights (recorded in the store)")
     p.add_argument("--weights", type=Path, default=None, help="local .pth/.safetensors for the architecture (strict)")
     p.add_argument("--layer", default=None, help="pool this module's output (e.g. layer3) instead of the pre-logits")
@@ -123,7 +143,8 @@ def _cmd_extract(args: argparse.Namespace) -> None:
                            workers=args.workers, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
                            random_init=args.random_init, weights=args.weights, layer=args.layer,
                            feature_dtype=args.feature_dtype, compression=args.compression, shard_rows=args.shard_rows,
-                           check_content=args.check_content, lock_timeout=args.wait)
+                           check_content=args.check_content, lock_timeout=args.wait, precision=args.precision,
+                           compile=args.compile, optimize=not args.eager)
     result = extract_to_store(config)
     print(result.summary())
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_KS: tuple[int, ...] = (1, 20)
 # C grid for the logistic-regression probe: log-spaced, wide enough for unit-norm features (weak to almost no L2).
 DEFAULT_CS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
@@ -18,7 +19,7 @@ class ExtractConfig:
     data: Path
     out: Path
     backbone: str = DEFAULT_BACKBONE
-    batch_size: int = 64
+    batch_size: int | None = 64  # None: 64 on CPU, the largest that fits on a GPU
     workers: int | None = None  # None: chosen from the core count
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     test_fraction: float = 0.3  # used only when the folder has no split sub-folders
@@ -33,9 +34,12 @@ class ExtractConfig:
     shard_rows: int | None = None  # None: one file; N: fixed-size shards of N rows plus an entry file
     check_content: bool = False  # hash every image to detect changes that keep size and mtime
     lock_timeout: float = 0.0  # seconds to wait for another writer of the same store (0: fail at once)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16/fp16 on CUDA, fp32 on CPU)
+    compile: bool = False  # torch.compile the forward pass (slow first batch; measured 1.5x on CPU)
+    optimize: bool = True  # CPU fp32: a frozen TorchScript trace when it reproduces eager (see Backbone.optimized)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")

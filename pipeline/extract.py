@@ -10,9 +10,10 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from pipeline.backbones import Backbone, create_backbone
 from pipeline.config import ExtractConfig
 from pipeline.datasets import Batch, ImageDataset, ImageFolder, collate_batch, file_stamp, scan_image_folder
-from pipeline.errors import DataError
+from pipeline.errors import DataError, PipelineError
 from pipeline.store import cache_key, check_target, is_current, library_versions, partial_path
 from pipeline.store_writer import Listing, StoreWriter
 
@@ -37,8 +38,138 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def default_workers() -> int:
-    """Decode workers: leave one core to the model, at most 8."""
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    """Decode worker processes: none on 1-2 cores (a decode thread overlaps with the model instead: measured faster
+    there, since a worker process competes with the model's threads and ships every batch through shared memory),
+    else one per core but one, at most 16."""
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(16, cores - 1)
+
+
+def default_batch_size(backbone: Backbone, *, largest: int = 1024) -> int:
+    """64 on CPU. On CUDA the largest power of two up to `largest` whose forward pass fits in memory (tried on a
+    blank batch at the model's input size), so the GPU is kept full; out-of-memory later still backs off."""
+    if backbone.device.type != "cuda":
+        return 64
+    size, fits = 32, 0
+    shape = backbone.data_config["input_size"]
+    while size <= largest:
+        try:
+            backbone.features(torch.zeros(size, *shape))
+            fits = size
+            size *= 2
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
+    if not fits:
+        raise PipelineError(f"{backbone.name} does not fit a batch of 32 on {backbone.device}; pass --batch-size")
+    log.info("batch size %d (largest that fits on %s)", fits, backbone.device)
+    return fits
+
+
+def features_with_backoff(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
+    """The backbone's features for a batch; on out-of-memory the batch is split in halves and retried."""
+    try:
+        return backbone.features(images)
+    except torch.OutOfMemoryError:
+        if len(images) == 1:
+            raise
+        if backbone.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(images) // 2
+        log.warning("out of memory on a batch of %d; retrying as two batches of %d and %d", len(images), half,
+                    len(images) - half)
+        return torch.cat([features_with_backoff(backbone, images[:half]),
+                          features_with_backoff(backbone, images[half:])])
+
+
+class _Background:
+    """A bounded hand-off between the loop and one helper thread, with the helper's errors re-raised in the loop.
+
+    Used twice: to decode batches ahead of the model (when there are no worker processes), and to write batches to
+    the store behind it, so that the model waits neither on decoding nor on disk.
+    """
+
+    _DONE = object()
+
+    def __init__(self, name: str, depth: int) -> None:
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.stopped = threading.Event()
+        self.name = name
+
+    def put(self, item: object) -> bool:
+        """Hand an item over unless the other side stopped; False when it did."""
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self) -> object:
+        while True:
+            try:
+                return self.queue.get(timeout=0.1)
+            except queue.Empty:
+                if self.stopped.is_set() and self.queue.empty():
+                    return self._DONE
+
+
+def prefetch(batches: Iterable[Batch], *, depth: int = 2) -> Iterator[Batch]:
+    """Iterate `batches` in a background thread, `depth` batches ahead (decoding and resizing release the GIL)."""
+    hand = _Background("prefetch", depth)
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if not hand.put(batch):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
+            hand.error = exc
+        finally:
+            hand.stopped.set()
+
+    thread = threading.Thread(target=produce, name="decode", daemon=True)
+    thread.start()
+    try:
+        while (item := hand.get()) is not _Background._DONE:
+            yield item
+        if hand.error is not None:
+            raise hand.error
+    finally:
+        hand.stopped.set()
+        thread.join()
+
+
+class BackgroundWriter:
+    """Runs `write(batch, features)` calls in one thread, in order, at most `depth` batches behind the model."""
+
+    def __init__(self, write: Callable[[Batch, torch.Tensor], None], *, depth: int = 4) -> None:
+        self._write = write
+        self._hand = _Background("writer", depth)
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (item := self._hand.get()) is not _Background._DONE:
+                self._write(*item)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the loop
+            self._hand.error = exc
+            self._hand.stopped.set()
+
+    def submit(self, batch: Batch, features: torch.Tensor) -> None:
+        if not self._hand.put((batch, features)) and self._hand.error is not None:
+            raise self._hand.error
+
+    def close(self) -> None:
+        """Wait for every submitted batch to be written; re-raise the writer's error, if any."""
+        self._hand.stopped.set()
+        self._thread.join()
+        if self._hand.error is not None:
+            raise self._hand.error
 
 
 def _process_gone(pid: int) -> bool:
@@ -84,13 +215,14 @@ def make_loader(dataset: ImageDataset, *, batch_size: int, workers: int,
     )
 
 
-def extract_features(backbone: Backbone, batches: Iterable[Batch]) -> Iterator[tuple[Batch, np.ndarray]]:
-    """Mapper: for each batch, its L2-normalised penultimate features as a float32 array (rows follow `indices`)."""
+def extract_features(backbone: Backbone, batches: Iterable[Batch]) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """Mapper: for each batch, its L2-normalised penultimate features as float32 on the backbone's device (rows
+    follow `indices`); the copy to the host is left to the writer, so a GPU can go on with the next batch."""
     for batch in batches:
         if batch.images is None:
-            yield batch, np.zeros((0, backbone.dim), dtype=np.float32)
+            yield batch, torch.zeros((0, backbone.dim))
             continue
-        yield batch, l2_normalize(backbone.features(batch.images)).cpu().numpy()
+        yield batch, l2_normalize(features_with_backoff(backbone, batch.images))
 
 
 def folder_listing(folder: ImageFolder) -> Listing:
@@ -146,6 +278,8 @@ def _store_attrs(backbone: Backbone, folder: ImageFolder, key: str, fingerprint:
     """Attributes that identify what produced the store; the writer adds layout, dtype and completion."""
     return {
         "backbone": backbone.name,
+        "precision": backbone.precision,
+        "optimization": backbone.optimization,
         "weights": backbone.weights,
         "random_init": backbone.random_init,
         "preprocessing": backbone.preprocessing_json(),
@@ -171,9 +305,12 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None)
     folder = scan_image_folder(config.data, test_fraction=config.test_fraction, seed=config.seed)
     if backbone is None:
         backbone = create_backbone(config.backbone, device=config.device, random_init=config.random_init,
-                                   weights_path=config.weights, layer=config.layer)
+                                   weights_path=config.weights, layer=config.layer, precision=config.precision,
+                                   compile=config.compile)
+        if config.optimize:
+            backbone = backbone.optimized()
     key = cache_key(backbone=backbone.name, weights=backbone.weights, preprocessing=backbone.preprocessing_json(),
-                    layer=backbone.layer, feature_dtype=config.feature_dtype)
+                    layer=backbone.layer, feature_dtype=config.feature_dtype, precision=backbone.precision)
     listing = folder_listing(folder)
     fingerprint = data_fingerprint(folder, listing)
     out = Path(config.out)
@@ -198,18 +335,28 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None)
                      len(todo))
         if len(todo):
             workers = default_workers() if config.workers is None else config.workers
+            batch_size = default_batch_size(backbone) if config.batch_size is None else config.batch_size
             dataset = ImageDataset([samples[i].path for i in todo], backbone.transform)
-            loader = make_loader(dataset, batch_size=config.batch_size, workers=workers,
+            loader = make_loader(dataset, batch_size=batch_size, workers=workers,
                                  pin_memory=backbone.device.type == "cuda")
+            batches = loader if workers > 0 else prefetch(loader)
             with tqdm(total=len(samples), initial=len(samples) - len(todo), unit="img",
                       desc=f"extract {backbone.name}", disable=not config.progress, dynamic_ncols=True) as bar:
-                for batch, feats in extract_features(backbone, loader):
-                    writer.write(todo[batch.indices], feats, batch.hashes)
+
+                def write(batch: Batch, feats: torch.Tensor) -> None:  # in the writer thread
+                    writer.write(todo[batch.indices], feats.cpu().numpy(), batch.hashes)
                     failed = [(samples[todo[i]].id, reason) for i, reason in batch.failures]
                     writer.fail([todo[i] for i, _ in batch.failures], [r for _, r in failed])
                     failures.extend(failed)
                     bar.update(len(batch.indices) + len(batch.failures))
                     log.debug("committed %d of %d rows", writer.rows + writer.failures, len(samples))
+
+                background = BackgroundWriter(write)
+                try:
+                    for batch, feats in extract_features(backbone, batches):
+                        background.submit(batch, feats)
+                finally:
+                    background.close()
         if writer.rows == 0:
             partial_path(out).unlink(missing_ok=True)  # nothing worth resuming
             raise DataError(f"none of the {len(samples)} images under {config.data} could be read "

@@ -40,11 +40,12 @@ ROW_DATASETS = ("ids", "labels", "splits", "files/size", "files/mtime_ns", "file
 NORM_TOLERANCE = {"float32": 1e-4, "float16": 2e-3}
 
 
-def cache_key(*, backbone: str, weights: str, preprocessing: str, layer: str, feature_dtype: str = "float32") -> str:
-    """Hash of everything that changes the stored feature bytes for a given image."""
+def cache_key(*, backbone: str, weights: str, preprocessing: str, layer: str, feature_dtype: str = "float32",
+              precision: str = "fp32") -> str:
+    """Hash of everything that changes the stored feature bytes for a given image (the compute precision too)."""
     payload = json.dumps(
         {"schema_version": SCHEMA_VERSION, "backbone": backbone, "weights": weights, "preprocessing": preprocessing,
-         "layer": layer, "feature_dtype": feature_dtype},
+         "layer": layer, "feature_dtype": feature_dtype, "precision": precision},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
