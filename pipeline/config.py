@@ -58,7 +58,7 @@ class ProbeConfig:
     Cs: tuple[float, ...] = DEFAULT_CS
     val_fraction: float = 0.2  # slice of train used for validation when the store has no `val` split
     seed: int = 0
-    max_iter: int = 1000
+    max_iter: int = 5000
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,14 @@ def classification_metrics(y_true: np.ndarray, scores: np.ndarray, classes: np.n
     }
 
 
+# L-BFGS stopping tolerance. scikit-learn's default (1e-4) stops short of the optimum at weak regularisation
+# (large C, more dimensions than samples): on the digits, features differing by 1.5e-6 then gave 94.8% vs 93.9%;
+# at 1e-6 both give the optimum's 95.0%, so results depend on the data, not on float noise.
+PROBE_TOL = 1e-6
+
+
 def _logreg(C: float, *, max_iter: int, seed: int) -> LogisticRegression:
-    return LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, random_state=seed)
+    return LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, tol=PROBE_TOL, random_state=seed)
 
 
 def _fit(model: LogisticRegression, x: np.ndarray, y: np.ndarray) -> bool:
@@ -71,7 +77,7 @@ def _fit(model: LogisticRegression, x: np.ndarray, y: np.ndarray) -> bool:
 
 
 def fit_linear_probe(fs: FeatureSet, *, Cs: tuple[float, ...], val_fraction: float = 0.2, seed: int = 0,
-                     max_iter: int = 1000) -> tuple[LogisticRegression, dict[str, Any]]:
+                     max_iter: int = 5000) -> tuple[LogisticRegression, dict[str, Any]]:
     """Run the probe protocol on a feature set; returns the refit head and a JSON-ready result dict."""
     if not Cs:
         raise PipelineError("the C grid is empty; give at least one value")

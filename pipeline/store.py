@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ import h5py
 import numpy as np
 
 from pipeline.errors import StoreError
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 FEATURE_DTYPES = ("float32", "float16")
@@ -112,7 +115,7 @@ def _open_checked(path: Path) -> h5py.File:
     version = int(f.attrs["schema_version"])
     if version != SCHEMA_VERSION:
         f.close()
-        hint = "upgrade this package" if version > SCHEMA_VERSION else "extract it again with --overwrite"
+        hint = "upgrade this package" if version > SCHEMA_VERSION else "run extract again to rebuild it"
         raise StoreError(f"{path} has store schema version {version}, this code reads {SCHEMA_VERSION}; {hint}")
     return f
 
@@ -258,9 +261,14 @@ def check_target(path: Path, *, key: str, overwrite: bool) -> None:
     with h5py.File(path, "r") as f:
         if "schema_version" not in f.attrs:
             raise StoreError(f"--out {path} is an HDF5 file but not a feature store; choose another path")
-        if int(f.attrs["schema_version"]) != SCHEMA_VERSION:
-            raise StoreError(f"{path} was written with store schema version {int(f.attrs['schema_version'])} "
-                             f"(this code writes {SCHEMA_VERSION}); pass --overwrite to extract it again")
+        version = int(f.attrs["schema_version"])
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{path} was written with store schema version {version}, newer than this code's "
+                             f"{SCHEMA_VERSION}; upgrade this package, or pass --overwrite to replace it")
+        if version < SCHEMA_VERSION:  # our own older format: rebuilt from the images, replaced only once complete
+            log.warning("%s was written with store schema version %d; rebuilding it as version %d", path, version,
+                        SCHEMA_VERSION)
+            return
         if f.attrs.get("cache_key") != key:
             raise StoreError(
                 f"{path} holds features from another configuration (backbone {f.attrs.get('backbone')!r}, "

@@ -130,3 +130,21 @@ def test_workers_and_batch_size_do_not_change_the_result(tmp_path, small_digits_
     b = load_store(_extract(small_digits_root, tmp_path / "b.h5", tiny, batch_size=9, workers=2).store)
     assert list(a.ids) == list(b.ids)
     np.testing.assert_allclose(a.features, b.features, atol=1e-5)
+
+
+def test_a_store_of_an_older_schema_is_rebuilt_not_refused(tmp_path, small_digits_root, tiny):
+    import h5py
+
+    out = tmp_path / "s.h5"
+    with h5py.File(out, "w") as f:  # what the previous release wrote
+        f["features"] = np.zeros((1, 4), dtype=np.float32)
+        f.attrs["schema_version"] = 1
+        f.attrs["cache_key"] = "old"
+    result = _extract(small_digits_root, out, tiny)
+    assert result.computed == 100 and load_store(out).attrs["schema_version"] == 2
+    newer = tmp_path / "n.h5"
+    with h5py.File(newer, "w") as f:
+        f["features"] = np.zeros((1, 4), dtype=np.float32)
+        f.attrs["schema_version"] = 99
+    with pytest.raises(StoreError, match="newer than this code"):
+        _extract(small_digits_root, newer, tiny)

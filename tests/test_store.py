@@ -135,7 +135,7 @@ def test_foreign_missing_and_old_files_are_refused(tmp_path):
     with h5py.File(old, "w") as f:
         f["features"] = np.zeros((1, 2))
         f.attrs["schema_version"] = 1
-    with pytest.raises(StoreError, match="schema version 1.*--overwrite"):
+    with pytest.raises(StoreError, match="schema version 1.*run extract again to rebuild"):
         load_store(old)
 
 
