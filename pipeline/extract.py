@@ -303,12 +303,12 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None)
     are reused (see `store_writer`), and only new or changed images go through the model.
     """
     folder = scan_image_folder(config.data, test_fraction=config.test_fraction, seed=config.seed)
+    optimize = False  # a backbone passed in is used as given
     if backbone is None:
         backbone = create_backbone(config.backbone, device=config.device, random_init=config.random_init,
                                    weights_path=config.weights, layer=config.layer, precision=config.precision,
                                    compile=config.compile)
-        if config.optimize:
-            backbone = backbone.optimized()
+        optimize = config.optimize
     key = cache_key(backbone=backbone.name, weights=backbone.weights, preprocessing=backbone.preprocessing_json(),
                     layer=backbone.layer, feature_dtype=config.feature_dtype, precision=backbone.precision)
     listing = folder_listing(folder)
@@ -321,6 +321,8 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None)
         log.info("%s is up to date; no forward pass", out)
         return ExtractResult(str(out), len(folder), 0, True, 0.0, 0.0, backbone.name, backbone.dim)
     check_target(out, key=key, overwrite=config.overwrite)
+    if optimize:  # after the up-to-date check: a no-op run should not pay for tracing
+        backbone = backbone.optimized()
 
     samples = folder.samples
     failures: list[tuple[str, str]] = []
