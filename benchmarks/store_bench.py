@@ -27,8 +27,7 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+from images import write_digit_images  # benchmarks/images.py
 
 REPO = Path(__file__).resolve().parents[1]
 WRITE_CHILD = textwrap.dedent("""
@@ -96,18 +95,6 @@ def bench_writer(tmp: Path, sizes: tuple[int, int], dim: int) -> list[dict]:
     return rows
 
 
-def write_images(root: Path, n: int, *, start: int = 0) -> None:
-    """n real digit images as 10 classes of PNGs (digits reused under new names past 1,797)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    for k in range(start, start + n):
-        i = k % len(digits.target)
-        path = root / str(int(digits.target[i])) / f"img_{k:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.round(digits.images[i] * (255 / 16)).astype(np.uint8)).save(path)
-
-
 def extract_argv(data: Path, out: Path, backbone: str, workers: int) -> list[str]:
     argv = [sys.executable, "-m", "pipeline", "-v", "extract", "--data", str(data), "--out", str(out),
             "--backbone", backbone, "--workers", str(workers), "--batch-size", "32"]
@@ -118,7 +105,7 @@ def bench_extract_memory(tmp: Path, sizes: tuple[int, int], backbone: str, worke
     rows = []
     for n in sizes:
         data = tmp / f"imgs_{n}"
-        write_images(data, n)
+        write_digit_images(data, n)
         r = run_child(extract_argv(data, tmp / f"mem_{n}.h5", backbone, workers))
         rows.append({"images": n, "seconds": round(r["seconds"], 1), "peak_rss_mib": round(r["peak_rss_mib"], 1),
                      "images_per_s": round(n / r["seconds"], 1)})
@@ -127,13 +114,13 @@ def bench_extract_memory(tmp: Path, sizes: tuple[int, int], backbone: str, worke
 
 def bench_resume(tmp: Path, n: int, backbone: str, workers: int) -> dict:
     data = tmp / "imgs_resume"
-    write_images(data, n)
+    write_digit_images(data, n)
     full = run_child(extract_argv(data, tmp / "full.h5", backbone, workers))
     out = tmp / "resumed.h5"
     killed = run_child(extract_argv(data, out, backbone, workers), kill_at=n // 2)
     resumed = run_child(extract_argv(data, out, backbone, workers))
     noop = run_child(extract_argv(data, out, backbone, workers))
-    write_images(data, n // 10, start=n)
+    write_digit_images(data, n // 10, start=n)
     incremental = run_child(extract_argv(data, out, backbone, workers))
     return {
         "images": n, "full_s": round(full["seconds"], 1), "killed_after_s": round(killed["seconds"], 1),

@@ -29,41 +29,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from images import write_digit_images, write_photo_images  # benchmarks/images.py
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-# -- images -------------------------------------------------------------------------------------------------------
-
-def write_images(root: Path, n: int, kind: str) -> None:
-    """n labelled images in ROOT/<class>/: the digits as PNGs, or real photos as JPEGs (varied crops, ~0.1-0.3 MP)."""
-    from PIL import Image
-
-    if kind == "digits":
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        for k in range(n):
-            i = k % len(digits.target)
-            path = root / str(int(digits.target[i])) / f"img_{k:06d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.round(digits.images[i] * (255 / 16)).astype(np.uint8)).save(path)
-        return
-    from skimage import data as skdata
-    from sklearn.datasets import load_sample_image
-
-    photos = [load_sample_image("china.jpg"), load_sample_image("flower.jpg"), skdata.astronaut(), skdata.coffee(),
-              skdata.chelsea(), skdata.rocket()]
-    rng = np.random.default_rng(0)
-    for k in range(n):
-        photo = photos[k % len(photos)]
-        h, w = photo.shape[:2]
-        ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
-        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        path = root / f"photo{k % len(photos)}" / f"img_{k:06d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.ascontiguousarray(photo[y:y + ch, x:x + cw])).save(path, quality=90)
 
 
 # -- stages (run in children) -------------------------------------------------------------------------------------
@@ -231,7 +200,7 @@ def main() -> None:
     device = str(resolve_device(args.device))
     with tempfile.TemporaryDirectory(prefix="throughput_") as scratch:
         data = Path(scratch) / "images"
-        write_images(data, args.images, args.kind)
+        (write_digit_images if args.kind == "digits" else write_photo_images)(data, args.images)
         cfg = {"backbone": args.backbone, "random_init": args.random_init, "data": str(data), "device": device,
                "precision": args.precision, "workers": args.workers, "batch_size": args.batch_size,
                "images": args.images, "scratch": scratch, "compile": args.compile}

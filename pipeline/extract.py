@@ -25,7 +25,7 @@ from pipeline.backbones import Backbone, create_backbone
 from pipeline.config import ExtractConfig
 from pipeline.datasets import Batch, ImageDataset, ImageFolder, collate_batch, file_stamp, scan_image_folder
 from pipeline.errors import DataError, PipelineError
-from pipeline.store import cache_key, check_target, is_current, library_versions, partial_path
+from pipeline.store import cache_key, check_target, is_current, layout_attrs, library_versions, partial_path
 from pipeline.store_writer import Listing, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -92,11 +92,10 @@ class _Background:
 
     _DONE = object()
 
-    def __init__(self, name: str, depth: int) -> None:
+    def __init__(self, depth: int) -> None:
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.stopped = threading.Event()
-        self.name = name
 
     def put(self, item: object) -> bool:
         """Hand an item over unless the other side stopped; False when it did."""
@@ -119,7 +118,7 @@ class _Background:
 
 def prefetch(batches: Iterable[Batch], *, depth: int = 2) -> Iterator[Batch]:
     """Iterate `batches` in a background thread, `depth` batches ahead (decoding and resizing release the GIL)."""
-    hand = _Background("prefetch", depth)
+    hand = _Background(depth)
 
     def produce() -> None:
         try:
@@ -148,7 +147,7 @@ class BackgroundWriter:
 
     def __init__(self, write: Callable[[Batch, torch.Tensor], None], *, depth: int = 4) -> None:
         self._write = write
-        self._hand = _Background("writer", depth)
+        self._hand = _Background(depth)
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
 
@@ -314,8 +313,7 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None)
     listing = folder_listing(folder)
     fingerprint = data_fingerprint(folder, listing)
     out = Path(config.out)
-    layout = {"layout": "single" if config.shard_rows is None else "sharded", "shard_rows": config.shard_rows or 0,
-              "compression": config.compression}
+    layout = layout_attrs(shard_rows=config.shard_rows, compression=config.compression)
     if not config.overwrite and not config.check_content and is_current(out, key=key, fingerprint=fingerprint,
                                                                          layout=layout):
         log.info("%s is up to date; no forward pass", out)
@@ -325,7 +323,6 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None)
         backbone = backbone.optimized()
 
     samples = folder.samples
-    failures: list[tuple[str, str]] = []
     start = time.perf_counter()
     attrs = _store_attrs(backbone, folder, key, fingerprint)
     with StoreWriter(out, listing=listing, dim=backbone.dim, attrs=attrs, feature_dtype=config.feature_dtype,
@@ -347,9 +344,7 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None)
 
                 def write(batch: Batch, feats: torch.Tensor) -> None:  # in the writer thread
                     writer.write(todo[batch.indices], feats.cpu().numpy(), batch.hashes)
-                    failed = [(samples[todo[i]].id, reason) for i, reason in batch.failures]
-                    writer.fail([todo[i] for i, _ in batch.failures], [r for _, r in failed])
-                    failures.extend(failed)
+                    writer.fail([todo[i] for i, _ in batch.failures], [r for _, r in batch.failures])
                     bar.update(len(batch.indices) + len(batch.failures))
                     log.debug("committed %d of %d rows", writer.rows + writer.failures, len(samples))
 
@@ -361,10 +356,11 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None)
                     background.close()
         if writer.rows == 0:
             partial_path(out).unlink(missing_ok=True)  # nothing worth resuming
+            first_id, first_reason = writer.failed[0]
             raise DataError(f"none of the {len(samples)} images under {config.data} could be read "
-                            f"(e.g. {failures[0][0]}: {failures[0][1]})")
+                            f"(e.g. {first_id}: {first_reason})")
         writer.finish()
     seconds = time.perf_counter() - start
     return ExtractResult(str(out), writer.rows, writer.failures, False, seconds, writer.computed / max(seconds, 1e-9),
-                         backbone.name, backbone.dim, failures, computed=writer.computed, resumed=writer.resumed,
+                         backbone.name, backbone.dim, writer.failed, computed=writer.computed, resumed=writer.resumed,
                          kept=writer.kept)

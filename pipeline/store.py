@@ -54,6 +54,12 @@ def cache_key(*, backbone: str, weights: str, preprocessing: str, layer: str, fe
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
+def layout_attrs(*, shard_rows: int | None, compression: str) -> dict[str, Any]:
+    """The attributes that say how a store is laid out (not part of the cache key: they do not change the bytes)."""
+    return {"layout": "single" if shard_rows is None else "sharded", "shard_rows": shard_rows or 0,
+            "compression": compression}
+
+
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 

@@ -40,6 +40,7 @@ from pipeline.store import (
     SCHEMA_VERSION,
     STR_DTYPE,
     attrs_to_dict,
+    layout_attrs,
     lock_path,
     partial_path,
     shard_list,
@@ -237,8 +238,8 @@ class StoreWriter:
         self.compression = compression
         self.shard_rows = shard_rows
         self.check_content = check_content
-        self.attrs = {**attrs, "feature_dtype": feature_dtype, "compression": compression,
-                      "layout": "single" if shard_rows is None else "sharded", "shard_rows": shard_rows or 0}
+        self.attrs = {**attrs, "feature_dtype": feature_dtype,
+                      **layout_attrs(shard_rows=shard_rows, compression=compression)}
         self.key = attrs.get("cache_key")
         self._index = {sample_id: i for i, sample_id in enumerate(listing.ids)}
         if len(self._index) != len(listing.ids):
@@ -304,6 +305,11 @@ class StoreWriter:
     def failures(self) -> int:
         return len(self._failed)
 
+    @property
+    def failed(self) -> list[tuple[str, str]]:
+        """(id, reason) of every image recorded as failed so far."""
+        return list(self._failed)
+
     # -- planning: what can be reused -------------------------------------------------------------------------------
 
     def _usable(self, path: Path) -> bool:
@@ -360,28 +366,28 @@ class StoreWriter:
         self.prepared = True
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial, store, shards = self._candidates() if reuse else (None, None, [])
+        indexes = {source: _read_index(source) for source in shards}
         if self.shard_rows is None:
             self._prepare_single(partial)
-            sources = [(s, False) for s in shards]
+            sources = shards
         else:
-            indexes = {shard: _read_index(shard) for shard in shards}
             shards.sort(key=lambda p: (not indexes[p][0].get("complete", False), p.name))  # complete shards first
             sources = []
             for shard in shards:
-                attrs, ids, stamps, hashes = indexes.pop(shard)
+                attrs, ids, stamps, hashes = indexes[shard]
                 positions, usable, whole = self._valid(ids, stamps, hashes)
                 if whole and attrs.get("complete", False) and len(ids):
                     self._done[positions] = True
                     self._kept_shards.append({"file": shard.name, "rows": len(ids)})
                     self._count(shard, len(ids))
                 else:
-                    sources.append((shard, False))
+                    sources.append(shard)
             if partial is not None:
-                sources.append((partial, False))
+                sources.append(partial)
         if store is not None:
-            sources.append((store, True))
-        for source, _ in sources:
-            self._copy_from(source)
+            sources.append(store)
+        for source in sources:
+            self._copy_from(source, indexes.get(source) or _read_index(source))
         return np.flatnonzero(~self._done)
 
     def _count(self, source: Path, n: int) -> None:
@@ -408,7 +414,7 @@ class StoreWriter:
             self._target = _Segment.create(path, dim=self.dim, dtype=self.dtype, compression=self.compression,
                                            attrs=self.attrs)
             return
-        attrs, ids, stamps, hashes = _read_index(path)
+        _, ids, stamps, hashes = _read_index(path)
         positions, usable, _ = self._valid(ids, stamps, hashes)
         self._target = segment = _Segment.reopen(path)
         if not usable.all():
@@ -430,9 +436,10 @@ class StoreWriter:
         self.resumed += len(kept)
         log.info("resuming %s: %d row(s) already committed", path.name, len(kept))
 
-    def _copy_from(self, source: Path) -> None:
-        """Copy the usable rows of a source segment into the target, block by block, features bit for bit."""
-        _, ids, stamps, hashes = _read_index(source)
+    def _copy_from(self, source: Path, index: tuple[dict[str, Any], list[str], np.ndarray, np.ndarray]) -> None:
+        """Copy the usable rows of a source segment (`index`: its `_read_index`) into the target, block by block,
+        features bit for bit."""
+        _, ids, stamps, hashes = index
         positions, usable, _ = self._valid(ids, stamps, hashes)
         if not usable.any():
             return
