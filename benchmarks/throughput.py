@@ -45,7 +45,7 @@ def _backbone(cfg: dict, **overrides):
 
 
 def _paths(data: Path) -> list[Path]:
-    from pipeline.datasets import scan_image_folder
+    from pipeline.sources import scan_image_folder
 
     return [s.path for s in scan_image_folder(data).samples]
 
@@ -105,14 +105,14 @@ def stage_ceiling(cfg: dict) -> dict:
 
 def stage_decode(cfg: dict) -> dict:
     from pipeline.datasets import ImageDataset
-    from pipeline.extract import default_workers, make_loader, prefetch
+    from pipeline.extract import default_workers, guarded_batches, prefetch
 
     bb = _backbone(cfg)
     workers = default_workers() if cfg["workers"] is None else cfg["workers"]
-    loader = make_loader(ImageDataset(_paths(Path(cfg["data"])), bb.transform), batch_size=cfg["batch_size"] or 64,
-                         workers=workers, pin_memory=bb.device.type == "cuda")
+    batches = guarded_batches(ImageDataset(_paths(Path(cfg["data"])), bb.transform), batch_size=cfg["batch_size"] or 64,
+                              workers=workers, timeout=60.0, pin_memory=bb.device.type == "cuda")
     start, done = time.perf_counter(), 0
-    for batch in (loader if workers else prefetch(loader)):
+    for batch in prefetch(batches):
         done += len(batch.indices) + len(batch.failures)
     return {"images_per_s": round(done / (time.perf_counter() - start), 1), "workers": workers}
 

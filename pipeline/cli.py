@@ -11,6 +11,7 @@ from pipeline.config import (
     DEFAULT_BACKBONE,
     DEFAULT_CS,
     DEFAULT_KS,
+    DEFAULT_MAX_PIXELS,
     PRECISIONS,
     ExtractConfig,
     KnnConfig,
@@ -62,6 +63,10 @@ def _positive_list(cast: type, example: str):
     return parse
 
 
+def _max_pixels(text: str) -> int:
+    return _non_negative_int(text.replace(",", "").replace("_", ""))
+
+
 _int_list = _positive_list(int, "1,20")
 _float_list = _positive_list(float, "0.1,1,10")
 
@@ -73,13 +78,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("extract", help="images -> L2-normalised penultimate features in an HDF5 store")
-    p.add_argument("--data", required=True, type=Path, help="image folder: ROOT/<class>/<img> or ROOT/<split>/<class>/")
+    p.add_argument("--data", required=True,
+                   help="image folder (ROOT/<class>/<img> or ROOT/<split>/<class>/<img>), manifest (.csv, .parquet, "
+                        ".jsonl: path[,label,split,id]), WebDataset tar shards (a .tar, a folder of them, or "
+                        "'shards-{000..009}.tar'), or torchvision:NAME with --root")
+    p.add_argument("--root", type=Path, default=None, help="torchvision:NAME only: the folder holding its files")
+    p.add_argument("--download", action="store_true",
+                   help="torchvision:NAME only: fetch the files into --root when they are missing (needs a network)")
+    p.add_argument("--test-fraction", type=float, default=0.3,
+                   help="share of each class sent to test when the source gives no splits (default 0.3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of that split (default 0)")
     p.add_argument("--out", required=True, type=Path, help="the HDF5 store to write (e.g. data/stores/x.h5)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"registered name or timm:<model> ({DEFAULT_BACKBONE})")
     p.add_argument("--batch-size", type=_batch_size, default=64,
                    help="images per forward pass, or 'auto' (the largest that fits on a GPU; 64 on CPU)")
     p.add_argument("--workers", type=_non_negative_int, default=None,
-                   help="decode worker processes (default: 0 on <= 2 cores, else cores - 1, at most 16)")
+                   help="decode worker processes (default: cores - 1, at least 1, at most 16); 0 decodes in this "
+                        "process: a little faster on 2 cores, but a decoder crash or hang then stops the run")
+    p.add_argument("--max-pixels", type=_max_pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"refuse images with more pixels, as decompression bombs (default {DEFAULT_MAX_PIXELS:,}; "
+                        "0: no limit)")
+    p.add_argument("--decode-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="a batch slower than this to decode is checked image by image; an image that takes this "
+                        "long alone, twice, is recorded as failed (default 60)")
+    p.add_argument("--image-plugin", dest="image_plugins", action="append", default=[], metavar="MODULE[:FUNC]",
+                   help="Pillow plugin to load in the decoders, e.g. pillow_heif:register_heif_opener (repeatable)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="autocast dtype: auto = bf16 (or fp16) on CUDA, fp32 on CPU; fp32 forces full precision")
@@ -144,7 +167,9 @@ def _cmd_extract(args: argparse.Namespace) -> None:
                            random_init=args.random_init, weights=args.weights, layer=args.layer,
                            feature_dtype=args.feature_dtype, compression=args.compression, shard_rows=args.shard_rows,
                            check_content=args.check_content, lock_timeout=args.wait, precision=args.precision,
-                           compile=args.compile, optimize=not args.eager)
+                           compile=args.compile, optimize=not args.eager, root=args.root, download=args.download,
+                           test_fraction=args.test_fraction, seed=args.seed, max_pixels=args.max_pixels or None,
+                           decode_timeout=args.decode_timeout, image_plugins=tuple(args.image_plugins))
     result = extract_to_store(config)
     print(result.summary())
 

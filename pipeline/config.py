@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import ConfigError
+
 DEFAULT_BACKBONE = "efficientnet_lite0"
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb threshold (pipeline.datasets uses the same)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_KS: tuple[int, ...] = (1, 20)
 # C grid for the logistic-regression probe: log-spaced, wide enough for unit-norm features (weak to almost no L2).
@@ -14,9 +17,9 @@ DEFAULT_CS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """What `extract` needs: the image folder, the store to write, and how to run the backbone."""
+    """What `extract` needs: the image source, the store to write, and how to run the backbone."""
 
-    data: Path
+    data: Path | str  # an image folder, a manifest, tar shards, or "torchvision:NAME" (see pipeline.sources)
     out: Path
     backbone: str = DEFAULT_BACKBONE
     batch_size: int | None = 64  # None: 64 on CPU, the largest that fits on a GPU
@@ -37,16 +40,25 @@ class ExtractConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16/fp16 on CUDA, fp32 on CPU)
     compile: bool = False  # torch.compile the forward pass (slow first batch; measured 1.5x on CPU)
     optimize: bool = True  # CPU fp32: a frozen TorchScript trace when it reproduces eager (see Backbone.optimized)
+    root: Path | None = None  # torchvision datasets: the folder holding (or to hold) their files
+    download: bool = False  # torchvision datasets: fetch the files when they are missing (needs a network)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are refused as decompression bombs (None: no limit)
+    decode_timeout: float = 60.0  # seconds a batch may take to decode before its images are checked one by one
+    image_plugins: tuple[str, ...] = ()  # Pillow plugins to import in decode processes ("module" or "module:func")
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
         if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ConfigError(f"max_pixels must be >= 1 (or None for no limit), got {self.max_pixels}")
+        if self.decode_timeout <= 0:
+            raise ConfigError(f"decode_timeout must be > 0 seconds, got {self.decode_timeout}")
         if self.shard_rows is not None and self.shard_rows < 1:
-            raise ValueError(f"shard_rows must be >= 1, got {self.shard_rows}")
+            raise ConfigError(f"shard_rows must be >= 1, got {self.shard_rows}")
 
 
 @dataclass(frozen=True)

@@ -1,185 +1,150 @@
-"""Image sources → samples (id, path, label, split), and decoding of one file into an RGB image.
+"""Decoding: one image (file bytes or an in-memory image from a dataset) → a consistent RGB image → a tensor.
 
-An image folder is `ROOT/<class>/<image>` or, with split folders, `ROOT/{train,val,test}/<class>/<image>`. Ids are
-image paths relative to ROOT in POSIX form, so they are stable whatever the worker count, batch size or read order.
+The sources (folders, manifests, tar shards, torchvision sets) live in `pipeline.sources`; this module turns what a
+source's reader returns into model input, and makes every failure a recorded reason instead of an exception.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import math
 import os
+import stat
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from pipeline.config import DEFAULT_MAX_PIXELS
 from pipeline.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 SPLITS = ("train", "val", "test")
-LAYOUT_HINT = "expected ROOT/<class>/<image> or ROOT/{train,val,test}/<class>/<image>"
 # Transparent pixels are composited on this colour so that RGBA and RGB versions of an image agree.
 ALPHA_BACKGROUND = (255, 255, 255)
+# Long side / short side beyond which the long side is cropped (centrally) before a resize-shorter-side transform.
+# Such a transform scales a 1x5000 strip to 256x1.28M pixels (1.3 GB, seconds) only for the centre crop to keep a
+# 224x224 square from its middle; cropping first keeps that middle, at a fixed cost. 16:1 leaves real photos alone.
+MAX_ASPECT = 16.0
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header declares more pixels than the limit: refused before decoding (decompression bomb)."""
 
 
 @dataclass(frozen=True)
-class Sample:
-    """One image: `id` is its path relative to the data root (POSIX), `label` indexes the class names."""
+class Decoding:
+    """How files become images, the same in every decode process: a pixel limit against decompression bombs
+    (None: no limit), the aspect guard (None: off; only for resize-shorter-side + centre-crop transforms) and Pillow
+    plugin modules to import first (`module` or `module:function`, e.g. `pillow_heif:register_heif_opener`)."""
 
-    id: str
-    path: Path
-    label: int
-    split: str
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    max_aspect: float | None = MAX_ASPECT
+    plugins: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1 (or None for no limit), got {self.max_pixels}")
+        if self.max_aspect is not None and self.max_aspect < 1:
+            raise ValueError(f"max_aspect must be >= 1 (or None), got {self.max_aspect}")
 
-@dataclass(frozen=True)
-class ImageFolder:
-    """A scanned image folder: samples sorted by id, class names sorted, and how splits were decided."""
-
-    root: Path
-    samples: tuple[Sample, ...]
-    class_names: tuple[str, ...]
-    split_source: str
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def split_counts(self) -> dict[str, int]:
-        counts = {s: 0 for s in SPLITS}
-        for sample in self.samples:
-            counts[sample.split] += 1
-        return {k: v for k, v in counts.items() if v}
+    def as_attrs(self) -> dict[str, Any]:
+        return {"max_pixels": self.max_pixels or 0, "max_aspect": self.max_aspect or 0.0,
+                "alpha_background": list(ALPHA_BACKGROUND), "plugins": list(self.plugins)}
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+_loaded_plugins: set[str] = set()
 
 
-def _visible_dirs(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _images_under(path: Path) -> list[Path]:
-    """All image files below `path`, recursively, skipping hidden files and folders; sorted."""
-    found = []
-    for p in path.rglob("*"):
-        rel_parts = p.relative_to(path).parts
-        if any(part.startswith(".") for part in rel_parts):
+def load_plugins(plugins: tuple[str, ...] | list[str]) -> None:
+    """Import Pillow plugin modules (once per process), calling `module:function` registration hooks."""
+    for spec in plugins:
+        if spec in _loaded_plugins:
             continue
-        if _is_image(p) and (p.is_file() or p.is_symlink()):
-            found.append(p)
-    return sorted(found)
-
-
-def _stray_images(path: Path) -> list[Path]:
-    return [p for p in path.iterdir() if _is_image(p)]
-
-
-def _class_files(split_dir: Path) -> dict[str, list[Path]]:
-    stray = _stray_images(split_dir)
-    if stray:
-        raise DataError(
-            f"{len(stray)} image(s) lie directly in {split_dir} (e.g. {stray[0].name}) with no class folder; "
-            f"{LAYOUT_HINT}"
-        )
-    return {d.name: files for d in _visible_dirs(split_dir) if (files := _images_under(d))}
-
-
-def scan_image_folder(root: str | Path, *, test_fraction: float = 0.3, seed: int = 0) -> ImageFolder:
-    """List the images of an image folder with their labels and splits.
-
-    With split folders the folder gives the split; otherwise each class is split deterministically into train and
-    test (see `assign_splits`) and `split_source` records how.
-    """
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"data folder {root} does not exist; pass --data with an image folder ({LAYOUT_HINT})")
-    if not root.is_dir():
-        raise DataError(f"--data {root} is a file, not a folder; {LAYOUT_HINT}")
-    subdirs = _visible_dirs(root)
-    split_dirs = [d for d in subdirs if d.name in SPLITS]
-    if split_dirs:
-        others = [d.name for d in subdirs if d.name not in SPLITS]
-        if others:
-            raise DataError(
-                f"{root} mixes split folders ({', '.join(d.name for d in split_dirs)}) with other folders "
-                f"({', '.join(others[:5])}); {LAYOUT_HINT}"
-            )
-        per_split = {d.name: _class_files(d) for d in split_dirs}
-        if "train" not in per_split or not per_split["train"]:
-            raise DataError(f"{root} has split folders but no images in {root / 'train'}; {LAYOUT_HINT}")
-        train_classes = set(per_split["train"])
-        for split, classes in per_split.items():
-            unseen = sorted(set(classes) - train_classes)
-            if unseen:
-                raise DataError(
-                    f"classes {unseen[:5]} appear in {root / split} but have no images in {root / 'train'}; "
-                    "every class needs training images"
-                )
-        class_names = tuple(sorted(train_classes))
-        index = {name: i for i, name in enumerate(class_names)}
-        samples = [
-            Sample(p.relative_to(root).as_posix(), p, index[cls], split)
-            for split, classes in per_split.items()
-            for cls, files in classes.items()
-            for p in files
-        ]
-        split_source = "folders"
-    else:
-        classes = _class_files(root)
-        class_names = tuple(sorted(classes))
-        index = {name: i for i, name in enumerate(class_names)}
-        ids = {cls: [p.relative_to(root).as_posix() for p in files] for cls, files in classes.items()}
-        test_ids = {i for cls_ids in ids.values() for i in assign_splits(cls_ids, test_fraction=test_fraction,
-                                                                            seed=seed)}
-        samples = []
-        for cls, files in classes.items():
-            for p in files:
-                sample_id = p.relative_to(root).as_posix()
-                samples.append(Sample(sample_id, p, index[cls], "test" if sample_id in test_ids else "train"))
-        split_source = f"stratified(test_fraction={test_fraction}, seed={seed})"
-    if not samples:
-        raise DataError(
-            f"no images found under {root} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}); {LAYOUT_HINT}"
-        )
-    samples.sort(key=lambda s: s.id)
-    return ImageFolder(root=root, samples=tuple(samples), class_names=class_names, split_source=split_source)
-
-
-def assign_splits(ids: list[str], *, test_fraction: float, seed: int) -> list[str]:
-    """Return the ids of one class that go to test: the `round(n * test_fraction)` with the smallest seeded hash.
-
-    Hash order (not list order) makes the choice independent of how files are listed and keeps most assignments
-    when images are added. A class keeps at least one training image, and gets a test image when it has two or more.
-    """
-    n = len(ids)
-    n_test = min(max(round(n * test_fraction), 1 if n >= 2 else 0), n - 1)
-    ranked = sorted(ids, key=lambda i: hashlib.sha1(f"{seed}:{i}".encode()).hexdigest())
-    return ranked[:n_test]
+        module_name, _, func = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+            if func:
+                getattr(module, func)()
+        except (ImportError, AttributeError) as exc:
+            raise DataError(f"image plugin {spec!r} cannot be loaded ({exc}); install it or drop --image-plugin") \
+                from exc
+        _loaded_plugins.add(spec)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB consistently: alpha over a fixed background, 16-bit/float rescaled."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(image, dtype=np.float64)
         if image.mode.startswith("I;16"):
             arr = arr / 65535.0
         else:
-            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-            arr = (arr - lo) / (hi - lo) if math.isfinite(hi - lo) and hi > lo else np.zeros_like(arr)
+            finite = arr[np.isfinite(arr)]
+            lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+            arr = (np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo) - lo) / (hi - lo) if hi > lo else \
+                np.zeros_like(arr)
         image = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+    if image.mode in ("La", "RGBa"):  # premultiplied alpha: unpremultiply through RGBA
+        image = image.convert("RGBA") if image.mode == "RGBa" else image.convert("LA")
+    if image.mode in ("RGBA", "LA", "PA"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int | None) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise ValueError(f"image has no pixels ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLarge(f"{width}x{height} = {width * height:,} pixels is over the limit of {max_pixels:,} "
+                            "(possible decompression bomb; raise --max-pixels to accept it)")
+
+
+def load_image(source: str | Path | io.BytesIO, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode one image (a path or in-memory bytes) into RGB: the pixel count is checked from the header before any
+    decoding, EXIF orientation is applied, and an animated image gives its first frame."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides, below
+        saved = Image.MAX_IMAGE_PIXELS
+        # Pillow refuses at twice its own limit inside open(); lift it so that our limit (and message) is the one used
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            with Image.open(source) as image:
+                _check_pixels(image.size, max_pixels)
+                image.seek(0)
+                image = ImageOps.exif_transpose(image)
+                image.load()
+                return to_rgb(image)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def crop_extreme_aspect(image: Image.Image, max_aspect: float | None = MAX_ASPECT) -> Image.Image:
+    """Crop the long side of an image more elongated than `max_aspect`:1 to that ratio, around its centre (see
+    MAX_ASPECT: a no-op for a resize-shorter-side + centre-crop transform, which only sees the middle anyway)."""
+    if max_aspect is None:
+        return image
+    width, height = image.size
+    short = min(width, height)
+    keep = math.ceil(short * max_aspect)
+    if max(width, height) <= keep:
+        return image
+    if width > height:
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    top = (height - keep) // 2
+    return image.crop((0, top, width, top + keep))
 
 
 def content_hash(data: bytes) -> str:
@@ -187,11 +152,28 @@ def content_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+def image_hash(image: Image.Image) -> str:
+    """`content_hash` of an in-memory image (mode, size and pixels), for sources that hand over images, not files."""
+    return content_hash(f"{image.mode}:{image.size}:".encode() + image.tobytes())
+
+
+def read_file(path: str | Path) -> bytes:
+    """A file's bytes; refuses what is not a regular file (reading a FIFO would block, a device would never end)."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise OSError(f"not a regular file ({kind})")
+    data = Path(path).read_bytes()
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    return data
+
+
 def hash_file(path: str | Path) -> str:
     """`content_hash` of a file, or "" when it cannot be read."""
     try:
-        return content_hash(Path(path).read_bytes())
-    except OSError:
+        return content_hash(read_file(path))
+    except (OSError, ValueError):
         return ""
 
 
@@ -204,33 +186,59 @@ def file_stamp(path: str | Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def load_image(source: str | Path | io.BytesIO) -> Image.Image:
-    """Decode one image (a path or in-memory bytes) into RGB, applying EXIF orientation; first frame if animated."""
-    with Image.open(source) as image:
-        image.seek(0)
-        image = ImageOps.exif_transpose(image)
-        image.load()
-        return to_rgb(image)
+class Reader(Protocol):
+    """What a source gives the decode processes: `read(locator)` returns a file's bytes or an in-memory image.
+    Readers are pickled into worker processes, so they hold paths and small specs, not open handles or data."""
+
+    def read(self, locator: Any) -> bytes | Image.Image: ...
+
+
+def decode(raw: bytes | Image.Image, decoding: Decoding) -> tuple[Image.Image, str]:
+    """What a reader returned → (RGB image, content hash)."""
+    if isinstance(raw, bytes | bytearray | memoryview):
+        data = bytes(raw)
+        if not data:
+            raise ValueError("empty file (0 bytes)")
+        image = load_image(io.BytesIO(data), max_pixels=decoding.max_pixels)
+        digest = content_hash(data)
+    elif isinstance(raw, Image.Image):
+        _check_pixels(raw.size, decoding.max_pixels)
+        digest = image_hash(raw)
+        image = to_rgb(raw)
+    else:
+        raise TypeError(f"a reader returned {type(raw).__name__}, expected bytes or a PIL image")
+    return crop_extreme_aspect(image, decoding.max_aspect), digest
 
 
 class ImageDataset(torch.utils.data.Dataset):
     """Reader stage: index → (index, tensor, error, content hash). A file that fails to decode yields its error, not
-    an exception, so that one bad image never stops a run and is recorded instead of silently dropped. The file is
+    an exception, so that one bad image never stops a run and is recorded instead of silently dropped. A file is
     read once: its bytes are hashed (for incremental runs) and decoded from memory."""
 
-    def __init__(self, paths: list[Path], transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.paths = list(paths)
+    def __init__(self, locators: list, transform: Callable[[Image.Image], torch.Tensor], *,
+                 reader: Reader | None = None, decoding: Decoding = Decoding()) -> None:
+        self.locators = list(locators)
         self.transform = transform
+        self.reader = reader if reader is not None else FileReader()
+        self.decoding = decoding
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.locators)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str, str]:
+        load_plugins(self.decoding.plugins)
         try:
-            data = self.paths[index].read_bytes()
-            return index, self.transform(load_image(io.BytesIO(data))), "", content_hash(data)
+            image, digest = decode(self.reader.read(self.locators[index]), self.decoding)
+            return index, self.transform(image), "", digest
         except Exception as exc:  # noqa: BLE001 - any decode failure becomes a recorded failure for this file
             return index, None, f"{type(exc).__name__}: {exc}".strip(), ""
+
+
+class FileReader:
+    """Locators are file paths."""
+
+    def read(self, locator: str | Path) -> bytes:
+        return read_file(locator)
 
 
 @dataclass

@@ -20,3 +20,7 @@ class StoreError(PipelineError):
 
 class DataError(PipelineError):
     """The image source is missing, empty or malformed."""
+
+
+class ConfigError(PipelineError, ValueError):
+    """A configuration value out of its valid range."""

@@ -1,4 +1,4 @@
-"""Extraction: reader (DataLoader over an image folder) → mapper (backbone features) → writer (feature store).
+"""Extraction: reader (DataLoader over any image source) → mapper (backbone features) → writer (feature store).
 
 The loop joining them stays dumb; the store writer is the only stateful part.
 """
@@ -9,8 +9,11 @@ import functools
 import hashlib
 import json
 import logging
+import math
+import multiprocessing
 import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -23,8 +26,9 @@ from tqdm.auto import tqdm
 
 from pipeline.backbones import Backbone, create_backbone
 from pipeline.config import ExtractConfig
-from pipeline.datasets import Batch, ImageDataset, ImageFolder, collate_batch, file_stamp, scan_image_folder
+from pipeline.datasets import MAX_ASPECT, Batch, Decoding, ImageDataset, collate_batch, load_plugins
 from pipeline.errors import DataError, PipelineError
+from pipeline.sources import Source, open_source
 from pipeline.store import cache_key, check_target, is_current, layout_attrs, library_versions, partial_path
 from pipeline.store_writer import Listing, StoreWriter
 
@@ -38,11 +42,11 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def default_workers() -> int:
-    """Decode worker processes: none on 1-2 cores (a decode thread overlaps with the model instead: measured faster
-    there, since a worker process competes with the model's threads and ships every batch through shared memory),
-    else one per core but one, at most 16."""
+    """Decode worker processes: one per core but one, at least 1 and at most 16. Decoding in worker processes is what
+    keeps a decoder that crashes or hangs from taking the run down (see `guarded_batches`); `workers=0` decodes in a
+    thread of this process instead: on 2 cores about 10% faster on long runs, but without that protection."""
     cores = os.cpu_count() or 1
-    return 0 if cores <= 2 else min(16, cores - 1)
+    return max(1, min(16, cores - 1))
 
 
 def default_batch_size(backbone: Backbone, *, largest: int = 1024) -> int:
@@ -185,6 +189,15 @@ def _process_gone(pid: int) -> bool:
         return False
 
 
+def _init_worker(main_pid: int, ready: object, worker_id: int) -> None:
+    """Worker init: exit with the main process (below), then count this worker as ready (`ready`: a shared counter,
+    so that the decode watchdog does not count a worker's start-up as decoding time)."""
+    _exit_with_main_process(main_pid, worker_id)
+    if ready is not None:
+        with ready.get_lock():
+            ready.value += 1
+
+
 def _exit_with_main_process(main_pid: int, _worker_id: int) -> None:
     """Worker init: exit when the main process is gone. A forkserver worker's parent is the forkserver, which lives
     as long as its workers do, so after a SIGKILL of the main process PyTorch's own parent check never fires and
@@ -198,9 +211,17 @@ def _exit_with_main_process(main_pid: int, _worker_id: int) -> None:
     threading.Thread(target=watch, name="main-process-watch", daemon=True).start()
 
 
-def make_loader(dataset: ImageDataset, *, batch_size: int, workers: int,
-                pin_memory: bool) -> torch.utils.data.DataLoader:
-    """A DataLoader in dataset order; workers use forkserver, since forking a threaded process can deadlock."""
+_PRELOAD = ["torch", "PIL.Image", "pipeline.datasets", "pipeline.sources"]
+
+
+def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, workers: int, pin_memory: bool,
+                prefetch_factor: int = 4, ready: object = None) -> torch.utils.data.DataLoader:
+    """A DataLoader in dataset order. Workers come from a forkserver (forking a threaded process can deadlock) that
+    has torch and the decoders imported already, so a worker starts in milliseconds, not seconds. `ready`: a shared
+    counter (`forkserver_context().Value("i", 0)`) each worker increments once it has started."""
+    context = None
+    if workers > 0:
+        context = forkserver_context()
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -208,10 +229,167 @@ def make_loader(dataset: ImageDataset, *, batch_size: int, workers: int,
         num_workers=workers,
         collate_fn=collate_batch,
         pin_memory=pin_memory,
-        multiprocessing_context="forkserver" if workers > 0 else None,
-        prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=functools.partial(_exit_with_main_process, os.getpid()) if workers > 0 else None,
+        multiprocessing_context=context,
+        prefetch_factor=prefetch_factor if workers > 0 else None,
+        worker_init_fn=functools.partial(_init_worker, os.getpid(), ready) if workers > 0 else None,
     )
+
+
+def forkserver_context() -> multiprocessing.context.BaseContext:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)  # no effect once the server runs, which is fine
+    return context
+
+
+class _View(torch.utils.data.Dataset):
+    """Some indices of an ImageDataset, in a given order; items keep the dataset's own indices."""
+
+    def __init__(self, dataset: ImageDataset, indices: np.ndarray) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> tuple:
+        return self.dataset[int(self.indices[j])]
+
+
+def _worker_failure(exc: BaseException, iterator: object, *, timed_out: bool, timeout: float) -> str | None:
+    """Why a DataLoader gave up, when a worker died or was stopped for taking too long (None: any other error)."""
+    if not isinstance(exc, RuntimeError) or not ("exited unexpectedly" in str(exc) or "killed by signal" in str(exc)):
+        return None
+    if timed_out:
+        return (f"decoding took longer than {timeout:g} s, twice (a hung decoder?); raise --decode-timeout if such "
+                "images are only slow")
+    codes = [w.exitcode for w in getattr(iterator, "_workers", []) if w.exitcode not in (None, 0)]
+    how = ""
+    if codes and codes[0] < 0:
+        try:
+            how = f" by {signal.Signals(-codes[0]).name}"
+        except ValueError:
+            how = f" by signal {-codes[0]}"
+    elif codes:
+        how = f" with exit code {codes[0]}"
+    return f"the decoder crashed: its worker process was killed{how}, twice"
+
+
+class _Watchdog:
+    """Kills a DataLoader's workers when no batch arrives for `timeout` seconds while one is awaited; the loader then
+    reports them dead within seconds. (The DataLoader's own timeout would also delay noticing a crashed worker to
+    the full timeout.)"""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.deadline = math.inf
+        self.iterator: object = None
+        self.ready: object = None
+        self.fired = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="decode-watchdog", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            if self.ready is not None and self.ready.value == 0 and self.deadline < math.inf:
+                self.deadline = time.monotonic() + self.timeout  # no worker has started yet: start-up is not decoding
+            if time.monotonic() > self.deadline and not self.fired.is_set():
+                workers = list(getattr(self.iterator, "_workers", []))
+                if any(w.exitcode not in (None, 0) for w in workers):
+                    continue  # a worker crashed: the loader reports that itself, within seconds
+                self.fired.set()
+                for worker in workers:
+                    worker.kill()
+
+    def waiting(self, iterator: object, ready: object) -> None:
+        """A batch is awaited from `iterator` (whose workers count themselves in `ready`) from now on."""
+        self.iterator, self.ready, self.deadline = iterator, ready, time.monotonic() + self.timeout
+
+    def paused(self) -> None:
+        """Not waiting (the consumer has the batch): time does not count."""
+        self.deadline = math.inf
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def guarded_batches(dataset: ImageDataset, *, batch_size: int, workers: int, timeout: float,
+                    pin_memory: bool = False) -> Iterator[Batch]:
+    """Batches of `dataset` in order (batch indices are dataset indices). With worker processes, a worker that dies
+    (a decoder crash) or a batch slower than `timeout` seconds (a hung decoder) does not end the run:
+
+    1. after a crash, the images that may have been in flight are read again by one worker, one batch at a time
+       (after a timeout the batch is known: in-order delivery means it is the one waited for);
+    2. the batch that fails again is read one image at a time, and an image that fails alone, twice, is yielded as a
+       failure with the reason; no other image is blamed, since one worker with one task in flight always fails on
+       the task it holds;
+    3. then reading goes on at full speed.
+    Must be iterated off the main thread (see `prefetch`), where the DataLoader reports a dead worker as an error
+    rather than a signal that could strike anywhere in the main thread.
+    """
+    if workers == 0:
+        yield from make_loader(dataset, batch_size=batch_size, workers=0, pin_memory=pin_memory)
+        return
+    order = np.arange(len(dataset))  # left to read, in reading order
+    mode, limit, strikes = "fast", len(order), 0
+    watchdog = _Watchdog(timeout)
+    try:
+        while len(order):
+            fast = mode == "fast"
+            ready = forkserver_context().Value("i", 0)
+            loader = make_loader(_View(dataset, order[:limit]), batch_size=batch_size if mode != "single" else 1,
+                                 workers=workers if fast else 1, pin_memory=pin_memory,
+                                 prefetch_factor=4 if fast else 1, ready=ready)
+            iterator = iter(loader)
+            done, failure = 0, None
+            watchdog.fired.clear()
+            try:
+                while True:
+                    watchdog.waiting(iterator, ready)
+                    try:
+                        batch = next(iterator)
+                    except StopIteration:
+                        break
+                    watchdog.paused()
+                    done += len(batch.indices) + len(batch.failures)
+                    yield batch
+            except RuntimeError as exc:
+                failure = _worker_failure(exc, iterator, timed_out=watchdog.fired.is_set(), timeout=timeout)
+                if failure is None:
+                    raise
+            finally:
+                watchdog.paused()
+                for worker in getattr(iterator, "_workers", []) if failure else []:
+                    worker.kill()  # a hung worker would hold the shutdown for seconds
+                shutdown = getattr(iterator, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
+            order = order[done:]
+            if failure is None:  # the view was read whole
+                mode, limit, strikes = "fast", len(order), 0
+            elif mode == "fast" and watchdog.fired.is_set():
+                log.warning("a batch took longer than %g s to decode; reading it one image at a time", timeout)
+                mode, limit, strikes = "single", batch_size, 0
+            elif mode == "fast":
+                suspects = (4 + 1) * workers * batch_size  # what can be in flight: prefetch_factor batches a worker
+                log.warning("a decode worker died; reading the next %d image(s) with one worker to find the file",
+                            min(suspects, len(order)))
+                mode, limit = "careful", suspects
+            elif mode == "careful":  # the batch it failed on is the first one not delivered
+                mode, limit, strikes = "single", min(batch_size, limit - done), 0
+            else:
+                limit -= done
+                strikes = 1 if done else strikes + 1
+                if strikes >= 2:  # twice alone: blame it (not, say, a worker killed from outside)
+                    culprit = int(order[0])
+                    log.warning("image %d of this run fails alone: %s", culprit, failure)
+                    yield Batch(indices=np.zeros(0, dtype=np.int64), images=None, failures=[(culprit, failure)],
+                                hashes=[])
+                    order, limit, strikes = order[1:], limit - 1, 0
+                    if limit <= 0:
+                        mode, limit = "fast", len(order)
+    finally:
+        watchdog.close()
 
 
 def extract_features(backbone: Backbone, batches: Iterable[Batch]) -> Iterator[tuple[Batch, torch.Tensor]]:
@@ -224,17 +402,19 @@ def extract_features(backbone: Backbone, batches: Iterable[Batch]) -> Iterator[t
         yield batch, l2_normalize(features_with_backoff(backbone, batch.images))
 
 
-def folder_listing(folder: ImageFolder) -> Listing:
-    """What the store must hold for this folder: every sample with its file's (size, mtime_ns) stamp."""
-    samples = folder.samples
-    stamps = np.array([file_stamp(s.path) for s in samples], dtype=np.int64).reshape(-1, 2)
+def source_listing(source: Source) -> Listing:
+    """What the store must hold for this source: every sample with its stamp, and how to hash its content."""
+    samples = source.samples
     return Listing(ids=[s.id for s in samples], labels=np.array([s.label for s in samples], dtype=np.int64),
-                   splits=[s.split for s in samples], stamps=stamps, paths=[s.path for s in samples])
+                   splits=[s.split for s in samples], stamps=source.stamps(), hasher=source.content_hash)
 
 
-def data_fingerprint(folder: ImageFolder, listing: Listing) -> str:
-    """Hash of the listing (ids, labels, splits, sizes, mtimes, class names): changes when any input changes."""
-    digest = hashlib.sha256(json.dumps(list(folder.class_names)).encode())
+def data_fingerprint(source: Source, listing: Listing, decoding: Decoding | None = None) -> str:
+    """Hash of the listing (ids, labels, splits, stamps), the class names and the decoding policy: changes when any
+    input changes (a new decoding policy retries the images that failed under the old one)."""
+    digest = hashlib.sha256(json.dumps(list(source.class_names)).encode())
+    if decoding is not None:
+        digest.update(json.dumps(decoding.as_attrs(), sort_keys=True).encode())
     for i, (size, mtime) in enumerate(listing.stamps):
         digest.update(f"{listing.ids[i]}\0{listing.labels[i]}\0{listing.splits[i]}\0{size}\0{mtime}\n".encode())
     return digest.hexdigest()[:32]
@@ -273,7 +453,7 @@ class ExtractResult:
         return f"{text} -> {self.store}"
 
 
-def _store_attrs(backbone: Backbone, folder: ImageFolder, key: str, fingerprint: str) -> dict:
+def _store_attrs(backbone: Backbone, source: Source, key: str, fingerprint: str, decoding: Decoding) -> dict:
     """Attributes that identify what produced the store; the writer adds layout, dtype and completion."""
     return {
         "backbone": backbone.name,
@@ -283,25 +463,34 @@ def _store_attrs(backbone: Backbone, folder: ImageFolder, key: str, fingerprint:
         "random_init": backbone.random_init,
         "preprocessing": backbone.preprocessing_json(),
         "layer": backbone.layer,
-        "class_names": json.dumps(list(folder.class_names)),
+        "class_names": json.dumps(list(source.class_names)),
         "normalized": True,
         "feature_dim": backbone.dim,
         "versions": json.dumps(library_versions(), sort_keys=True),
         "cache_key": key,
         "data_fingerprint": fingerprint,
-        "data_root": str(folder.root.resolve()),
-        "split_source": folder.split_source,
-        "num_images": len(folder),
+        "data_root": str(source.root.resolve()),
+        "source": source.kind,
+        "source_description": source.description,
+        "decoding": json.dumps(decoding.as_attrs(), sort_keys=True),
+        "split_source": source.split_source,
+        "num_images": len(source),
     }
 
 
-def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None) -> ExtractResult:
-    """Extract features for an image folder into an HDF5 store, computing only what the store does not hold yet.
+def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None,
+                     source: Source | None = None) -> ExtractResult:
+    """Extract features for an image source into an HDF5 store, computing only what the store does not hold yet.
 
     A no-op when the store is current. Otherwise rows of an interrupted run and unchanged rows of the existing store
-    are reused (see `store_writer`), and only new or changed images go through the model.
+    are reused (see `store_writer`), and only new or changed images go through the model. Every image ends as a row
+    or as a recorded failure; problems of the source itself are errors before any compute. `source`, when given,
+    is used instead of opening `config.data` (e.g. a torchvision dataset class that is not in torchvision).
     """
-    folder = scan_image_folder(config.data, test_fraction=config.test_fraction, seed=config.seed)
+    if source is None:
+        source = open_source(config.data, root=config.root, download=config.download,
+                             test_fraction=config.test_fraction, seed=config.seed)
+    load_plugins(config.image_plugins)  # a missing plugin is an error now, not a failure for every image
     optimize = False  # a backbone passed in is used as given
     if backbone is None:
         backbone = create_backbone(config.backbone, device=config.device, random_init=config.random_init,
@@ -310,21 +499,23 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None)
         optimize = config.optimize
     key = cache_key(backbone=backbone.name, weights=backbone.weights, preprocessing=backbone.preprocessing_json(),
                     layer=backbone.layer, feature_dtype=config.feature_dtype, precision=backbone.precision)
-    listing = folder_listing(folder)
-    fingerprint = data_fingerprint(folder, listing)
+    decoding = Decoding(max_pixels=config.max_pixels, plugins=tuple(config.image_plugins),
+                        max_aspect=MAX_ASPECT if backbone.data_config.get("crop_mode", "center") == "center" else None)
+    listing = source_listing(source)
+    fingerprint = data_fingerprint(source, listing, decoding)
     out = Path(config.out)
     layout = layout_attrs(shard_rows=config.shard_rows, compression=config.compression)
     if not config.overwrite and not config.check_content and is_current(out, key=key, fingerprint=fingerprint,
                                                                          layout=layout):
         log.info("%s is up to date; no forward pass", out)
-        return ExtractResult(str(out), len(folder), 0, True, 0.0, 0.0, backbone.name, backbone.dim)
+        return ExtractResult(str(out), len(source), 0, True, 0.0, 0.0, backbone.name, backbone.dim)
     check_target(out, key=key, overwrite=config.overwrite)
     if optimize:  # after the up-to-date check: a no-op run should not pay for tracing
         backbone = backbone.optimized()
 
-    samples = folder.samples
+    samples = source.samples
     start = time.perf_counter()
-    attrs = _store_attrs(backbone, folder, key, fingerprint)
+    attrs = _store_attrs(backbone, source, key, fingerprint, decoding)
     with StoreWriter(out, listing=listing, dim=backbone.dim, attrs=attrs, feature_dtype=config.feature_dtype,
                      compression=config.compression, shard_rows=config.shard_rows,
                      check_content=config.check_content, lock_timeout=config.lock_timeout) as writer:
@@ -335,10 +526,11 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None)
         if len(todo):
             workers = default_workers() if config.workers is None else config.workers
             batch_size = default_batch_size(backbone) if config.batch_size is None else config.batch_size
-            dataset = ImageDataset([samples[i].path for i in todo], backbone.transform)
-            loader = make_loader(dataset, batch_size=batch_size, workers=workers,
-                                 pin_memory=backbone.device.type == "cuda")
-            batches = loader if workers > 0 else prefetch(loader)
+            dataset = ImageDataset(source.locators(todo), backbone.transform, reader=source.reader,
+                                   decoding=decoding)
+            batches = prefetch(guarded_batches(dataset, batch_size=batch_size, workers=workers,
+                                               timeout=config.decode_timeout,
+                                               pin_memory=backbone.device.type == "cuda"))
             with tqdm(total=len(samples), initial=len(samples) - len(todo), unit="img",
                       desc=f"extract {backbone.name}", disable=not config.progress, dynamic_ncols=True) as bar:
 
@@ -357,7 +549,7 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None)
         if writer.rows == 0:
             partial_path(out).unlink(missing_ok=True)  # nothing worth resuming
             first_id, first_reason = writer.failed[0]
-            raise DataError(f"none of the {len(samples)} images under {config.data} could be read "
+            raise DataError(f"none of the {len(samples)} images of {source.description} could be read "
                             f"(e.g. {first_id}: {first_reason})")
         writer.finish()
     seconds = time.perf_counter() - start

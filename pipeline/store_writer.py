@@ -22,7 +22,7 @@ import os
 import re
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,6 @@ import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
-from pipeline.datasets import hash_file
 from pipeline.errors import StoreError
 from pipeline.store import (
     COMPRESSIONS,
@@ -56,23 +55,22 @@ _COLUMNS = (("ids", STR_DTYPE), ("labels", np.int64), ("splits", STR_DTYPE), ("f
 
 @dataclass(frozen=True)
 class Listing:
-    """The rows a store must account for, in order: ids, labels, splits and each file's (size, mtime_ns) stamp.
+    """The rows a store must account for, in order: ids, labels, splits and each image's (size, mtime_ns) stamp.
 
-    `paths` lets the writer hash a file whose stamp changed to see whether its content did; without paths a changed
-    stamp means a changed image.
+    `hasher(position)` gives the content hash of an image whose stamp changed, to see whether its content did (the
+    same hash the decode stage records); without it a changed stamp means a changed image.
     """
 
     ids: list[str]
     labels: np.ndarray
     splits: list[str]
     stamps: np.ndarray
-    paths: list[Path] | None = None
+    hasher: Callable[[int], str] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.ids)
-        if not (len(self.labels) == len(self.splits) == len(self.stamps) == n) or (
-                self.paths is not None and len(self.paths) != n):
-            raise StoreError("a store listing needs ids, labels, splits, stamps (and paths) of the same length")
+        if not (len(self.labels) == len(self.splits) == len(self.stamps) == n):
+            raise StoreError("a store listing needs ids, labels, splits and stamps of the same length")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -325,7 +323,7 @@ class StoreWriter:
 
     def _current_hash(self, position: int) -> str:
         if position not in self._hash_cache:
-            self._hash_cache[position] = hash_file(self.listing.paths[position]) if self.listing.paths else ""
+            self._hash_cache[position] = self.listing.hasher(position) if self.listing.hasher else ""
         return self._hash_cache[position]
 
     def _valid(self, ids: list[str], stamps: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:

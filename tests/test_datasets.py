@@ -7,13 +7,12 @@ from PIL import Image
 from pipeline.datasets import (
     ALPHA_BACKGROUND,
     ImageDataset,
-    assign_splits,
     collate_batch,
     load_image,
-    scan_image_folder,
     to_rgb,
 )
 from pipeline.errors import DataError
+from pipeline.sources import assign_splits, scan_image_folder
 from tests.helpers import make_folder, write_image
 
 
@@ -55,13 +54,13 @@ def test_split_assignment_does_not_depend_on_listing_order():
     "setup, message",
     [
         (lambda root: None, "does not exist"),
-        (lambda root: root.write_text("x"), "is a file"),
+        (lambda root: root.write_text("x"), "not recognised"),
         (lambda root: root.mkdir(), "no images found"),
         (lambda root: (root / "cls").mkdir(parents=True) or (root / "cls" / "notes.txt").write_text("x"),
          "no images found"),
         (lambda root: write_image(root / "loose.png"), "directly in"),
         (lambda root: make_folder(root, {"train/a": 1, "cats": 1}), "mixes split folders"),
-        (lambda root: make_folder(root, {"train/a": 1, "test/b": 1}), "no images in"),
+        (lambda root: make_folder(root, {"train/a": 1, "test/b": 1}), "no training images"),
         (lambda root: make_folder(root, {"val/a": 1}), "no images in"),
     ],
 )

@@ -202,7 +202,7 @@ def test_incremental_keeps_unchanged_rows_bit_for_bit(tmp_path):
     assert w.computed == 1 and not np.array_equal(marked, _features_for(["i00"])[0])
 
 
-def test_changed_stamp_with_same_content_is_kept_when_paths_are_known(tmp_path):
+def test_changed_stamp_with_same_content_is_kept_when_a_hasher_is_given(tmp_path):
     images = tmp_path / "imgs"
     images.mkdir()
     paths = []
@@ -214,7 +214,7 @@ def test_changed_stamp_with_same_content_is_kept_when_paths_are_known(tmp_path):
     def listing():
         stamps = np.array([file_stamp(p) for p in paths], dtype=np.int64)
         return Listing(ids=[p.name for p in paths], labels=np.zeros(4, dtype=np.int64), splits=["train"] * 4,
-                       stamps=stamps, paths=paths)
+                       stamps=stamps, hasher=lambda i: hash_file(paths[i]))
 
     path = tmp_path / "s.h5"
     with StoreWriter(path, listing=listing(), dim=DIM, attrs=ATTRS) as w:
