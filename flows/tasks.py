@@ -25,7 +25,7 @@ def extract(data: str, out: str, *, backbone: str, batch_size: int = 64, workers
     """Extract features into a store; the store's own cache key makes a rerun a no-op."""
     from pipeline.extract import extract_to_store
 
-    config = ExtractConfig(data=Path(data), out=Path(out), backbone=backbone, batch_size=batch_size,
+    config = ExtractConfig(data=data, out=Path(out), backbone=backbone, batch_size=batch_size,
                            workers=workers, device=device, progress=progress)
     result = extract_to_store(config)
     summary = dataclasses.asdict(result)

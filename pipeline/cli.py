@@ -219,8 +219,8 @@ def _cmd_store(args: argparse.Namespace) -> int:
             return 0
         size = info.pop("size_bytes")
         for key, value in info.items():
-            print(f"{key:12s} {value}")
-        print(f"{'size':12s} {size / 2**20:.1f} MiB")
+            print(f"{key:18s} {value}")
+        print(f"{'size':18s} {size / 2**20:.1f} MiB")
         return 0
     problems = verify_store(args.store)
     for problem in problems:

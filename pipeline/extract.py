@@ -211,7 +211,7 @@ def _exit_with_main_process(main_pid: int, _worker_id: int) -> None:
     threading.Thread(target=watch, name="main-process-watch", daemon=True).start()
 
 
-_PRELOAD = ["torch", "PIL.Image", "pipeline.datasets", "pipeline.sources"]
+_PRELOAD = ["torch", "PIL.Image", "pipeline.datasets", "pipeline.sources", "pipeline.torchvision_sets"]
 
 
 def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, workers: int, pin_memory: bool,

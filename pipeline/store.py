@@ -325,6 +325,9 @@ def store_info(path: str | Path) -> dict[str, Any]:
             "created": attrs.get("created", ""),
             "cache_key": attrs.get("cache_key"),
             "data_root": attrs.get("data_root", ""),
+            "source": attrs.get("source", "folder"),
+            "source_description": attrs.get("source_description", attrs.get("data_root", "")),
+            "unlabelled": int((f["labels"][:n] < 0).sum()) if "labels" in f and n else 0,
         }
 
 

@@ -141,7 +141,7 @@ def test_sharded_float16_extract_then_store_info_and_verify(tmp_path, capsys, sm
     assert code == 0 and info["rows"] == 100 and info["shards"] == 3 and info["dtype"] == "float16"
     assert info["complete"] and info["layout"] == "sharded" and info["splits"] == {"test": 50, "train": 50}
     code, out, _ = _run(capsys, "store", "info", str(store))
-    assert code == 0 and "backbone     timm:test_resnet" in out and "MiB" in out
+    assert code == 0 and "backbone           timm:test_resnet" in out and "MiB" in out
     code, out, _ = _run(capsys, "store", "verify", str(store))
     assert code == 0 and out.strip().endswith(": ok")
     with h5py.File(sorted((tmp_path / "s.h5.shards").glob("*.h5"))[1], "a") as f:

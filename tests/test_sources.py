@@ -15,8 +15,9 @@ from pipeline.cli import main
 from pipeline.config import ExtractConfig
 from pipeline.errors import DataError
 from pipeline.extract import extract_to_store
-from pipeline.sources import _expand_braces, open_source, scan_torchvision, tar_shards
+from pipeline.sources import _expand_braces, open_source, tar_shards
 from pipeline.store import load_store, verify_store
+from pipeline.torchvision_sets import scan_torchvision
 from tests.helpers import make_folder
 from tests.sources_data import (
     digit_images,

@@ -1,0 +1,189 @@
+"""torchvision datasets as a source: `--data torchvision:CIFAR10 --root DIR`, any `torchvision.datasets` class that
+yields images, read from a local root and downloaded only when asked (see `pipeline.sources` for the other kinds)."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.errors import DataError
+from pipeline.sources import UNLABELLED, Sample, Source, _check_split_classes, _class_index, _label_text, _stratified
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TorchvisionSpec:
+    """How to construct a torchvision dataset per split in any process: the class, root and per-split arguments."""
+
+    cls: type
+    root: str | None
+    splits: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]  # (split, constructor keyword arguments)
+
+
+class TorchvisionReader:
+    """Locators are (split, index); each process constructs the datasets once, lazily (never downloading)."""
+
+    def __init__(self, spec: TorchvisionSpec) -> None:
+        self.spec = spec
+        self._datasets: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict:
+        return {"spec": self.spec}
+
+    def __setstate__(self, state: dict) -> None:
+        self.spec, self._datasets = state["spec"], {}
+
+    def dataset(self, split: str) -> Any:
+        if split not in self._datasets:
+            kwargs = dict(dict(self.spec.splits)[split])
+            self._datasets[split] = _construct(self.spec.cls, self.spec.root, kwargs)
+        return self._datasets[split]
+
+    def read(self, locator: tuple[str, int]) -> Image.Image:
+        split, index = locator
+        item = self.dataset(split)[index]
+        image = item[0] if isinstance(item, tuple | list) else item
+        return _as_pil(image)
+
+
+def _as_pil(image: Any) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    import torch
+    from torchvision.transforms.functional import to_pil_image
+
+    if isinstance(image, torch.Tensor | np.ndarray):
+        return to_pil_image(image)
+    raise TypeError(f"the dataset yields {type(image).__name__}, not an image")
+
+
+def _construct(cls: type, root: str | None, kwargs: dict) -> Any:
+    params = inspect.signature(cls).parameters
+    args = dict(kwargs)
+    if "root" in params:
+        args["root"] = root
+    return cls(**args)
+
+
+def _dataset_class(name: str) -> type:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, name, None)
+    if not isinstance(cls, type):
+        known = [n for n in dir(tvd) if isinstance(getattr(tvd, n), type) and not n.startswith("_")]
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise DataError(f"torchvision has no dataset {name!r}; {hint}see torchvision.datasets for the list")
+    return cls
+
+
+def _targets(dataset: Any) -> list[Any]:
+    n = len(dataset)
+    for attr in ("targets", "labels", "_labels", "y"):
+        values = getattr(dataset, attr, None)
+        if values is not None and not isinstance(values, str | bytes) and hasattr(values, "__len__") \
+                and len(values) == n:
+            return np.asarray(values).reshape(n, -1)[:, 0].tolist() if n else []
+    log.info("%s has no targets attribute: reading each item for its label", type(dataset).__name__)
+    return [item[1] if isinstance(item, tuple | list) and len(item) > 1 else None for item in
+            (dataset[i] for i in range(n))]
+
+
+def _root_stamp(root: str | None) -> tuple[int, int]:
+    """(total size, newest mtime_ns) of the files under a dataset root: changes when any of them does."""
+    if not root or not Path(root).exists():
+        return 0, 0
+    size = newest = 0
+    for folder, _, names in os.walk(root):
+        for name in names:
+            try:
+                st = os.stat(os.path.join(folder, name))
+            except OSError:
+                continue
+            size += st.st_size
+            newest = max(newest, st.st_mtime_ns)
+    return size, newest
+
+
+def scan_torchvision(name: str | type, *, root: str | Path | None = None, download: bool = False,
+                     test_fraction: float = 0.3, seed: int = 0) -> Source:
+    """List a `torchvision.datasets` class (by name, or the class itself) over a local root.
+
+    Splits come from the constructor: `train=True/False` gives train/test, `split=` is tried with train, val and
+    test; a class with neither is one set, split stratified. Ids are `split/index`. Files are fetched only with
+    `download=True` (and a network); otherwise they must already be under `root`.
+    """
+    cls = _dataset_class(name) if isinstance(name, str) else name
+    params = inspect.signature(cls).parameters
+    if "root" in params and root is None:
+        raise DataError(f"torchvision:{cls.__name__} needs --root DIR (the folder that holds or will hold its files)")
+    root_text = None if root is None else str(Path(root))
+    if "train" in params:
+        candidates = [("train", {"train": True}), ("test", {"train": False})]
+    elif "split" in params:
+        candidates = [(s, {"split": v}) for s, values in (("train", ("train", "trainval")), ("val", ("val", "valid")),
+                                                            ("test", ("test",))) for v in values]
+    else:
+        candidates = [("", {})]
+    found: dict[str, tuple[dict, Any]] = {}
+    problems = []
+    for split, kwargs in candidates:
+        if split in found:
+            continue
+        args = {**kwargs, **({"download": True} if download and "download" in params else {})}
+        try:
+            found[split] = (kwargs, _construct(cls, root_text, args))
+        except ValueError as exc:  # a split value this class does not know
+            if "split" not in str(exc).lower():
+                problems.append(f"{split or 'all'}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - not found, corrupted, or the download failed
+            problems.append(f"{split or 'all'}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    if "train" not in found and "" not in found:
+        what = "; ".join(problems[:2]) or "no split could be constructed"
+        hint = "check --root and the network" if download else \
+            "point --root at the folder that holds its files, or pass --download to fetch them (needs a network)"
+        raise DataError(f"torchvision:{cls.__name__} could not be loaded from {root_text} ({what}); {hint}")
+    class_names: tuple[str, ...] = ()
+    ids, names, splits, locators = [], [], [], []
+    for split, (_, dataset) in found.items():
+        n = len(dataset)
+        width = max(5, len(str(n - 1)))
+        targets = _targets(dataset)
+        classes = getattr(dataset, "classes", None)
+        if classes and not class_names:
+            class_names = tuple(str(c) for c in classes)
+        for index, target in enumerate(targets):
+            ids.append(f"{split or 'all'}/{index:0{width}d}")
+            names.append(None if target is None else _label_text(target))
+            splits.append(split)
+            locators.append((split, index))
+    if class_names and all(v is None or (re.fullmatch(r"\d+", v) and int(v) < len(class_names)) for v in names):
+        labels = [UNLABELLED if v is None else int(v) for v in names]  # targets index the dataset's own classes
+    else:
+        class_names, labels = _class_index(names)
+    if "" in found:
+        splits = _stratified(ids, labels, test_fraction=test_fraction, seed=seed)
+        split_source = f"stratified(test_fraction={test_fraction}, seed={seed})"
+    else:
+        _check_split_classes([None if label < 0 else class_names[label] for label in labels], splits,
+                             f"torchvision:{cls.__name__}")
+        split_source = "torchvision"
+    spec = TorchvisionSpec(cls, root_text, tuple((s, tuple(sorted(kw.items()))) for s, (kw, _) in found.items()))
+    reader = TorchvisionReader(spec)
+    reader._datasets = {s: ds for s, (_, ds) in found.items()}  # reuse in this process
+    stamp = _root_stamp(root_text)
+    base = Path(root_text) if root_text else Path(".")
+    samples = tuple(Sample(i, base, label, s, loc, stamp)
+                    for i, label, s, loc in zip(ids, labels, splits, locators, strict=True))
+    description = f"torchvision:{cls.__name__}" + (f" (root {root_text})" if root_text else "")
+    return Source("torchvision", base, samples, class_names, split_source, reader, description)
