@@ -104,13 +104,15 @@ def stage_ceiling(cfg: dict) -> dict:
 
 
 def stage_decode(cfg: dict) -> dict:
+    from pipeline.config import ExtractConfig
     from pipeline.datasets import ImageDataset
     from pipeline.extract import default_workers, guarded_batches, prefetch
 
     bb = _backbone(cfg)
     workers = default_workers() if cfg["workers"] is None else cfg["workers"]
-    batches = guarded_batches(ImageDataset(_paths(Path(cfg["data"])), bb.transform), batch_size=cfg["batch_size"] or 64,
-                              workers=workers, timeout=60.0, pin_memory=bb.device.type == "cuda")
+    dataset = ImageDataset(_paths(Path(cfg["data"])), bb.transform)
+    batches = guarded_batches(dataset, batch_size=cfg["batch_size"] or 64, workers=workers,
+                              timeout=ExtractConfig.decode_timeout, pin_memory=bb.device.type == "cuda")
     start, done = time.perf_counter(), 0
     for batch in prefetch(batches):
         done += len(batch.indices) + len(batch.failures)

@@ -98,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=_max_pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"refuse images with more pixels, as decompression bombs (default {DEFAULT_MAX_PIXELS:,}; "
                         "0: no limit)")
-    p.add_argument("--decode-timeout", type=float, default=60.0, metavar="SECONDS",
+    p.add_argument("--decode-timeout", type=float, default=ExtractConfig.decode_timeout, metavar="SECONDS",
                    help="a batch slower than this to decode is checked image by image; an image that takes this "
-                        "long alone, twice, is recorded as failed (default 60)")
+                        "long alone, twice, is recorded as failed (default %(default)g)")
     p.add_argument("--image-plugin", dest="image_plugins", action="append", default=[], metavar="MODULE[:FUNC]",
                    help="Pillow plugin to load in the decoders, e.g. pillow_heif:register_heif_opener (repeatable)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

@@ -152,9 +152,12 @@ def content_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def image_hash(image: Image.Image) -> str:
-    """`content_hash` of an in-memory image (mode, size and pixels), for sources that hand over images, not files."""
-    return content_hash(f"{image.mode}:{image.size}:".encode() + image.tobytes())
+def raw_hash(raw: bytes | Image.Image) -> str:
+    """The content hash of what a reader returned: a file's bytes, or an in-memory image's mode, size and pixels
+    (for sources that hand over images, not files). The decode stage records it; incremental runs compare it."""
+    if isinstance(raw, Image.Image):
+        return content_hash(f"{raw.mode}:{raw.size}:".encode() + raw.tobytes())
+    return content_hash(bytes(raw))
 
 
 def read_file(path: str | Path) -> bytes:
@@ -163,18 +166,7 @@ def read_file(path: str | Path) -> bytes:
     if not stat.S_ISREG(mode):
         kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
         raise OSError(f"not a regular file ({kind})")
-    data = Path(path).read_bytes()
-    if not data:
-        raise ValueError("empty file (0 bytes)")
-    return data
-
-
-def hash_file(path: str | Path) -> str:
-    """`content_hash` of a file, or "" when it cannot be read."""
-    try:
-        return content_hash(read_file(path))
-    except (OSError, ValueError):
-        return ""
+    return Path(path).read_bytes()
 
 
 def file_stamp(path: str | Path) -> tuple[int, int]:
@@ -200,14 +192,12 @@ def decode(raw: bytes | Image.Image, decoding: Decoding) -> tuple[Image.Image, s
         if not data:
             raise ValueError("empty file (0 bytes)")
         image = load_image(io.BytesIO(data), max_pixels=decoding.max_pixels)
-        digest = content_hash(data)
     elif isinstance(raw, Image.Image):
         _check_pixels(raw.size, decoding.max_pixels)
-        digest = image_hash(raw)
         image = to_rgb(raw)
     else:
         raise TypeError(f"a reader returned {type(raw).__name__}, expected bytes or a PIL image")
-    return crop_extreme_aspect(image, decoding.max_aspect), digest
+    return crop_extreme_aspect(image, decoding.max_aspect), raw_hash(raw)
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -409,12 +409,11 @@ def source_listing(source: Source) -> Listing:
                    splits=[s.split for s in samples], stamps=source.stamps(), hasher=source.content_hash)
 
 
-def data_fingerprint(source: Source, listing: Listing, decoding: Decoding | None = None) -> str:
+def data_fingerprint(source: Source, listing: Listing, decoding: Decoding) -> str:
     """Hash of the listing (ids, labels, splits, stamps), the class names and the decoding policy: changes when any
     input changes (a new decoding policy retries the images that failed under the old one)."""
     digest = hashlib.sha256(json.dumps(list(source.class_names)).encode())
-    if decoding is not None:
-        digest.update(json.dumps(decoding.as_attrs(), sort_keys=True).encode())
+    digest.update(json.dumps(decoding.as_attrs(), sort_keys=True).encode())
     for i, (size, mtime) in enumerate(listing.stamps):
         digest.update(f"{listing.ids[i]}\0{listing.labels[i]}\0{listing.splits[i]}\0{size}\0{mtime}\n".encode())
     return digest.hexdigest()[:32]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -27,16 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from pipeline.datasets import (
     IMAGE_EXTENSIONS,
     SPLITS,
     FileReader,
     Reader,
-    content_hash,
     file_stamp,
-    image_hash,
+    raw_hash,
 )
 from pipeline.errors import DataError
 
@@ -100,7 +99,7 @@ class Source:
             raw = self.reader.read(self.locators([position])[0])
         except Exception:  # noqa: BLE001 - unreadable: no hash, so the row is recomputed (and fails there)
             return ""
-        return image_hash(raw) if isinstance(raw, Image.Image) else content_hash(bytes(raw))
+        return raw_hash(raw)
 
 
 # -- shared checks ------------------------------------------------------------------------------------------------
@@ -111,8 +110,6 @@ def assign_splits(ids: list[str], *, test_fraction: float, seed: int) -> list[st
     Hash order (not list order) makes the choice independent of how files are listed and keeps most assignments
     when images are added. A class keeps at least one training image, and gets a test image when it has two or more.
     """
-    import hashlib
-
     n = len(ids)
     n_test = min(max(round(n * test_fraction), 1 if n >= 2 else 0), n - 1)
     ranked = sorted(ids, key=lambda i: hashlib.sha1(f"{seed}:{i}".encode()).hexdigest())

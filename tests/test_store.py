@@ -209,7 +209,10 @@ def test_changed_stamp_with_same_content_is_kept_when_a_hasher_is_given(tmp_path
     for k in range(4):
         paths.append(images / f"{k}.bin")
         paths[-1].write_bytes(bytes([k]) * 50)
-    from pipeline.datasets import file_stamp, hash_file
+    from pipeline.datasets import content_hash, file_stamp
+
+    def hash_file(path):
+        return content_hash(path.read_bytes())
 
     def listing():
         stamps = np.array([file_stamp(p) for p in paths], dtype=np.int64)
