@@ -30,7 +30,7 @@ def demo_flow(data_dir: str = "data", backbone: str = DEFAULT_BACKBONE, per_clas
     results = data / "results"
     probe_result = probe(store, str(results / f"{stem}.probe.json"))
     knn_result = knn(store, str(results / f"{stem}.knn.json"))
-    outcome = report(str(results / f"{stem}.results.json"), str(results / f"{stem}.report.md"),
+    outcome = report(str(results / f"{stem}.results.json"), str(results / f"{stem}.report"),
                      title=f"Demo: {name} with {backbone}", extraction=extraction, probe_result=probe_result,
                      knn_result=knn_result)
     logger.info("results:\n%s", outcome["table"])

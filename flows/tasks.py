@@ -38,24 +38,28 @@ def extract(data: str, out: str, *, backbone: str, batch_size: int = 64, workers
 def probe(store: str, out: str, Cs: tuple[float, ...] = DEFAULT_CS) -> dict:
     from pipeline.probes import run_probe
 
-    result, _ = run_probe(ProbeConfig(store=Path(store), out=Path(out), Cs=tuple(Cs)))
+    result, _ = run_probe(ProbeConfig(store=Path(store), out=Path(out), grid=tuple(Cs), report=False))
     return result
 
 
 @task(name="knn", cache_policy=NO_CACHE)
 def knn(store: str, out: str, ks: tuple[int, ...] = DEFAULT_KS, temperature: float = 0.07) -> dict:
-    from pipeline.index import run_knn
+    from pipeline.knn import run_knn
 
-    result, _ = run_knn(KnnConfig(store=Path(store), out=Path(out), ks=tuple(ks), temperature=temperature))
+    result, _ = run_knn(KnnConfig(store=Path(store), out=Path(out), ks=tuple(ks), temperature=temperature,
+                                  report=False))
     return result
 
 
 @task(name="report", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def report(results_path: str, report_path: str, *, title: str, extraction: dict, probe_result: dict,
+def report(results_path: str, report_stem: str, *, title: str, extraction: dict, probe_result: dict,
            knn_result: dict) -> dict:
-    """Write the combined results JSON and the markdown report; return their paths and the console table."""
-    from pipeline.report import format_table, save_json, write_markdown_report
+    """Write the combined results JSON and the markdown + HTML report; return their paths and the console table."""
+    from pipeline.report import format_table, save_json, write_report
+    from pipeline.store import load_store
 
     save_json(results_path, {"extraction": extraction, "probe": probe_result, "knn": knn_result})
-    write_markdown_report(report_path, title=title, extraction=extraction, probe=probe_result, knn=knn_result)
-    return {"results": results_path, "report": report_path, "table": format_table(probe_result, knn_result)}
+    md, page = write_report(report_stem, fs=load_store(extraction["store"]), title=title, extraction=extraction,
+                            probe=probe_result, knn=knn_result)
+    return {"results": results_path, "report": str(md), "html": str(page),
+            "table": format_table(probe_result, knn_result)}

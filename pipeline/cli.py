@@ -9,13 +9,9 @@ from pathlib import Path
 
 from pipeline.config import (
     DEFAULT_BACKBONE,
-    DEFAULT_CS,
-    DEFAULT_KS,
     DEFAULT_MAX_PIXELS,
     PRECISIONS,
     ExtractConfig,
-    KnnConfig,
-    ProbeConfig,
 )
 from pipeline.errors import PipelineError
 from pipeline.store import COMPRESSIONS, FEATURE_DTYPES
@@ -47,28 +43,8 @@ def _batch_size(text: str) -> int | None:
     return None if text == "auto" else _positive_int(text)
 
 
-def _positive_list(cast: type, example: str):
-    """An argparse type for comma-separated positive numbers, e.g. `--k 1,20` or `--C 0.1,1,10`."""
-
-    def parse(text: str) -> tuple:
-        message = f"expected comma-separated positive numbers such as {example}; got {text!r}"
-        try:
-            values = tuple(cast(v) for v in text.split(",") if v.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(message) from None
-        if not values or any(v <= 0 for v in values):
-            raise argparse.ArgumentTypeError(message)
-        return values
-
-    return parse
-
-
 def _max_pixels(text: str) -> int:
     return _non_negative_int(text.replace(",", "").replace("_", ""))
-
-
-_int_list = _positive_list(int, "1,20")
-_float_list = _positive_list(float, "0.1,1,10")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,18 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for another run writing the same store (default: fail at once)")
 
-    p = sub.add_parser("probe", help="logistic-regression linear probe on a store")
-    p.add_argument("--store", required=True, type=Path)
-    p.add_argument("--out", type=Path, default=None, help="results JSON (default: STORE.probe.json beside the store)")
-    p.add_argument("--C", dest="Cs", type=_float_list, default=DEFAULT_CS, help="C grid, comma-separated")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="train slice held out when there is no val split")
-    p.add_argument("--seed", type=int, default=0)
+    from pipeline import cli_eval
 
-    p = sub.add_parser("knn", help="kNN classification on an exact FAISS index")
-    p.add_argument("--store", required=True, type=Path)
-    p.add_argument("--k", dest="ks", type=_int_list, default=DEFAULT_KS, help="comma-separated, e.g. 1,20")
-    p.add_argument("--temperature", type=float, default=0.07)
-    p.add_argument("--out", type=Path, default=None, help="results JSON (default: STORE.knn.json beside the store)")
+    cli_eval.add_commands(sub)
 
     p = sub.add_parser("demo", help="digits -> extract -> probe + kNN as one Prefect flow; writes under data/")
     p.add_argument("--data-dir", type=Path, default=Path("data"))
@@ -174,27 +141,6 @@ def _cmd_extract(args: argparse.Namespace) -> None:
     print(result.summary())
 
 
-def _cmd_probe(args: argparse.Namespace) -> None:
-    from pipeline.probes import run_probe
-    from pipeline.report import format_table
-
-    if not 0.0 < args.val_fraction < 1.0:
-        raise PipelineError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
-    result, out = run_probe(ProbeConfig(store=args.store, out=args.out, Cs=args.Cs, val_fraction=args.val_fraction,
-                                        seed=args.seed))
-    print(format_table(result, None))
-    print(f"results: {out}  head: {result['head']}")
-
-
-def _cmd_knn(args: argparse.Namespace) -> None:
-    from pipeline.index import run_knn
-    from pipeline.report import format_table
-
-    result, out = run_knn(KnnConfig(store=args.store, out=args.out, ks=args.ks, temperature=args.temperature))
-    print(format_table(None, result))
-    print(f"results: {out}")
-
-
 def _cmd_demo(args: argparse.Namespace) -> None:
     import importlib
 
@@ -204,7 +150,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
                              batch_size=args.batch_size, workers=args.workers, device=args.device,
                              progress=not args.quiet)
     print(outcome["table"])
-    print(f"results: {outcome['results']}  report: {outcome['report']}")
+    print(f"results: {outcome['results']}  report: {outcome['report']}  {outcome['html']}")
 
 
 def _cmd_store(args: argparse.Namespace) -> int:
@@ -250,8 +196,11 @@ def _cmd_backbones(args: argparse.Namespace) -> None:
     print("'present': weights are on this machine (package, torch hub cache or Hugging Face cache)")
 
 
-COMMANDS = {"extract": _cmd_extract, "probe": _cmd_probe, "knn": _cmd_knn, "demo": _cmd_demo,
-            "store": _cmd_store, "backbones": _cmd_backbones}
+def _commands() -> dict:
+    from pipeline import cli_eval
+
+    return {"extract": _cmd_extract, "demo": _cmd_demo, "store": _cmd_store, "backbones": _cmd_backbones,
+            **cli_eval.COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(level)  # our logs only: third-party INFO (faiss, httpx) stays quiet
     try:
-        code = COMMANDS[args.command](args)
+        code = _commands()[args.command](args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

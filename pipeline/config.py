@@ -13,6 +13,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_KS: tuple[int, ...] = (1, 20)
 # C grid for the logistic-regression probe: log-spaced, wide enough for unit-norm features (weak to almost no L2).
 DEFAULT_CS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
+# Grid for heads regularised by a strength (ridge, MLP): log-spaced.
+DEFAULT_ALPHAS: tuple[float, ...] = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+# DINOv2's kNN evaluation: cosine similarity, these k, temperature 0.07.
+DINOV2_KS: tuple[int, ...] = (10, 20, 100, 200)
+DINOV2_TEMPERATURE = 0.07
 
 
 @dataclass(frozen=True)
@@ -63,21 +68,49 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """Logistic-regression probe: C is chosen on validation, the head refit on train+val, tested once."""
+    """A head on a store's features: the hyper-parameter is chosen on validation, the head refit on train+val, and
+    tested once. `shots` switches to few-shot probes (that many training images per class, one run per seed)."""
 
     store: Path
     out: Path | None = None
-    Cs: tuple[float, ...] = DEFAULT_CS
+    head: str = "logreg"  # see pipeline.heads.HEADS
+    grid: tuple[float, ...] | None = None  # None: the head's default grid (C, or alpha for ridge/mlp)
     val_fraction: float = 0.2  # slice of train used for validation when the store has no `val` split
     seed: int = 0
     max_iter: int = 5000
+    device: str = "auto"  # torch-logreg only
+    shots: tuple[int, ...] = ()  # few-shot: images per class in the training set
+    seeds: tuple[int, ...] = (0, 1, 2)  # few-shot: one draw per seed
+    report: bool = True  # write the markdown and HTML report beside the JSON
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.grid is not None and (not self.grid or any(v <= 0 for v in self.grid)):
+            raise ConfigError(f"the grid must be positive numbers, got {list(self.grid)}")
+        if any(s < 1 for s in self.shots):
+            raise ConfigError(f"shots must be positive integers, got {list(self.shots)}")
+        if self.shots and not self.seeds:
+            raise ConfigError("few-shot probes need at least one seed")
 
 
 @dataclass(frozen=True)
 class KnnConfig:
-    """kNN classification on an exact FAISS inner-product index (cosine on unit-norm features)."""
+    """kNN classification and label-based retrieval on an exact FAISS inner-product index (cosine on unit-norm
+    features). Queries are the test split searched against train+val; without a test split (or with `loo`), each
+    row of `loo_split` is a query against the rest of that split (leave-one-out)."""
 
     store: Path
     out: Path | None = None
     ks: tuple[int, ...] = DEFAULT_KS
     temperature: float = 0.07
+    loo: bool = False  # force leave-one-out even when there is a test split
+    loo_split: str | None = None  # None: train (or the largest split)
+    retrieval_ks: tuple[int, ...] = (1, 5, 10)
+    report: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ConfigError(f"k must be positive integers, got {list(self.ks)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"the temperature must be positive, got {self.temperature}")

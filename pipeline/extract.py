@@ -452,6 +452,16 @@ class ExtractResult:
         return f"{text} -> {self.store}"
 
 
+def _data_attrs(config: ExtractConfig, source_given: bool) -> dict:
+    """How to open the source again (for search results and report image grids): `data` and its listing options."""
+    data = "" if source_given else str(config.data)
+    if data and not data.startswith("torchvision:"):
+        data = str(Path(data).resolve()) if "{" not in data and "*" not in data else data
+    options = {"root": str(Path(config.root).resolve()) if config.root else None,
+               "test_fraction": config.test_fraction, "seed": config.seed}
+    return {"data": data, "data_options": json.dumps(options, sort_keys=True)}
+
+
 def _store_attrs(backbone: Backbone, source: Source, key: str, fingerprint: str, decoding: Decoding) -> dict:
     """Attributes that identify what produced the store; the writer adds layout, dtype and completion."""
     return {
@@ -486,6 +496,7 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None,
     or as a recorded failure; problems of the source itself are errors before any compute. `source`, when given,
     is used instead of opening `config.data` (e.g. a torchvision dataset class that is not in torchvision).
     """
+    source_given = source is not None
     if source is None:
         source = open_source(config.data, root=config.root, download=config.download,
                              test_fraction=config.test_fraction, seed=config.seed)
@@ -514,7 +525,7 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None,
 
     samples = source.samples
     start = time.perf_counter()
-    attrs = _store_attrs(backbone, source, key, fingerprint, decoding)
+    attrs = {**_store_attrs(backbone, source, key, fingerprint, decoding), **_data_attrs(config, source_given)}
     with StoreWriter(out, listing=listing, dim=backbone.dim, attrs=attrs, feature_dtype=config.feature_dtype,
                      compression=config.compression, shard_rows=config.shard_rows,
                      check_content=config.check_content, lock_timeout=config.lock_timeout) as writer:
@@ -550,8 +561,11 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None,
             first_id, first_reason = writer.failed[0]
             raise DataError(f"none of the {len(samples)} images of {source.description} could be read "
                             f"(e.g. {first_id}: {first_reason})")
+        seconds = time.perf_counter() - start
+        if writer.computed:  # the throughput of the run that last computed rows, for leaderboards of cached stores
+            writer.attrs.update(images_per_second=round(writer.computed / max(seconds, 1e-9), 2),
+                                throughput_images=writer.computed)
         writer.finish()
-    seconds = time.perf_counter() - start
     return ExtractResult(str(out), writer.rows, writer.failures, False, seconds, writer.computed / max(seconds, 1e-9),
                          backbone.name, backbone.dim, writer.failed, computed=writer.computed, resumed=writer.resumed,
                          kept=writer.kept)

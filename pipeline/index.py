@@ -1,23 +1,45 @@
-"""FAISS indexes on cached features, and kNN classification.
+"""FAISS indexes for a store: choose, build, tune, save, load, search, and add new rows.
 
-Features are unit-norm, so inner product is cosine similarity. kNN uses an exact `IndexFlatIP` over train(+val) with
-the test split as queries, and reports two votes per k: majority (ties go to the class met first, i.e. nearest) and
-DINOv2's temperature-weighted vote (each neighbour weighs exp(similarity / T)).
+Features are unit-norm, so inner product is cosine similarity. The index type follows the number of rows and a memory
+budget (the way autofaiss does): exact `Flat` while brute force is cheap, then `HNSW`, `IVF-Flat`, and `IVF-PQ` when
+even the raw vectors do not fit. Approximate indexes are tuned: their search parameter (efSearch or nprobe) is raised
+until recall@10 against exact search, measured on a sample of the store's own rows, reaches the target. The choice,
+parameters, recall and timings go to `index_infos.json` beside the index.
+
+An index folder holds `index.faiss`, `rows.npz` (the id and content hash of each indexed row, in index order) and
+`index_infos.json`. It is written as a new folder and swapped into place, so a reader never sees a mixed state.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import logging
+import math
+import shutil
 import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
-from pipeline.config import KnnConfig
-from pipeline.errors import PipelineError
-from pipeline.probes import classification_metrics, default_results_path
-from pipeline.store import FeatureSet, load_store
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.store import iter_store, read_attrs, read_columns
+
+log = logging.getLogger(__name__)
+
+INDEX_KINDS = ("auto", "flat", "hnsw", "ivf-flat", "ivf-pq")
+DEFAULT_MEMORY_BUDGET = 4 * 2**30
+EXACT_MAX_ROWS = 100_000  # brute force costs n*d per query: 100k x 1280-d is ~0.1 GFLOP, a few ms
+HNSW_MAX_ROWS = 10_000_000  # beyond this HNSW builds take hours; IVF trains and adds far faster
+HNSW_M = 32
+PQ_MAX_M = 128  # bytes per vector; recall@10 on 1280-d digits features: 0.63 at 32, 0.74 at 64, 0.84 at 128
+TUNE_K = 10
+EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024, 2048)
+INDEX_FILE, ROWS_FILE, INFOS_FILE = "index.faiss", "rows.npz", "index_infos.json"
 
 
 def build_flat_index(features: np.ndarray) -> faiss.IndexFlatIP:
@@ -35,73 +57,393 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
-def vote_scores(neighbour_labels: np.ndarray, neighbour_sims: np.ndarray, *, n_classes: int,
-                temperature: float) -> dict[str, np.ndarray]:
-    """Per-class scores [Q, C] for the majority and temperature-weighted votes over the given neighbours.
+# -- choosing ------------------------------------------------------------------------------------------------------
 
-    Majority scores are vote counts plus a tie-breaker below one that favours the class whose first neighbour is
-    nearest; weighted scores sum exp(sim / T), shifted by the best similarity for numerical range (argmax unchanged).
-    """
-    q, k = neighbour_labels.shape
-    rows = np.repeat(np.arange(q), k)
-    cols = neighbour_labels.reshape(-1)
-    counts = np.zeros((q, n_classes))
-    np.add.at(counts, (rows, cols), 1.0)
-    first = np.full((q, n_classes), k, dtype=np.float64)
-    positions = np.tile(np.arange(k, dtype=np.float64), q)
-    np.minimum.at(first, (rows, cols), positions)
-    majority = counts + (k - first) / (k + 1)
-    weights = np.exp((neighbour_sims - neighbour_sims[:, :1]) / temperature).reshape(-1)
-    weighted = np.zeros((q, n_classes))
-    np.add.at(weighted, (rows, cols), weights)
-    return {"majority": majority, "weighted": weighted}
+@dataclass(frozen=True)
+class IndexPlan:
+    """An index type and its construction parameters, with the memory it is expected to take and why."""
+
+    kind: str
+    factory: str  # faiss.index_factory string (inner-product metric)
+    memory_bytes: int
+    reason: str
+    nlist: int = 0
+    pq_m: int = 0
 
 
-def knn_classify(fs: FeatureSet, *, ks: tuple[int, ...], temperature: float = 0.07) -> dict[str, Any]:
-    """kNN classification of the test split against train(+val); metrics for each k and vote."""
-    if not ks or any(k < 1 for k in ks):
-        raise PipelineError(f"--k must be positive integers, got {list(ks)}")
-    if temperature <= 0:
-        raise PipelineError(f"the temperature must be positive, got {temperature}")
-    labelled = fs.labels >= 0
-    bank = (fs.mask("train") | fs.mask("val")) & labelled
-    test = fs.mask("test") & labelled
-    if not test.any():
-        raise PipelineError(f"{fs.path} has no labelled test split to use as queries")
-    if not bank.any():
-        raise PipelineError(f"{fs.path} has no labelled train/val rows to search")
+def nlist_for(n: int) -> int:
+    """IVF lists: about 4 sqrt(n) (a power of two), with at least 39 training points per list."""
+    return int(max(1, min(2 ** round(math.log2(max(4 * math.sqrt(n), 1))), n // 39)))
+
+
+def memory_estimate(kind: str, n: int, d: int, *, nlist: int = 0, pq_m: int = 0) -> int:
+    """Bytes an index of this kind takes for n rows of dimension d (ids included for IVF)."""
+    if kind == "flat":
+        return n * d * 4
+    if kind == "hnsw":  # vectors + level-0 links (2M int32) + upper levels (~1/M as many)
+        return int(n * (d * 4 + HNSW_M * 2 * 4 * 1.1))
+    centroids = nlist * d * 4
+    if kind == "ivf-flat":
+        return n * (d * 4 + 8) + centroids
+    if kind == "ivf-pq":
+        return n * (pq_m + 8) + centroids + 256 * d * 4
+    raise ConfigError(f"unknown index type {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
+
+
+def _pq_m(n: int, d: int, nlist: int, budget: int) -> int:
+    """The most PQ bytes per vector that fit the budget: a divisor of d, sub-vectors of at least 4 dimensions, at
+    most PQ_MAX_M (8-bit codebooks train one k-means each: measured ~0.8 s apiece on 2 cores)."""
+    for m in sorted((m for m in range(1, min(d // 4, PQ_MAX_M) + 1) if d % m == 0), reverse=True):
+        if memory_estimate("ivf-pq", n, d, nlist=nlist, pq_m=m) <= budget:
+            return m
+    return 0
+
+
+def plan_index(n: int, d: int, *, kind: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
+               exact_max_rows: int = EXACT_MAX_ROWS) -> IndexPlan:
+    """Choose the index for n rows of dimension d: exact while small, then HNSW, IVF-Flat, IVF-PQ by memory."""
+    if kind not in INDEX_KINDS:
+        raise ConfigError(f"unknown index type {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
+    if n < 1:
+        raise PipelineError("the store has no rows to index")
+    budget = f"{memory_budget / 2**30:.2f} GiB budget"
+    nlist = nlist_for(n)
+    fits = {k: memory_estimate(k, n, d, nlist=nlist) <= memory_budget for k in ("flat", "hnsw", "ivf-flat")}
+    if kind == "auto":
+        if n <= exact_max_rows and fits["flat"]:
+            kind, reason = "flat", f"{n} rows <= {exact_max_rows}: exact search is fast enough"
+        elif n <= HNSW_MAX_ROWS and fits["hnsw"]:
+            kind, reason = "hnsw", f"{n} rows > {exact_max_rows}; HNSW graph fits the {budget}"
+        elif fits["ivf-flat"]:
+            kind, reason = "ivf-flat", f"{n} rows; raw vectors fit the {budget} (HNSW does not, or is too slow)"
+        else:
+            kind, reason = "ivf-pq", f"{n} rows; raw vectors exceed the {budget}: product-quantised codes"
+    else:
+        reason = "asked for"
+    if kind in ("ivf-flat", "ivf-pq") and n < 39:
+        raise PipelineError(f"{kind} needs at least 39 rows to train, the store has {n}; use --type flat")
+    if kind == "flat":
+        return IndexPlan("flat", "Flat", memory_estimate("flat", n, d), reason)
+    if kind == "hnsw":
+        return IndexPlan("hnsw", f"HNSW{HNSW_M},Flat", memory_estimate("hnsw", n, d), reason)
+    if kind == "ivf-flat":
+        return IndexPlan("ivf-flat", f"IVF{nlist},Flat", memory_estimate("ivf-flat", n, d, nlist=nlist), reason,
+                         nlist=nlist)
+    if n < 256:
+        raise PipelineError(f"ivf-pq needs at least 256 rows to train its codebooks, the store has {n}; use --type "
+                            "flat or hnsw")
+    m = _pq_m(n, d, nlist, memory_budget)
+    if not m:
+        need = memory_estimate("ivf-pq", n, d, nlist=nlist, pq_m=1)
+        raise PipelineError(f"{n} rows of {d}-d do not fit a memory budget of {memory_budget:,} bytes even as 1-byte "
+                            f"PQ codes (needs about {need:,}); raise --memory-budget")
+    return IndexPlan("ivf-pq", f"IVF{nlist},PQ{m}x8", memory_estimate("ivf-pq", n, d, nlist=nlist, pq_m=m), reason,
+                     nlist=nlist, pq_m=m)
+
+
+# -- building and tuning --------------------------------------------------------------------------------------------
+
+def _blocks(store: Path, rows: np.ndarray | None, block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(store row numbers, features) in blocks, optionally only the rows in `rows` (sorted store row numbers)."""
+    for block in iter_store(store, rows=block_rows):
+        numbers = np.arange(block.start, block.start + len(block.ids))
+        if rows is not None:
+            keep = np.isin(numbers, rows)
+            numbers, block.features = numbers[keep], block.features[keep]
+        if len(numbers):
+            yield numbers, block.features
+
+
+def _gather(store: Path, rows: np.ndarray, d: int, block_rows: int) -> np.ndarray:
+    """Features of some store rows (sorted row numbers), read block by block."""
+    out = np.empty((len(rows), d), dtype=np.float32)
+    at = 0
+    for numbers, feats in _blocks(store, rows, block_rows):
+        out[at:at + len(numbers)] = feats
+        at += len(numbers)
+    return out
+
+
+def exact_topk(store: Path, rows: np.ndarray | None, queries: np.ndarray, k: int,
+               block_rows: int = 65536) -> np.ndarray:
+    """Exact top-k store row numbers (among `rows`, or all) for each query, streaming the store."""
+    best_sims = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    best_rows = np.zeros((len(queries), 0), dtype=np.int64)
+    for numbers, feats in _blocks(store, rows, min(block_rows, 16384)):  # [queries, block] similarities at a time
+        sims = np.concatenate([best_sims, queries @ feats.T], axis=1)
+        found = np.concatenate([best_rows, np.broadcast_to(numbers, (len(queries), len(numbers)))], axis=1)
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        best_sims, best_rows = np.take_along_axis(sims, order, axis=1), np.take_along_axis(found, order, axis=1)
+    return best_rows
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray, query_rows: np.ndarray, k: int = TUNE_K) -> float:
+    """Mean share of the exact k nearest found among the approximate k nearest, each query's own row left out of
+    both (the queries are indexed rows, and finding oneself says nothing)."""
+    shares = []
+    for a, e, q in zip(approx, exact, query_rows, strict=True):
+        a, e = [r for r in a if r != q][:k], [r for r in e if r != q][:k]
+        shares.append(len(set(a) & set(e)) / max(len(e), 1))
+    return float(np.mean(shares))
+
+
+def _search_param(kind: str) -> str | None:
+    return {"hnsw": "efSearch", "ivf-flat": "nprobe", "ivf-pq": "nprobe"}.get(kind)
+
+
+def set_search_param(index: faiss.Index, kind: str, value: int) -> None:
+    name = _search_param(kind)
+    if name:
+        faiss.ParameterSpace().set_index_parameter(index, name, int(value))
+
+
+def tune_index(index: faiss.Index, kind: str, nlist: int, queries: np.ndarray, query_rows: np.ndarray,
+               exact: np.ndarray, row_of: np.ndarray, *, target: float) -> dict[str, Any]:
+    """Raise the search parameter until recall@10 against exact search reaches `target` (or stops improving);
+    returns the chosen value, its recall and query time, and every setting tried. `row_of` maps index positions to
+    store row numbers; `exact` holds store row numbers."""
+    k = min(TUNE_K + 1, index.ntotal)  # one more: the query's own row is left out
+
+    def measure(value: int | None) -> dict[str, Any]:
+        if value is not None:
+            set_search_param(index, kind, value)
+        start = time.perf_counter()
+        _, idx = index.search(queries, k)
+        ms = 1000 * (time.perf_counter() - start) / len(queries)
+        found = np.where(idx >= 0, row_of[np.maximum(idx, 0)], -1)
+        return {"value": value, "recall_at_10": round(recall_at_k(found, exact, query_rows), 4),
+                "ms_per_query": round(ms, 4)}
+
+    name = _search_param(kind)
+    if name is None:
+        return {"param": None, **measure(None), "tried": []}
+    values = EF_SEARCH if name == "efSearch" else tuple(2**i for i in range(int(math.log2(nlist)) + 1))
+    tried, chosen = [], None
+    for value in values:
+        tried.append(measure(value))
+        if tried[-1]["recall_at_10"] >= target:
+            chosen = tried[-1]
+            break
+        if len(tried) >= 3 and tried[-1]["recall_at_10"] <= tried[-3]["recall_at_10"] + 1e-4:
+            break  # flat for two steps: PQ codes cap the recall, more probes will not help
+    if chosen is None:
+        chosen = max(tried, key=lambda e: (e["recall_at_10"], -e["value"]))
+        log.warning("%s reaches recall@10 %.3f at best, below the target %.2f; raise --memory-budget or use "
+                    "--type ivf-flat/hnsw for higher recall", kind, chosen["recall_at_10"], target)
+    set_search_param(index, kind, chosen["value"])
+    return {"param": name, **chosen, "tried": tried}
+
+
+@dataclass
+class IndexInfos:
+    """What `index_infos.json` holds."""
+
+    kind: str
+    factory: str
+    reason: str
+    rows: int
+    dim: int
+    memory_budget: int
+    memory_estimate: int
+    target_recall: float
+    search_param: str | None
+    search_value: int | None
+    recall_at_10: float
+    target_met: bool
+    ms_per_query: float
+    tuning: list[dict[str, Any]]
+    tuning_queries: int
+    seconds: dict[str, float]
+    store: str
+    cache_key: str
+    backbone: str
+    weights: str
+    splits: list[str] | None
+    created: str
+    faiss_version: str = faiss.__version__
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _select_rows(store: Path, splits: tuple[str, ...] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(store row numbers, ids, content hashes) of the rows to index: all, or those of `splits`."""
+    columns = read_columns(store, "ids", "files/hash", "splits")
+    numbers = np.arange(len(columns["ids"]))
+    if splits is not None:
+        numbers = numbers[np.isin(columns["splits"], list(splits))]
+        if not len(numbers):
+            raise PipelineError(f"{store} has no rows in the splits {list(splits)}")
+    return numbers, columns["ids"][numbers], columns["files/hash"][numbers]
+
+
+def _measure(index: faiss.Index, plan: IndexPlan, store: Path, row_of: np.ndarray, d: int, *, queries: int,
+             target: float, seed: int, block_rows: int) -> dict[str, Any]:
+    """Tune on a seeded sample of the indexed rows as queries, against exact search over the same rows."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(row_of)
+    sample = np.sort(rng.choice(rows, size=min(queries, len(rows)), replace=False))
+    q = _gather(store, sample, d, block_rows)
+    exact = exact_topk(store, rows, q, min(TUNE_K + 1, len(rows)), block_rows)
+    return {**tune_index(index, plan.kind, plan.nlist, q, sample, exact, row_of, target=target),
+            "queries": len(sample)}
+
+
+def build_index(store: str | Path, out: str | Path, *, kind: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                target_recall: float = 0.95, splits: tuple[str, ...] | None = None, queries: int = 1000,
+                exact_max_rows: int = EXACT_MAX_ROWS, seed: int = 0, block_rows: int = 65536) -> IndexInfos:
+    """Build, tune and save an index over a store's rows (all of them, or those of `splits`) into folder `out`."""
+    store, out = Path(store), Path(out)
+    if not 0 < target_recall <= 1:
+        raise ConfigError(f"the target recall must be in (0, 1], got {target_recall}")
+    attrs = read_attrs(store)
+    numbers, ids, hashes = _select_rows(store, splits)
+    d = int(attrs["feature_dim"])
+    plan = plan_index(len(numbers), d, kind=kind, memory_budget=memory_budget, exact_max_rows=exact_max_rows)
+    log.info("index %s: %s (%s)", store, plan.factory, plan.reason)
+    seconds: dict[str, float] = {}
+    index = faiss.index_factory(d, plan.factory, faiss.METRIC_INNER_PRODUCT)
     start = time.perf_counter()
-    index = build_flat_index(fs.features[bank])
-    sims, idx = search(index, fs.features[test], max(ks))
-    bank_labels = fs.labels[bank]
-    y_true = fs.labels[test]
-    classes = np.arange(len(fs.class_names))
-    results: dict[str, Any] = {}
-    for k in sorted(set(ks)):
-        scores = vote_scores(bank_labels[idx[:, :k]], sims[:, :k], n_classes=len(classes), temperature=temperature)
-        results[str(k)] = {vote: classification_metrics(y_true, s, classes, fs.class_names)
-                           for vote, s in scores.items()}
-        if k < 5:  # fewer than 5 neighbours cannot rank 5 classes: the rest would be arbitrary ties
-            for metrics in results[str(k)].values():
-                metrics["top5"] = None
-    return {
-        "protocol": "exact FAISS inner-product (cosine) kNN; bank = train+val, queries = test",
-        "temperature": temperature,
-        "ks": sorted(set(ks)),
-        "n_bank": int(bank.sum()),
-        "n_queries": int(test.sum()),
-        "seconds": round(time.perf_counter() - start, 3),
-        "by_k": results,
-    }
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        size = min(len(numbers), max(plan.nlist * 64, 256 * 64 if plan.pq_m else 0))
+        index.train(_gather(store, np.sort(rng.choice(numbers, size=size, replace=False)), d, block_rows))
+    seconds["train"] = round(time.perf_counter() - start, 3)
+    start = time.perf_counter()
+    for _, feats in _blocks(store, numbers, block_rows):
+        index.add(feats)
+    seconds["add"] = round(time.perf_counter() - start, 3)
+    start = time.perf_counter()
+    tuning = _measure(index, plan, store, numbers, d, queries=queries, target=target_recall, seed=seed,
+                      block_rows=block_rows)  # rows were added in store order: position i is numbers[i]
+    seconds["tune"] = round(time.perf_counter() - start, 3)
+    infos = IndexInfos(
+        kind=plan.kind, factory=plan.factory, reason=plan.reason, rows=int(index.ntotal), dim=d,
+        memory_budget=int(memory_budget), memory_estimate=plan.memory_bytes, target_recall=target_recall,
+        search_param=tuning["param"], search_value=tuning["value"], recall_at_10=tuning["recall_at_10"],
+        target_met=tuning["recall_at_10"] >= target_recall, ms_per_query=tuning["ms_per_query"],
+        tuning=tuning["tried"], tuning_queries=tuning["queries"], seconds=seconds, store=str(store),
+        cache_key=attrs["cache_key"], backbone=attrs["backbone"], weights=attrs["weights"],
+        splits=list(splits) if splits else None, created=_now())
+    save_index(out, index, ids, hashes, infos)
+    return infos
 
 
-def run_knn(config: KnnConfig) -> tuple[dict[str, Any], Path]:
-    """Load a store, run kNN classification, save results JSON."""
-    from pipeline.report import save_json
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
-    fs = load_store(config.store)
-    result = knn_classify(fs, ks=config.ks, temperature=config.temperature)
-    result.update(fs.provenance())
-    out = Path(config.out) if config.out else default_results_path(Path(config.store), "knn")
-    save_json(out, result)
-    return result, out
+
+# -- saving and loading ---------------------------------------------------------------------------------------------
+
+def save_index(out: Path, index: faiss.Index, ids: np.ndarray, hashes: np.ndarray, infos: IndexInfos) -> Path:
+    """Write the three files into a fresh folder and swap it into place."""
+    out = Path(out)
+    if out.exists() and not (out / INFOS_FILE).is_file():
+        raise PipelineError(f"{out} exists and is not an index folder; choose another --out")
+    fresh = out.with_name(out.name + ".new")
+    shutil.rmtree(fresh, ignore_errors=True)
+    fresh.mkdir(parents=True)
+    faiss.write_index(index, str(fresh / INDEX_FILE))
+    np.savez(fresh / ROWS_FILE, ids=np.asarray(ids, dtype=str), hashes=np.asarray(hashes, dtype="S32"))
+    (fresh / INFOS_FILE).write_text(json.dumps(asdict(infos), indent=2) + "\n")
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    fresh.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+@dataclass
+class LoadedIndex:
+    index: faiss.Index
+    ids: np.ndarray
+    hashes: np.ndarray
+    infos: IndexInfos
+    path: Path
+
+
+def load_index(path: str | Path) -> LoadedIndex:
+    """Load an index folder, with its search parameter applied; refuse a folder whose parts disagree."""
+    path = Path(path)
+    if not (path / INFOS_FILE).is_file():
+        hint = f" (an interrupted update left {path.name}.old: rename it back)" if \
+            path.with_name(path.name + ".old").is_dir() else ""
+        raise PipelineError(f"{path} is not an index folder{hint}; build one with: python -m pipeline index build "
+                            f"--store STORE.h5 --out {path}")
+    infos = IndexInfos(**json.loads((path / INFOS_FILE).read_text()))
+    index = faiss.read_index(str(path / INDEX_FILE))
+    with np.load(path / ROWS_FILE) as rows:
+        ids, hashes = rows["ids"].astype(object), rows["hashes"]
+    if not index.ntotal == len(ids) == infos.rows:
+        raise PipelineError(f"{path}: index has {index.ntotal} rows, rows.npz {len(ids)}, infos {infos.rows}; "
+                            "rebuild it with python -m pipeline index build")
+    set_search_param(index, infos.kind, infos.search_value or 0)
+    return LoadedIndex(index, ids, hashes, infos, path)
+
+
+def update_index(path: str | Path, *, store: str | Path | None = None, queries: int = 1000, seed: int = 0,
+                 block_rows: int = 65536) -> IndexInfos:
+    """Bring an index up to date with its store: add the rows it lacks, then re-tune and re-measure recall.
+
+    When rows it holds were removed or changed in the store, the index is rebuilt instead (an index cannot update
+    rows in place), with the same type and budget.
+    """
+    loaded = load_index(path)
+    infos = loaded.infos
+    store = Path(store or infos.store)
+    attrs = read_attrs(store)
+    if attrs.get("cache_key") != infos.cache_key:
+        raise PipelineError(f"{store} holds features of another backbone or preprocessing than the index "
+                            f"({attrs.get('backbone')} vs {infos.backbone}); build a new index with index build")
+    splits = tuple(infos.splits) if infos.splits else None
+    numbers, ids, hashes = _select_rows(store, splits)
+    current = dict(zip(ids, hashes, strict=True))
+    stale = [i for i, h in zip(loaded.ids, loaded.hashes, strict=True) if current.get(i) != h]
+    if stale:
+        log.info("%d indexed row(s) changed or left the store (e.g. %s): rebuilding", len(stale), stale[0])
+        rebuilt = build_index(store, path, kind=infos.kind, memory_budget=infos.memory_budget,
+                              target_recall=infos.target_recall, splits=splits, queries=queries, seed=seed,
+                              block_rows=block_rows)
+        rebuilt.history = [*infos.history, {"at": rebuilt.created, "action": "rebuilt",
+                                            "reason": f"{len(stale)} indexed rows changed or removed"}]
+        (Path(path) / INFOS_FILE).write_text(json.dumps(asdict(rebuilt), indent=2) + "\n")
+        return rebuilt
+    indexed = set(loaded.ids)
+    new = np.array([n for n, i in zip(numbers, ids, strict=True) if i not in indexed], dtype=np.int64)
+    if not len(new):
+        log.info("%s is up to date with %s (%d rows)", path, store, infos.rows)
+        return infos
+    plan = IndexPlan(infos.kind, infos.factory, infos.memory_estimate, infos.reason, **_plan_sizes(infos))
+    start = time.perf_counter()
+    for _, feats in _blocks(store, new, block_rows):
+        loaded.index.add(feats)
+    added = round(time.perf_counter() - start, 3)
+    number_of = dict(zip(ids, numbers, strict=True))
+    row_of = np.concatenate([np.array([number_of[i] for i in loaded.ids], dtype=np.int64), new])
+    tuning = _measure(loaded.index, plan, store, row_of, infos.dim, queries=queries,
+                      target=infos.target_recall, seed=seed, block_rows=block_rows)
+    new_ids = np.concatenate([loaded.ids, ids[np.isin(numbers, new)]])
+    new_hashes = np.concatenate([loaded.hashes, hashes[np.isin(numbers, new)]])
+    infos.history.append({"at": _now(), "action": "added", "rows": int(len(new)), "seconds": added})
+    infos.rows = int(loaded.index.ntotal)
+    infos.memory_estimate = memory_estimate(infos.kind, infos.rows, infos.dim, nlist=plan.nlist, pq_m=plan.pq_m)
+    infos.search_value, infos.recall_at_10 = tuning["value"], tuning["recall_at_10"]
+    infos.target_met = tuning["recall_at_10"] >= infos.target_recall
+    infos.ms_per_query, infos.tuning, infos.tuning_queries = tuning["ms_per_query"], tuning["tried"], tuning["queries"]
+    auto = plan_index(infos.rows, infos.dim, memory_budget=infos.memory_budget)
+    if infos.reason != "asked for" and auto.kind != infos.kind:
+        log.warning("with %d rows the automatic choice is now %s, not %s; rebuild with index build to switch",
+                    infos.rows, auto.kind, infos.kind)
+    save_index(Path(path), loaded.index, new_ids, new_hashes, infos)
+    return infos
+
+
+def _plan_sizes(infos: IndexInfos) -> dict[str, int]:
+    """nlist and PQ bytes back from a factory string such as IVF256,PQ64x8."""
+    sizes = {"nlist": 0, "pq_m": 0}
+    for part in infos.factory.split(","):
+        if part.startswith("IVF"):
+            sizes["nlist"] = int(part[3:])
+        if part.startswith("PQ"):
+            sizes["pq_m"] = int(part[2:].split("x")[0])
+    return sizes

@@ -209,6 +209,21 @@ def load_store(path: str | Path) -> FeatureSet:
         )
 
 
+def read_columns(path: str | Path, *names: str) -> dict[str, np.ndarray]:
+    """Some row-aligned columns of a complete store (e.g. ids, labels, splits, files/hash) without its features."""
+    path = Path(path)
+    with _open_checked(path) as f:
+        attrs = _check_complete(path, f)
+        n = int(attrs["committed_rows"])
+        out = {}
+        for name in names:
+            if name not in ROW_DATASETS:
+                raise ValueError(f"unknown column {name!r}; one of {ROW_DATASETS}")
+            data = f[name]
+            out[name] = np.asarray(data.asstr()[:n], dtype=object) if name in ("ids", "splits") else data[:n]
+        return out
+
+
 @dataclass
 class Block:
     """A contiguous block of rows from `iter_store`; `start` is the index of its first row in the store."""

@@ -1,0 +1,235 @@
+"""Command line for evaluation on cached features: probe, predict, knn, index, search, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from pipeline.config import DEFAULT_KS, DINOV2_KS, DINOV2_TEMPERATURE, KnnConfig, ProbeConfig
+from pipeline.errors import PipelineError
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": 1e9,
+               "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def memory_size(text: str) -> int:
+    """'4GB', '512MiB', '1e9' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    try:
+        value = float(match.group(1)) * _SIZE_UNITS[unit] if match else -1
+    except (KeyError, ValueError):
+        value = -1
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size such as 4GB, 512MiB or 1000000 (bytes); got {text!r}")
+    return int(value)
+
+
+def _list(cast: type, example: str, *, positive: bool = True):
+    def parse(text: str) -> tuple:
+        message = f"expected comma-separated {'positive ' if positive else ''}numbers such as {example}; got {text!r}"
+        try:
+            values = tuple(cast(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(message) from None
+        if not values or (positive and any(v <= 0 for v in values)):
+            raise argparse.ArgumentTypeError(message)
+        return values
+
+    return parse
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    from pipeline.heads import HEADS
+    from pipeline.index import DEFAULT_MEMORY_BUDGET, INDEX_KINDS
+
+    p = sub.add_parser("probe", help="a head on a store's features: hyper-parameter chosen on validation, refit, "
+                                     "tested once; or few-shot probes")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--out", type=Path, default=None, help="results JSON (default: STORE.probe.json beside the store)")
+    p.add_argument("--head", choices=list(HEADS), default="logreg",
+                   help="; ".join(f"{s.name}: {s.description}" for s in HEADS.values()))
+    p.add_argument("--grid", "--C", dest="grid", type=_list(float, "0.1,1,10"), default=None,
+                   help="values of the head's hyper-parameter (C, or alpha for ridge/mlp) to choose from")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="train slice held out when there is no val split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shots", type=_list(int, "1,5,10"), default=(),
+                   help="few-shot probes: this many training images per class (comma-separated)")
+    p.add_argument("--seeds", type=_list(int, "0,1,2", positive=False), default=(0, 1, 2),
+                   help="few-shot draws, one per seed (default 0,1,2)")
+    p.add_argument("--device", default="auto", help="torch-logreg only: auto | cpu | cuda")
+    p.add_argument("--no-report", action="store_true", help="only the JSON (no markdown/HTML report)")
+
+    p = sub.add_parser("predict", help="apply a saved probe head to image files or to a store")
+    p.add_argument("--head", required=True, type=Path, help="a .head.joblib written by probe")
+    p.add_argument("images", nargs="*", type=Path, help="image files to classify")
+    p.add_argument("--store", type=Path, default=None, help="classify every row of this store instead")
+    p.add_argument("--top", type=int, default=1, help="classes per image (default 1)")
+    p.add_argument("--out", type=Path, default=None, help="write the predictions as CSV")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--weights", type=Path, default=None, help="the checkpoint, for heads on --weights features")
+
+    p = sub.add_parser("knn", help="kNN classification and retrieval metrics on an exact FAISS index")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--preset", choices=("dinov2",), default=None,
+                   help=f"dinov2: k in {{{','.join(map(str, DINOV2_KS))}}}, T={DINOV2_TEMPERATURE}")
+    p.add_argument("--k", dest="ks", type=_list(int, "1,20"), default=None,
+                   help=f"comma-separated (default {','.join(map(str, DEFAULT_KS))})")
+    p.add_argument("--temperature", type=float, default=None, help=f"weighted vote (default {DINOV2_TEMPERATURE})")
+    p.add_argument("--loo", action="store_true", help="leave-one-out within one split even when there is a test split")
+    p.add_argument("--loo-split", default=None, help="the split for leave-one-out (default train)")
+    p.add_argument("--out", type=Path, default=None, help="results JSON (default: STORE.knn.json beside the store)")
+    p.add_argument("--no-report", action="store_true")
+
+    p = sub.add_parser("index", help="build, update or inspect a FAISS index for a store")
+    index_sub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    q = index_sub.add_parser("build", help="choose the type by rows and memory budget, build, tune, save")
+    q.add_argument("--store", required=True, type=Path)
+    q.add_argument("--out", required=True, type=Path, help="the index folder to write")
+    q.add_argument("--type", dest="kind", choices=INDEX_KINDS, default="auto")
+    q.add_argument("--memory-budget", type=memory_size, default=DEFAULT_MEMORY_BUDGET,
+                   help=f"memory the index may take (default {DEFAULT_MEMORY_BUDGET / 2**30:g}GiB)")
+    q.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to tune for (default 0.95)")
+    q.add_argument("--splits", type=_names, default=None, help="only these splits (default: all rows)")
+    q.add_argument("--queries", type=int, default=1000, help="rows sampled to measure recall (default 1000)")
+    q = index_sub.add_parser("add", help="add the store's new rows (rebuilds when indexed rows changed)")
+    q.add_argument("index", type=Path)
+    q.add_argument("--store", type=Path, default=None, help="default: the store the index was built from")
+    q = index_sub.add_parser("info", help="print index_infos.json")
+    q.add_argument("index", type=Path)
+
+    p = sub.add_parser("search", help="nearest images to query image files or ids")
+    p.add_argument("--index", type=Path, default=None, help="an index folder (default: exact search of --store)")
+    p.add_argument("--store", type=Path, default=None, help="the store (default: the index's)")
+    p.add_argument("--image", dest="images", type=Path, nargs="+", default=[], help="query image files")
+    p.add_argument("--id", dest="ids", nargs="+", default=[], help="query by ids of the store")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--weights", type=Path, default=None, help="the checkpoint, for stores made with --weights")
+
+    p = sub.add_parser("bench", help="backbones x one data set -> leaderboard CSV + markdown (stores cached)")
+    p.add_argument("--data", required=True, help="as for extract")
+    p.add_argument("--backbones", required=True, type=_names, help="comma-separated backbone names")
+    p.add_argument("--out-dir", type=Path, default=Path("data/bench"))
+    p.add_argument("--head", choices=list(HEADS), default="logreg")
+    p.add_argument("--k", type=int, default=20, help="kNN k for the leaderboard (weighted vote, T=0.07)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--device", default="auto")
+
+
+def cmd_probe(args: argparse.Namespace) -> None:
+    from pipeline.probes import run_probe
+    from pipeline.report import format_table
+
+    result, out = run_probe(ProbeConfig(store=args.store, out=args.out, head=args.head, grid=args.grid,
+                                        val_fraction=args.val_fraction, seed=args.seed, shots=args.shots,
+                                        seeds=args.seeds, device=args.device, report=not args.no_report))
+    print(format_table(result, None))
+    files = [f"results: {out}"] + ([f"head: {result['head_file']}"] if "head_file" in result else [])
+    files += [f"report: {result['report'][1]}"] if result.get("report") else []
+    print("  ".join(files))
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    import csv
+    import sys
+
+    from pipeline.probes import load_head, predict_images, predict_store
+
+    if bool(args.images) == bool(args.store):
+        raise PipelineError("give image files or --store (one of them)")
+    if args.top < 1:
+        raise PipelineError(f"--top must be >= 1, got {args.top}")
+    head = load_head(args.head)
+    rows = predict_store(head, args.store, top=args.top) if args.store else \
+        predict_images(head, args.images, top=args.top, device=args.device, weights_path=args.weights)
+    out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115 - closed below
+    try:
+        writer = csv.writer(out)
+        writer.writerow(["id", *[f"{what}_{i}" for i in range(1, args.top + 1) for what in ("class", "score")]])
+        for r in rows:
+            writer.writerow([r["id"], *[v for name, score in r["predictions"] for v in (name, f"{score:.4f}")]])
+    finally:
+        if args.out:
+            out.close()
+            print(f"{len(rows)} predictions: {args.out}")
+
+
+def cmd_knn(args: argparse.Namespace) -> None:
+    from pipeline.knn import run_knn
+    from pipeline.report import format_table, markdown_table
+
+    ks = args.ks or (DINOV2_KS if args.preset == "dinov2" else DEFAULT_KS)
+    temperature = args.temperature if args.temperature is not None else DINOV2_TEMPERATURE
+    result, out = run_knn(KnnConfig(store=args.store, out=args.out, ks=tuple(ks), temperature=temperature,
+                                    loo=args.loo, loo_split=args.loo_split, report=not args.no_report))
+    print(f"{result['mode']}: {result['n_queries']} queries, {result['n_bank']} rows searched")
+    print(format_table(None, result))
+    if result["retrieval"]:
+        print(markdown_table(("k", "recall@k %", "mAP@k %"),
+                             [(k, f"{100 * m['recall']:.2f}", f"{100 * m['map']:.2f}")
+                              for k, m in result["retrieval"].items()]))
+    print(f"results: {out}" + (f"  report: {result['report'][1]}" if result.get("report") else ""))
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from pipeline.index import build_index, load_index, update_index
+
+    if args.index_command == "info":
+        print(json.dumps(asdict(load_index(args.index).infos), indent=2))
+        return
+    if args.index_command == "add":
+        infos = update_index(args.index, store=args.store)
+        out = args.index
+    else:
+        infos = build_index(args.store, args.out, kind=args.kind, memory_budget=args.memory_budget,
+                            target_recall=args.target_recall, splits=tuple(args.splits) if args.splits else None,
+                            queries=args.queries)
+        out = args.out
+    setting = f", {infos.search_param}={infos.search_value}" if infos.search_param else ""
+    print(f"{out}: {infos.factory} over {infos.rows} rows ({infos.reason}){setting}; recall@10 "
+          f"{infos.recall_at_10:.4f} on {infos.tuning_queries} queries, {infos.ms_per_query:.3f} ms/query, about "
+          f"{infos.memory_estimate / 2**20:.1f} MiB")
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from pipeline.retrieval import search_store
+
+    hits = search_store(index=args.index, store=args.store, images=args.images, ids=args.ids, k=args.k,
+                        device=args.device, weights_path=args.weights)
+    if args.json:
+        print(json.dumps(hits, indent=2))
+        return
+    for query in hits:
+        print(f"query {query['query']}:")
+        for rank, h in enumerate(query["hits"], 1):
+            print(f"  {rank:3d}  {h['score']:.4f}  {h['id']}  {h['label'] or ''}  {h['path'] or ''}".rstrip())
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline.bench import run_bench
+
+    rows, csv_path, md_path = run_bench(args.data, args.backbones, args.out_dir, head=args.head, k=args.k,
+                                        extract={"batch_size": args.batch_size, "workers": args.workers,
+                                                 "device": args.device}, progress=not args.quiet)
+    print(md_path.read_text())
+    print(f"leaderboard: {csv_path}  {md_path}")
+    failed = [r for r in rows if r.error]
+    return 1 if failed else 0
+
+
+COMMANDS = {"probe": cmd_probe, "predict": cmd_predict, "knn": cmd_knn, "index": cmd_index, "search": cmd_search,
+            "bench": cmd_bench}

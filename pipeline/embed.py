@@ -1,0 +1,107 @@
+"""Things outside a store, in the store's feature space: new image files embedded by the store's own backbone, and
+the images behind a store's ids (its source re-opened), for `predict`, `search` and the reports' image grids."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.backbones import PRE_LOGITS, Backbone, create_backbone
+from pipeline.datasets import MAX_ASPECT, Decoding, decode, read_file
+from pipeline.errors import PipelineError
+from pipeline.extract import l2_normalize
+from pipeline.sources import Source, open_source
+
+log = logging.getLogger(__name__)
+
+
+def backbone_for(attrs: dict[str, Any], *, device: str = "auto", weights_path: str | Path | None = None) -> Backbone:
+    """The backbone that produced a store (or a head's features), checked to give the same features: same name,
+    weights, layer and preprocessing. A store made from a local checkpoint needs that checkpoint again."""
+    layer = attrs.get("layer") or PRE_LOGITS
+    backbone = create_backbone(attrs["backbone"], device=device, random_init=bool(attrs.get("random_init", False)),
+                               weights_path=weights_path, layer=None if layer == PRE_LOGITS else layer.split(":")[0],
+                               precision="auto")
+    if backbone.weights != attrs["weights"]:
+        raise PipelineError(f"the features come from {attrs['backbone']} weights {attrs['weights']!r}, but here that "
+                            f"name gives {backbone.weights!r}; pass --weights with the checkpoint used to extract them")
+    if json.loads(backbone.preprocessing_json()) != json.loads(attrs["preprocessing"]):
+        raise PipelineError(f"{attrs['backbone']} preprocesses differently here than when the features were "
+                            "extracted (timm/torchvision version change?); re-extract the store")
+    return backbone
+
+
+def decoding_for(backbone: Backbone) -> Decoding:
+    """The decoding policy extraction uses for this backbone (the aspect guard only for centre crops)."""
+    centre = backbone.data_config.get("crop_mode", "center") == "center"
+    return Decoding(max_aspect=MAX_ASPECT if centre else None)
+
+
+def embed_files(paths: Iterable[str | Path], backbone: Backbone, *, batch_size: int = 32) -> np.ndarray:
+    """L2-normalised features [n, dim] of image files, in order. An unreadable file is an error naming it."""
+    decoding = decoding_for(backbone)
+    tensors = []
+    for path in paths:
+        try:
+            image, _ = decode(read_file(path), decoding)
+        except Exception as exc:  # noqa: BLE001 - any decode problem is the user's file: say which and why
+            raise PipelineError(f"cannot read the image {path}: {type(exc).__name__}: {exc}") from None
+        tensors.append(backbone.transform(image))
+    if not tensors:
+        raise PipelineError("no image files given")
+    out = [l2_normalize(backbone.features(torch.stack(tensors[i:i + batch_size]))).cpu().numpy()
+           for i in range(0, len(tensors), batch_size)]
+    return np.concatenate(out).astype(np.float32)
+
+
+def source_for(attrs: dict[str, Any]) -> Source:
+    """Re-open the image source a store was extracted from (the same listing options), to find its images."""
+    data = attrs.get("data") or attrs.get("data_root")
+    if not data:
+        raise PipelineError("the store does not record its image source")
+    options = json.loads(attrs.get("data_options", "{}"))
+    return open_source(data, root=options.get("root"), test_fraction=options.get("test_fraction", 0.3),
+                       seed=options.get("seed", 0))
+
+
+def images_for_ids(attrs: dict[str, Any], ids: Iterable[str], *, size: int = 96) -> dict[str, Image.Image]:
+    """Thumbnails (RGB, longest side `size`) of the images behind some ids of a store; ids whose image cannot be
+    found or read are left out (the caller says so), since results stand without their pictures."""
+    wanted = list(dict.fromkeys(ids))
+    source = source_for(attrs)
+    position = {s.id: i for i, s in enumerate(source.samples)}
+    decoding = Decoding(max_aspect=None)
+    out = {}
+    for id_ in wanted:
+        if id_ not in position:
+            continue
+        try:
+            image, _ = decode(source.reader.read(source.locators([position[id_]])[0]), decoding)
+        except Exception as exc:  # noqa: BLE001 - a picture that cannot be shown is not an error of the results
+            log.warning("cannot show %s: %s", id_, exc)
+            continue
+        image.thumbnail((size, size), Image.Resampling.LANCZOS if max(image.size) > size else Image.Resampling.NEAREST)
+        if max(image.size) < size:  # tiny images (digits are 8x8): enlarge with visible pixels
+            scale = size // max(image.size)
+            image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+        out[id_] = image
+    return out
+
+
+def paths_for_ids(attrs: dict[str, Any], ids: Iterable[str]) -> dict[str, str]:
+    """Where each id's image lives (the file; for tar shards `shard.tar:key`), as far as the source still lists it."""
+    try:
+        source = source_for(attrs)
+    except PipelineError as exc:
+        log.warning("image paths unavailable: %s", exc)
+        return {}
+    wanted = set(ids)
+    return {s.id: str(s.path) if s.locator is None or source.kind != "tar" else f"{s.path}:{s.id}"
+            for s in source.samples if s.id in wanted}

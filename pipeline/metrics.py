@@ -1,0 +1,58 @@
+"""Classification and retrieval metrics, shared by the probes, kNN and the reports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, top_k_accuracy_score
+
+
+def classification_metrics(y_true: np.ndarray, scores: np.ndarray, classes: np.ndarray,
+                           class_names: list[str]) -> dict[str, Any]:
+    """Top-1, top-5 (when there are more than 5 classes), balanced accuracy, macro-F1, per-class accuracy and the
+    confusion matrix (rows: true class, columns: predicted, both over `classes`).
+
+    `scores` is [n, len(classes)], column j scoring `classes[j]`. Macro-F1 averages over the classes present in
+    `y_true`, so a class absent from the test set neither helps nor hurts.
+    """
+    y_pred = classes[np.argmax(scores, axis=1)]
+    per_class = {class_names[cls]: float(np.mean(y_pred[y_true == cls] == cls)) for cls in np.unique(y_true)}
+    top5 = None
+    if len(classes) > 5:
+        top5 = float(top_k_accuracy_score(y_true, scores, k=5, labels=classes))
+    return {
+        "top1": float(np.mean(y_pred == y_true)),
+        "top5": top5,
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=np.unique(y_true), average="macro", zero_division=0)),
+        "per_class_accuracy": per_class,
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=classes).tolist(),
+        "n": int(len(y_true)),
+    }
+
+
+def retrieval_metrics(neighbour_labels: np.ndarray, query_labels: np.ndarray, relevant: np.ndarray, *,
+                      ks: tuple[int, ...]) -> dict[str, dict[str, float]]:
+    """Label-based retrieval metrics for ranked neighbours [Q, K] (best first).
+
+    A hit is a neighbour with the query's label; `relevant` [Q] counts the query's possible hits in the searched set.
+    - recall@k: share of queries with at least one hit in the top k (the metric-learning convention);
+    - precision@k: mean share of hits in the top k;
+    - mAP@k: mean over queries of AP@k = sum_{i<=k} precision@i * hit_i / min(k, relevant).
+    Queries with no possible hit are left out (they would score 0 whatever the features).
+    """
+    keep = relevant > 0
+    hits = (neighbour_labels[keep] == query_labels[keep, None]).astype(np.float64)
+    relevant = relevant[keep]
+    out: dict[str, dict[str, float]] = {}
+    for k in sorted(set(ks)):
+        if k > hits.shape[1]:
+            continue
+        top = hits[:, :k]
+        precision_at_i = np.cumsum(top, axis=1) / np.arange(1, k + 1)
+        ap = (precision_at_i * top).sum(axis=1) / np.minimum(k, relevant)
+        out[str(k)] = {"recall": float(np.mean(top.any(axis=1))) if len(top) else 0.0,
+                       "precision": float(np.mean(top.mean(axis=1))) if len(top) else 0.0,
+                       "map": float(np.mean(ap)) if len(top) else 0.0}
+    return out

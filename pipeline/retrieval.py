@@ -1,0 +1,93 @@
+"""`search`: the nearest images of a store to query image files or ids, through a saved index or exact search."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.index import build_flat_index, load_index, search
+from pipeline.store import iter_store, read_attrs, read_columns
+
+
+def features_for_ids(store: str | Path, ids: list[str]) -> np.ndarray:
+    """Features of some ids of a store, in the order given, streaming the store."""
+    wanted = {i: n for n, i in enumerate(ids)}
+    out = np.full((len(ids), 0), np.nan, dtype=np.float32)
+    found = np.zeros(len(ids), dtype=bool)
+    for block in iter_store(store):
+        if out.shape[1] == 0:
+            out = np.zeros((len(ids), block.features.shape[1]), dtype=np.float32)
+        for row, id_ in enumerate(block.ids):
+            if id_ in wanted:
+                out[wanted[id_]] = block.features[row]
+                found[wanted[id_]] = True
+    if not found.all():
+        missing = [i for i, f in zip(ids, found, strict=True) if not f]
+        raise PipelineError(f"{len(missing)} id(s) not in {store} (e.g. {missing[:3]}); ids are as in "
+                            "`store info` / the results files, e.g. train/3/digit_0003.png")
+    return out
+
+
+def search_store(*, index: str | Path | None = None, store: str | Path | None = None,
+                 images: list[str | Path] = (), ids: list[str] = (), k: int = 10, device: str = "auto",
+                 weights_path: str | Path | None = None) -> list[dict[str, Any]]:
+    """Top-k hits (id, score, label, split, path) for each query image file and each query id.
+
+    With `index`, its saved (possibly approximate) index is searched; otherwise an exact index over the whole
+    store. Image files go through the store's own backbone (checked to reproduce its weights and preprocessing).
+    """
+    if not images and not ids:
+        raise PipelineError("nothing to search for; give --image FILE... and/or --id ID...")
+    if k < 1:
+        raise PipelineError(f"--k must be >= 1, got {k}")
+    loaded = load_index(index) if index is not None else None
+    if store is None:
+        if loaded is None:
+            raise PipelineError("give --index or --store (the store to search)")
+        store = loaded.infos.store
+    attrs = read_attrs(store)
+    columns = read_columns(store, "ids", "labels", "splits")
+    if loaded is not None:
+        if attrs.get("cache_key") != loaded.infos.cache_key:
+            raise PipelineError(f"{store} holds other features than the index {index} was built from; pass the "
+                                "index's own store, or rebuild the index")
+        faiss_index, row_ids = loaded.index, loaded.ids
+    else:
+        faiss_index = build_flat_index(np.concatenate([b.features for b in iter_store(store)]))
+        row_ids = columns["ids"]
+
+    queries, names = [], []
+    if images:
+        from pipeline.embed import backbone_for, embed_files
+
+        backbone = backbone_for(attrs, device=device, weights_path=weights_path)
+        queries.append(embed_files(images, backbone))
+        names += [str(p) for p in images]
+    if ids:
+        queries.append(features_for_ids(store, list(ids)))
+        names += list(ids)
+    sims, idx = search(faiss_index, np.concatenate(queries), min(k, faiss_index.ntotal))
+
+    from pipeline.embed import paths_for_ids
+
+    position = {i: n for n, i in enumerate(columns["ids"])}
+    class_names = json.loads(attrs["class_names"])
+    hit_ids = {row_ids[j] for j in idx.reshape(-1) if j >= 0}
+    paths = paths_for_ids(attrs, hit_ids)
+    results = []
+    for name, row_sims, row_idx in zip(names, sims, idx, strict=True):
+        hits = []
+        for score, j in zip(row_sims, row_idx, strict=True):
+            if j < 0:  # an approximate index may find fewer than k
+                continue
+            id_ = row_ids[j]
+            n = position.get(id_)
+            label = int(columns["labels"][n]) if n is not None else -1
+            hits.append({"id": id_, "score": float(score), "label": class_names[label] if label >= 0 else None,
+                         "split": columns["splits"][n] if n is not None else None, "path": paths.get(id_)})
+        results.append({"query": name, "hits": hits})
+    return results
