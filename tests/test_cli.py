@@ -53,19 +53,20 @@ def test_unknown_backbone(tmp_path, capsys):
     _assert_one_line_error(code, err, "unknown backbone", "efficientnet_lite0", "python -m pipeline backbones")
 
 
-@pytest.mark.parametrize("command", ["probe", "knn"])
+@pytest.mark.parametrize("command", ["probe", "knn", "index build --out IX", "search --id x"])
 def test_store_errors(tmp_path, capsys, command):
-    code, _, err = _run(capsys, command, "--store", str(tmp_path / "none.h5"))
+    command = command.replace("IX", str(tmp_path / "ix")).split()
+    code, _, err = _run(capsys, *command, "--store", str(tmp_path / "none.h5"))
     _assert_one_line_error(code, err, "no feature store", "python -m pipeline extract")
     (tmp_path / "text.h5").write_text("hi")
-    code, _, err = _run(capsys, command, "--store", str(tmp_path / "text.h5"))
+    code, _, err = _run(capsys, *command, "--store", str(tmp_path / "text.h5"))
     _assert_one_line_error(code, err, "not an HDF5")
     with h5py.File(tmp_path / "foreign.h5", "w") as f:
         f["x"] = np.arange(3)
-    code, _, err = _run(capsys, command, "--store", str(tmp_path / "foreign.h5"))
+    code, _, err = _run(capsys, *command, "--store", str(tmp_path / "foreign.h5"))
     _assert_one_line_error(code, err, "not a feature store")
     (tmp_path / "half.h5.partial").write_bytes(b"")
-    code, _, err = _run(capsys, command, "--store", str(tmp_path / "half.h5"))
+    code, _, err = _run(capsys, *command, "--store", str(tmp_path / "half.h5"))
     _assert_one_line_error(code, err, "not complete", "run extract again")
 
 
@@ -84,14 +85,47 @@ def test_extract_probe_knn_happy_path(tmp_path, capsys, small_digits_root):
     code, out, _ = _run(capsys, "extract", "--data", str(small_digits_root), "--out", str(store), *TINY)
     assert code == 0 and "no forward pass" in out
     code, out, _ = _run(capsys, "probe", "--store", str(store), "--C", "0.1,1")
-    assert code == 0 and "linear probe" in out
+    assert code == 0 and "logreg probe" in out
     probe = json.loads((tmp_path / "s.probe.json").read_text())
-    assert probe["chosen_C"] in (0.1, 1.0) and (tmp_path / "s.probe.head.joblib").exists()
+    assert probe["chosen"] in (0.1, 1.0) and (tmp_path / "s.probe.head.joblib").exists()
+    assert (tmp_path / "s.probe.html").exists()
+    code, out, _ = _run(capsys, "probe", "--store", str(store), "--head", "ridge", "--shots", "2", "--seeds", "0,1",
+                        "--out", str(tmp_path / "few.json"), "--no-report")
+    assert code == 0 and "2-shot ridge (2 seeds)" in out and not (tmp_path / "few.html").exists()
     code, out, _ = _run(capsys, "knn", "--store", str(store), "--k", "1,5", "--out", str(tmp_path / "k.json"))
     assert code == 0 and "kNN k=5 weighted" in out
     assert set(json.loads((tmp_path / "k.json").read_text())["by_k"]) == {"1", "5"}
     code, _, err = _run(capsys, "knn", "--store", str(store), "--k", "500")
     _assert_one_line_error(code, err, "larger than")
+
+    head = tmp_path / "s.probe.head.joblib"
+    image = next((small_digits_root / "test" / "3").glob("*.png"))
+    code, out, err = _run(capsys, "predict", "--head", str(head), str(image), "--top", "2")
+    assert code == 0, err
+    assert out.splitlines()[0] == "id,class_1,score_1,class_2,score_2" and str(image) in out
+    code, _, err = _run(capsys, "predict", "--head", str(head))
+    _assert_one_line_error(code, err, "give image files or --store")
+    code, _, err = _run(capsys, "predict", "--head", str(head), str(tmp_path / "missing.png"))
+    _assert_one_line_error(code, err, "cannot read the image", "missing.png")
+
+    code, out, err = _run(capsys, "index", "build", "--store", str(store), "--out", str(tmp_path / "ix"))
+    assert code == 0 and "Flat over 100 rows" in out, err
+    code, out, _ = _run(capsys, "index", "info", str(tmp_path / "ix"))
+    assert code == 0 and json.loads(out)["rows"] == 100
+    code, out, _ = _run(capsys, "search", "--index", str(tmp_path / "ix"), "--image", str(image), "--k", "3")
+    assert code == 0 and out.splitlines()[1].split()[2] == image.relative_to(small_digits_root).as_posix()
+    code, _, err = _run(capsys, "index", "build", "--store", str(store), "--out", str(tmp_path / "pq"), "--type",
+                        "ivf-pq")
+    _assert_one_line_error(code, err, "at least 256 rows")
+
+
+def test_memory_budget_sizes():
+    from pipeline.cli_eval import memory_size
+
+    assert memory_size("4GiB") == 4 * 2**30 and memory_size("512MB") == 512 * 10**6 and memory_size("1000") == 1000
+    for bad in ("lots", "-1GB", "4 parsecs"):
+        with pytest.raises(Exception, match="expected a size such as 4GB"):
+            memory_size(bad)
 
 
 def test_backbones_command_lists_and_marks_weights(capsys):

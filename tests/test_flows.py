@@ -37,7 +37,8 @@ def test_demo_flow_end_to_end(tmp_path, prefect_harness):
     assert results["extraction"]["rows"] == 100 and not results["extraction"]["skipped"]
     assert 0.0 <= results["probe"]["test_top1"] <= 1.0 and "20" in results["knn"]["by_k"]
     report = Path(outcome["report"]).read_text()
-    assert "linear probe" in report and "kNN k=20 weighted" in report
+    assert "logreg probe" in report and "kNN k=20 weighted" in report
+    assert "data:image/png;base64," in Path(outcome["html"]).read_text()
     assert (tmp_path / "stores" / "digits-5pc__efficientnet_lite0.h5").exists()
 
     again = demo_flow(data_dir=str(tmp_path), per_class=5, workers=0, progress=False)
