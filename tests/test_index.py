@@ -168,7 +168,7 @@ def test_search_by_ids_and_image_files(digits_store, digits_root, digits_fs, tmp
     assert hit["label"] == digits_fs.class_names[digits_fs.labels[900]] and hit["split"] == digits_fs.splits[900]
     assert hit["path"] == str(digits_root.resolve() / some[1])
     assert len(first_id["hits"]) == 5 and all(a["score"] >= b["score"] for a, b in
-                                              zip(first_id["hits"], first_id["hits"][1:]))
+                                              zip(first_id["hits"], first_id["hits"][1:], strict=False))
     exact = search_store(store=digits_store, ids=some, k=5)  # without an index: exact search, same neighbours here
     assert [h["id"] for h in exact[0]["hits"]] == [h["id"] for h in first_id["hits"]]
     with pytest.raises(PipelineError, match="not in"):
