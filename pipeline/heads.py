@@ -64,8 +64,7 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
             return loss
 
         optimizer.step(closure)
-        state = optimizer.state[optimizer._params[0]]
-        self.n_iter_ = int(state.get("n_iter", 0))
+        self.n_iter_ = int(optimizer.state[weight].get("n_iter", 0))  # L-BFGS keeps its state on the first param
         self.converged_ = self.n_iter_ < self.max_iter
         self.coef_ = weight.detach().T.contiguous().cpu().numpy()
         self.intercept_ = bias.detach().cpu().numpy()

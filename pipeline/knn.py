@@ -146,8 +146,7 @@ def run_knn(config: KnnConfig) -> tuple[dict[str, Any], Path]:
                           loo_split=config.loo_split, retrieval_ks=config.retrieval_ks)
     result.update(fs.provenance())
     out = Path(config.out) if config.out else default_results_path(Path(config.store), "knn")
-    save_json(out, result)
     if config.report:
         result["report"] = [str(p) for p in write_report(out.with_suffix(""), fs=fs, knn=result)]
-        save_json(out, result)
+    save_json(out, result)
     return result, out

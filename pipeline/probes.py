@@ -149,6 +149,10 @@ def fit_few_shot(fs: FeatureSet, *, shots: tuple[int, ...], seeds: tuple[int, ..
     test = fs.mask("test") & labelled
     if not test.any():
         raise PipelineError(f"{fs.path} has no labelled test split for the few-shot probes")
+    unseen = sorted(set(np.unique(fs.labels[test])) - set(np.unique(fs.labels[pool])))
+    if unseen:
+        raise PipelineError(f"test classes {[fs.class_names[i] for i in unseen[:5]]} have no train/val images to "
+                            "draw shots from")
     x, y = fs.features, fs.labels
     start = time.perf_counter()
     by_shots: dict[str, Any] = {}
@@ -160,11 +164,7 @@ def fit_few_shot(fs: FeatureSet, *, shots: tuple[int, ...], seeds: tuple[int, ..
                                 device=device)
             model = spec.make(best, max_iter=max_iter, seed=seed, device=device)
             fit_quietly(model, x[train], y[train])
-            scores = class_scores(model, x[test])
-            missing = np.setdiff1d(np.arange(len(fs.class_names)), model.classes_)
-            if len(missing):  # a class with no shots: never predicted
-                raise PipelineError(f"classes {missing[:5].tolist()} have no training images for the few-shot probe")
-            m = classification_metrics(y[test], scores, model.classes_, fs.class_names)
+            m = classification_metrics(y[test], class_scores(model, x[test]), model.classes_, fs.class_names)
             runs.append({"seed": seed, "chosen": best, "top1": m["top1"], "balanced_accuracy": m["balanced_accuracy"],
                          "macro_f1": m["macro_f1"]})
         top1 = np.array([r["top1"] for r in runs])
@@ -203,10 +203,9 @@ def run_probe(config: ProbeConfig) -> tuple[dict[str, Any], Path]:
         head_path = out.with_name(f"{out.stem}.head.joblib")
         result.update(fs.provenance(), head_file=str(head_path))
         save_head(head_path, model, fs=fs, result=result)
-    save_json(out, result)
     if config.report:
         result["report"] = [str(p) for p in write_report(out.with_suffix(""), fs=fs, probe=result)]
-        save_json(out, result)
+    save_json(out, result)
     return result, out
 
 
