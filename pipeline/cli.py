@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_non_negative_int, default=None)
     p.add_argument("--device", default="auto")
 
+    p = sub.add_parser("run", help="run a YAML config once (data sets x backbones -> stores, evaluations, "
+                                   "indexes, leaderboards) as a Prefect flow")
+    p.add_argument("config", type=Path)
+    p = sub.add_parser("serve", help="serve a YAML config on its cron schedule (Prefect serve; Ctrl-C stops)")
+    p.add_argument("config", type=Path)
+
     p = sub.add_parser("store", help="inspect or verify a feature store")
     store_sub = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
     q = store_sub.add_parser("info", help="rows, dim, backbone, splits, classes, failures, completeness, size")
@@ -151,6 +157,38 @@ def _cmd_demo(args: argparse.Namespace) -> None:
                              progress=not args.quiet)
     print(outcome["table"])
     print(f"results: {outcome['results']}  report: {outcome['report']}  {outcome['html']}")
+
+
+def _prefect_logging(args: argparse.Namespace) -> None:
+    """Prefect's console logging follows --quiet/--verbose, and shows the library's own (standard) loggers."""
+    import os
+
+    os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING" if args.quiet else "DEBUG" if args.verbose else "INFO"
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    import importlib
+
+    from pipeline.run_config import load_run_config
+
+    config = load_run_config(args.config)
+    _prefect_logging(args)
+    flows = importlib.import_module("flows.pipeline_flows")  # Prefect only here: pipeline/ stays free of it
+    outcome = flows.run_pipeline(config)
+    for result in outcome["datasets"]:
+        print(Path(result["leaderboard_md"]).read_text())
+        print(f"leaderboard: {result['leaderboard_csv']}  {result['leaderboard_md']}")
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import importlib
+
+    from pipeline.run_config import load_run_config
+
+    config = load_run_config(args.config)
+    _prefect_logging(args)
+    importlib.import_module("flows.pipeline_flows").serve(config, config_path=str(args.config))
 
 
 def _cmd_store(args: argparse.Namespace) -> int:
@@ -199,8 +237,8 @@ def _cmd_backbones(args: argparse.Namespace) -> None:
 def _commands() -> dict:
     from pipeline import cli_eval
 
-    return {"extract": _cmd_extract, "demo": _cmd_demo, "store": _cmd_store, "backbones": _cmd_backbones,
-            **cli_eval.COMMANDS}
+    return {"extract": _cmd_extract, "demo": _cmd_demo, "run": _cmd_run, "serve": _cmd_serve, "store": _cmd_store,
+            "backbones": _cmd_backbones, **cli_eval.COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -186,6 +186,22 @@ def _read_failed(f: h5py.File) -> dict[str, str]:
     return dict(zip(f["failed/ids"].asstr()[...], f["failed/reasons"].asstr()[...], strict=True))
 
 
+def read_features(path: str | Path, rows: np.ndarray) -> np.ndarray:
+    """Features (float32) of some rows of a complete store, given as increasing row numbers."""
+    path = Path(path)
+    with _open_checked(path) as f:
+        _check_complete(path, f)
+        return f["features"][np.asarray(rows, dtype=np.int64)].astype(np.float32, copy=False)
+
+
+def read_failed(path: str | Path) -> dict[str, str]:
+    """The images a complete store records as failed: id -> reason."""
+    path = Path(path)
+    with _open_checked(path) as f:
+        _check_complete(path, f)
+        return _read_failed(f)
+
+
 def read_attrs(path: str | Path) -> dict[str, Any]:
     """The attributes of a store (complete or not), after checking that it is a feature store."""
     with _open_checked(Path(path)) as f:

@@ -1,0 +1,305 @@
+"""The scheduled pipeline as Prefect flows: recipes of `pipeline` calls, configured by one YAML file.
+
+- `extract_features`: a data set x backbones, one task per backbone; each store's cache key makes a rerun a no-op
+  and an incremental run compute only new images. With `extract.shards > 1` each extraction is split into parts run
+  by a Dask task runner (one worker per part, or per GPU) and merged into one store.
+- `evaluate`: probe + kNN + FAISS index on one store, with the results table and report links as artifacts.
+- `benchmark`: backbones x data set -> leaderboard (table and markdown artifacts, CSV and markdown files).
+- `run_pipeline`: the top-level flow, one benchmark per data set of a `RunConfig`.
+Tasks retry only on I/O errors (OSError); they pass paths and small dicts, never arrays.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from pipeline.bench import LeaderboardRow, leaderboard_markdown, slug, write_leaderboard
+from pipeline.config import ExtractConfig, KnnConfig, ProbeConfig
+from pipeline.errors import PipelineError
+from pipeline.run_config import DatasetSpec, ExtractSpec, IndexSpec, KnnSpec, ProbeSpec, RunConfig
+
+DEFAULT_EXTRACT, DEFAULT_PROBE, DEFAULT_KNN, DEFAULT_INDEX = ExtractSpec(), ProbeSpec(), KnnSpec(), IndexSpec()
+
+
+def _retry_on_io(task_: Any, task_run: Any, state: Any) -> bool:
+    """Retry a task only when it failed on I/O (a flaky disk or network share), never on bad input or bugs."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except Exception:  # noqa: BLE001 - anything else is not worth retrying
+        return False
+    return False
+
+
+def _key(*parts: str) -> str:
+    """An artifact key: lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def _param(name: str, field: str) -> str:
+    value = flow_run.parameters.get(name)
+    return str(value.get(field) if isinstance(value, dict) else getattr(value, field, value))
+
+
+def _extract_run_name() -> str:
+    return f"extract-{_param('dataset', 'name')}-{len(flow_run.parameters.get('backbones', []))}-backbones"
+
+
+def _benchmark_run_name() -> str:
+    return f"benchmark-{_param('dataset', 'name')}"
+
+
+def _pipeline_run_name() -> str:
+    return f"{_param('config', 'name')}-{time.strftime('%Y%m%d-%H%M')}"
+
+
+def store_path(output_dir: str, dataset: DatasetSpec, backbone: str) -> Path:
+    return Path(output_dir) / "stores" / f"{dataset.name}__{slug(backbone)}.h5"
+
+
+def _extract_config(dataset: DatasetSpec, backbone: str, out: Path, spec: ExtractSpec) -> ExtractConfig:
+    return ExtractConfig(data=dataset.data, out=out, backbone=backbone, batch_size=spec.batch_size,
+                         workers=spec.workers, device=spec.device, test_fraction=dataset.test_fraction,
+                         seed=dataset.seed, root=Path(dataset.root) if dataset.root else None,
+                         random_init=spec.random_init,
+                         progress=sys.stderr.isatty() and os.environ.get("PREFECT_LOGGING_LEVEL") != "WARNING")
+
+
+def _summary(result: Any) -> dict:
+    summary = dataclasses.asdict(result)
+    summary["failures"] = summary["failures"][:20]
+    summary["summary"] = result.summary()
+    return summary
+
+
+@task(name="extract", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE,
+      task_run_name="extract-{backbone}")
+def extract_store(dataset: DatasetSpec, backbone: str, out: str, spec: ExtractSpec) -> dict:
+    """One backbone over one data set into its store, with a progress artifact while it runs."""
+    from pipeline.extract import extract_to_store
+
+    artifact = create_progress_artifact(0.0, key=_key("progress", dataset.name, slug(backbone)),
+                                        description=f"extracting {dataset.name} with {backbone}")
+    context = contextvars.copy_context()  # the callback runs in the writer thread: give it this run's context
+    last = [0.0]
+
+    def on_progress(done: int, total: int) -> None:
+        percent = 100.0 * done / max(total, 1)
+        if percent - last[0] >= 5 or done == total:
+            last[0] = percent
+            context.run(update_progress_artifact, artifact, percent)
+
+    result = extract_to_store(_extract_config(dataset, backbone, Path(out), spec), on_progress=on_progress)
+    update_progress_artifact(artifact, 100.0)
+    return _summary(result)
+
+
+@task(name="extract-part", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE,
+      task_run_name="extract-{backbone}-part-{part}")
+def extract_part_task(dataset: DatasetSpec, backbone: str, out: str, spec: ExtractSpec, part: int) -> dict:
+    from pipeline.shards import extract_part
+
+    return _summary(extract_part(_extract_config(dataset, backbone, Path(out), spec), part, spec.shards))
+
+
+@task(name="merge-parts", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE)
+def merge_task(dataset: DatasetSpec, backbone: str, out: str, spec: ExtractSpec, parts: list[dict]) -> dict:
+    from pipeline.shards import merge_parts
+
+    merged = _summary(merge_parts(_extract_config(dataset, backbone, Path(out), spec), spec.shards))
+    merged["computed"] = sum(p["computed"] for p in parts)
+    merged["skipped"] = all(p["skipped"] for p in parts) and merged["skipped"]
+    return merged
+
+
+def dask_runner(workers: int) -> Any:
+    """A local Dask cluster with one single-threaded worker process per part. Workers are not daemonic, so an
+    extraction inside one can still start its decode processes."""
+    import dask
+    from prefect_dask import DaskTaskRunner
+
+    dask.config.set({"distributed.worker.daemon": False})
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
+@flow(name="extract-sharded", flow_run_name="extract-sharded-{backbone}")
+def extract_sharded(dataset: DatasetSpec, backbone: str, out: str, spec: ExtractSpec) -> dict:
+    """The parts of one extraction in parallel on the flow's task runner, then merged into `out`."""
+    futures = [extract_part_task.submit(dataset, backbone, out, spec, k) for k in range(spec.shards)]
+    parts = [f.result() for f in futures]
+    return merge_task(dataset, backbone, out, spec, parts)
+
+
+@flow(name="extract-features", flow_run_name=_extract_run_name)
+def extract_features(dataset: DatasetSpec, backbones: list[str], output_dir: str,
+                     extract: ExtractSpec = DEFAULT_EXTRACT) -> list[dict]:
+    """Each backbone over the data set into its own store; computes only what the stores do not hold yet."""
+    logger = get_run_logger()
+    summaries = []
+    for backbone in backbones:
+        out = str(store_path(output_dir, dataset, backbone))
+        try:
+            if extract.shards > 1:
+                sharded = extract_sharded.with_options(task_runner=dask_runner(extract.shards))
+                summary = sharded(dataset, backbone, out, extract)
+            else:
+                summary = extract_store(dataset, backbone, out, extract)
+        except PipelineError as exc:  # one backbone's problem (weights missing, say) must not stop the others
+            logger.error("%s: %s", backbone, exc)
+            summary = {"store": out, "backbone": backbone, "skipped": False, "computed": 0, "error": str(exc),
+                       "summary": f"{backbone} failed: {exc}"}
+        logger.info(summary["summary"])
+        summaries.append(summary)
+    return summaries
+
+
+@task(name="probe", cache_policy=NO_CACHE)
+def probe_task(store: str, out: str, spec: ProbeSpec) -> dict:
+    from pipeline.probes import run_probe
+
+    result, _ = run_probe(ProbeConfig(store=Path(store), out=Path(out), head=spec.head,
+                                      grid=tuple(spec.grid) if spec.grid else None))
+    return result
+
+
+@task(name="knn", cache_policy=NO_CACHE)
+def knn_task(store: str, out: str, spec: KnnSpec) -> dict:
+    from pipeline.knn import run_knn
+
+    result, _ = run_knn(KnnConfig(store=Path(store), out=Path(out), ks=tuple(spec.ks), temperature=spec.temperature))
+    result.pop("examples", None)
+    return result
+
+
+@task(name="index", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE)
+def index_task(store: str, out: str, spec: IndexSpec) -> dict:
+    """Add the store's new rows to its index (or build it the first time, or when the features changed)."""
+    from pipeline.cli_eval import memory_size
+    from pipeline.index import build_index, load_index, update_index
+    from pipeline.store import read_attrs
+
+    try:
+        current = load_index(out).infos.cache_key == read_attrs(store)["cache_key"]
+    except PipelineError:
+        current = False
+    if current:
+        infos = update_index(out, store=store)
+    else:
+        infos = build_index(store, out, kind=spec.kind, memory_budget=memory_size(spec.memory_budget),
+                            target_recall=spec.target_recall)
+    return dataclasses.asdict(infos) | {"path": out}
+
+
+def _evaluate_run_name() -> str:
+    return f"evaluate-{Path(str(flow_run.parameters.get('store'))).stem}"
+
+
+@flow(name="evaluate", flow_run_name=_evaluate_run_name)
+def evaluate(store: str, results_dir: str, probe: ProbeSpec = DEFAULT_PROBE, knn: KnnSpec = DEFAULT_KNN,
+             index: IndexSpec = DEFAULT_INDEX) -> dict:
+    """Probe, kNN and index on one store; the results table and links to the reports as artifacts."""
+    from pipeline.report import HEADER, markdown_table, results_rows
+
+    stem = Path(results_dir) / Path(store).stem
+    probe_result = probe_task(store, str(stem.with_suffix(".probe.json")), probe) if probe.enabled else None
+    knn_result = knn_task(store, str(stem.with_suffix(".knn.json")), knn) if knn.enabled else None
+    index_result = index_task(store, str(Path(results_dir).parent / "indexes" / Path(store).stem), index) \
+        if index.enabled else None
+    name = Path(store).stem
+    lines = [f"# {name}", "", markdown_table(HEADER, results_rows(probe_result, knn_result)), ""]
+    if index_result:
+        lines.append(f"Index: {index_result['factory']} over {index_result['rows']} rows, recall@10 "
+                     f"{index_result['recall_at_10']:.4f} ({index_result['path']}).")
+    create_markdown_artifact("\n".join(lines), key=_key("results", name), description=f"results for {name}")
+    for result in (probe_result, knn_result):
+        for report in (result or {}).get("report", []):
+            if report.endswith(".html"):
+                create_link_artifact(Path(report).resolve().as_uri(), link_text=Path(report).name,
+                                     key=_key("report", Path(report).stem))
+    return {"store": store, "probe": probe_result, "knn": knn_result, "index": index_result}
+
+
+@flow(name="benchmark", flow_run_name=_benchmark_run_name)
+def benchmark(dataset: DatasetSpec, backbones: list[str], output_dir: str, extract: ExtractSpec = DEFAULT_EXTRACT,
+              probe: ProbeSpec = DEFAULT_PROBE, knn: KnnSpec = DEFAULT_KNN, index: IndexSpec = DEFAULT_INDEX) -> dict:
+    """Backbones x one data set: extract (incrementally), evaluate each store, publish the leaderboard."""
+    from pipeline.store import read_attrs
+
+    logger = get_run_logger()
+    summaries = extract_features(dataset, backbones, output_dir, extract)
+    rows = []
+    k = max(knn.ks)
+    for backbone, summary in zip(backbones, summaries, strict=True):
+        row = LeaderboardRow(backbone, cached=summary["skipped"], store=summary["store"])
+        if summary.get("error"):
+            row.error = summary["error"]
+            rows.append(row)
+            continue
+        try:
+            evaluation = evaluate(summary["store"], str(Path(output_dir) / "results"), probe, knn, index)
+        except PipelineError as exc:
+            row.error = str(exc)
+            logger.error("%s: %s", backbone, exc)
+        else:
+            attrs = read_attrs(summary["store"])
+            row.dim, row.images_per_second = int(attrs["feature_dim"]), attrs.get("images_per_second")
+            if evaluation["probe"]:
+                row.probe_top1 = evaluation["probe"]["test_top1"]
+                row.probe_balanced_accuracy = evaluation["probe"]["test_balanced_accuracy"]
+            if evaluation["knn"]:
+                row.knn_top1 = evaluation["knn"]["by_k"][str(k)]["weighted"]["top1"]
+        rows.append(row)
+    rows.sort(key=lambda r: (r.probe_top1 is None, -(r.probe_top1 or 0.0), -(r.knn_top1 or 0.0)))
+    title = f"{dataset.name}: {probe.head} probe, kNN k={k} weighted (T={knn.temperature:g})"
+    csv_path, md_path = write_leaderboard(rows, Path(output_dir) / f"leaderboard_{dataset.name}", title=title)
+    table = [dataclasses.asdict(r) for r in rows]
+    create_table_artifact(table, key=_key("leaderboard", dataset.name), description=title)
+    create_markdown_artifact(leaderboard_markdown(rows, title=title), key=_key("leaderboard-md", dataset.name))
+    logger.info("leaderboard: %s", md_path)
+    failed = [r for r in rows if r.error]
+    if failed:  # the leaderboard is published; the run still ends failed, so the schedule's owner hears of it
+        raise PipelineError(f"{len(failed)} of {len(rows)} backbones failed on {dataset.name}: "
+                            + "; ".join(f"{r.backbone}: {r.error}" for r in failed))
+    return {"dataset": dataset.name, "leaderboard_csv": str(csv_path), "leaderboard_md": str(md_path),
+            "rows": table, "extraction": summaries}
+
+
+@flow(name="run-pipeline", flow_run_name=_pipeline_run_name)
+def run_pipeline(config: RunConfig) -> dict:
+    """The whole configured run: one benchmark per data set."""
+    results = [benchmark(ds, config.backbones, config.output_dir, config.extract, config.probe, config.knn,
+                         config.index) for ds in config.datasets]
+    return {"name": config.name, "datasets": results}
+
+
+def serve(config: RunConfig, *, config_path: str) -> None:
+    """Serve `run_pipeline` with the config's cron schedule (blocks; Ctrl-C stops it)."""
+    from prefect.schedules import Cron
+
+    from pipeline.errors import ConfigError
+
+    if config.schedule is None:
+        raise ConfigError(f"{config_path} has no 'schedule' (e.g. schedule: {{cron: '0 2 * * *'}}); add one to serve")
+    run_pipeline.serve(name=config.name, schedules=[Cron(config.schedule.cron, timezone=config.schedule.timezone)],
+                       parameters={"config": config.model_dump()}, tags=["featpipe"],
+                       description=f"featpipe run from {config_path}")

@@ -1,0 +1,153 @@
+"""The YAML run configuration: data sets, backbones, extraction, heads, index and schedule, validated by pydantic.
+
+`python -m pipeline run CONFIG.yaml` runs it once; `python -m pipeline serve CONFIG.yaml` serves it on its cron
+schedule. The models are also the Prefect flows' typed parameters, so Prefect validates them and renders a form.
+A bad file is one error line naming each bad field and, where there is a fixed set, the valid choices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.config import DINOV2_KS, DINOV2_TEMPERATURE
+from pipeline.errors import ConfigError
+
+HeadName = Literal["logreg", "torch-logreg", "svm", "ridge", "mlp"]
+IndexKind = Literal["auto", "flat", "hnsw", "ivf-flat", "ivf-pq"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not silently ignored
+
+
+class DatasetSpec(_Strict):
+    """One data set: anything `extract --data` accepts."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="used in file and run names")
+    data: str = Field(description="image folder, manifest, tar shards, or torchvision:NAME")
+    root: str | None = Field(None, description="torchvision:NAME only: the folder holding its files")
+    test_fraction: float = Field(0.3, gt=0, lt=1)
+    seed: int = 0
+
+
+class ExtractSpec(_Strict):
+    batch_size: int = Field(64, ge=1)
+    workers: int | None = Field(None, ge=0, description="decode processes per extraction (None: cores - 1)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    shards: int = Field(1, ge=1, description="split each extraction over this many parallel Dask workers")
+    random_init: bool = Field(False, description="untrained weights (for smoke tests)")
+
+
+class ProbeSpec(_Strict):
+    enabled: bool = True
+    head: HeadName = "logreg"
+    grid: list[float] | None = Field(None, description="the head's hyper-parameter values (default: its own grid)")
+
+    @field_validator("grid")
+    @classmethod
+    def _positive(cls, grid: list[float] | None) -> list[float] | None:
+        if grid is not None and (not grid or any(v <= 0 for v in grid)):
+            raise ValueError("must be a non-empty list of positive numbers")
+        return grid
+
+
+class KnnSpec(_Strict):
+    enabled: bool = True
+    ks: list[int] = Field(default_factory=lambda: [k for k in DINOV2_KS if k <= 20], min_length=1)
+    temperature: float = Field(DINOV2_TEMPERATURE, gt=0)
+
+
+class IndexSpec(_Strict):
+    enabled: bool = True
+    kind: IndexKind = "auto"
+    memory_budget: str = Field("4GiB", description="e.g. 512MiB, 4GiB, 16GB")
+    target_recall: float = Field(0.95, gt=0, le=1)
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _size(cls, text: str) -> str:
+        from pipeline.cli_eval import memory_size
+
+        try:
+            memory_size(text)
+        except Exception as exc:  # noqa: BLE001 - argparse's error type; the message is what matters
+            raise ValueError(str(exc)) from None
+        return text
+
+
+class ScheduleSpec(_Strict):
+    cron: str = Field(description="five-field cron, e.g. '0 2 * * *' for 02:00 every day")
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, text: str) -> str:
+        from datetime import datetime
+
+        from cronsim import CronSim, CronSimError
+
+        try:
+            CronSim(text, datetime(2026, 1, 1))
+        except CronSimError as exc:
+            raise ValueError(f"not a valid cron expression ({exc})") from None
+        return text
+
+
+class RunConfig(_Strict):
+    """Everything one scheduled run does: extract each data set with each backbone (incrementally), probe, kNN,
+    index, and publish a leaderboard per data set."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="names the deployment and the runs")
+    output_dir: str = "data/runs"
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    backbones: list[str] = Field(min_length=1)
+    extract: ExtractSpec = Field(default_factory=ExtractSpec)
+    probe: ProbeSpec = Field(default_factory=ProbeSpec)
+    knn: KnnSpec = Field(default_factory=KnnSpec)
+    index: IndexSpec = Field(default_factory=IndexSpec)
+    schedule: ScheduleSpec | None = None
+
+    def grid(self) -> tuple[float, ...] | None:
+        return tuple(self.probe.grid) if self.probe.grid else None
+
+
+def _location(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def validation_message(exc: ValidationError, source: str) -> str:
+    """One line: every bad field with pydantic's reason (which lists the valid choices for fixed sets)."""
+    parts = [f"{_location(e['loc'])}: {e['msg']}" for e in exc.errors()]
+    return f"{source}: {'; '.join(parts)}"
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run configuration; relative data paths are relative to the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no config file at {path}; see README 'Scheduled runs' for an example")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping with at least 'name', 'datasets' and 'backbones'")
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc, str(path))) from None
+    base = path.parent.resolve()
+    for ds in config.datasets:
+        if not ds.data.startswith("torchvision:") and not Path(ds.data).is_absolute():
+            ds.data = str(base / ds.data)
+    if not Path(config.output_dir).is_absolute():
+        config.output_dir = str(base / config.output_dir)
+    return config
+
