@@ -7,11 +7,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.tasks import extract, knn, prepare_digits, probe, report
+from pipeline.bench import slug
 from pipeline.config import DEFAULT_BACKBONE
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 @flow(name="demo", flow_run_name="demo-digits-{backbone}")
@@ -21,7 +18,7 @@ def demo_flow(data_dir: str = "data", backbone: str = DEFAULT_BACKBONE, per_clas
     logger = get_run_logger()
     data = Path(data_dir)
     name = "digits" if per_class is None else f"digits-{per_class}pc"
-    stem = f"{name}__{_slug(backbone)}"
+    stem = f"{name}__{slug(backbone)}"
     images = prepare_digits(str(data / name), per_class)
     store = str(data / "stores" / f"{stem}.h5")
     extraction = extract(images, store, backbone=backbone, batch_size=batch_size, workers=workers, device=device,

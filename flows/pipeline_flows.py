@@ -31,7 +31,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from pipeline.bench import LeaderboardRow, leaderboard_markdown, slug, write_leaderboard
+from pipeline.bench import LeaderboardRow, fill_row, leaderboard_markdown, ranked, slug, store_for, write_leaderboard
 from pipeline.config import ExtractConfig, KnnConfig, ProbeConfig
 from pipeline.errors import PipelineError
 from pipeline.run_config import DatasetSpec, ExtractSpec, IndexSpec, KnnSpec, ProbeSpec, RunConfig
@@ -70,10 +70,6 @@ def _benchmark_run_name() -> str:
 
 def _pipeline_run_name() -> str:
     return f"{_param('config', 'name')}-{time.strftime('%Y%m%d-%H%M')}"
-
-
-def store_path(output_dir: str, dataset: DatasetSpec, backbone: str) -> Path:
-    return Path(output_dir) / "stores" / f"{dataset.name}__{slug(backbone)}.h5"
 
 
 def _extract_config(dataset: DatasetSpec, backbone: str, out: Path, spec: ExtractSpec) -> ExtractConfig:
@@ -157,7 +153,7 @@ def extract_features(dataset: DatasetSpec, backbones: list[str], output_dir: str
     logger = get_run_logger()
     summaries = []
     for backbone in backbones:
-        out = str(store_path(output_dir, dataset, backbone))
+        out = str(store_for(output_dir, dataset.name, backbone))
         try:
             if extract.shards > 1:
                 sharded = extract_sharded.with_options(task_runner=dask_runner(extract.shards))
@@ -194,8 +190,7 @@ def knn_task(store: str, out: str, spec: KnnSpec) -> dict:
 @task(name="index", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE)
 def index_task(store: str, out: str, spec: IndexSpec) -> dict:
     """Add the store's new rows to its index (or build it the first time, or when the features changed)."""
-    from pipeline.cli_eval import memory_size
-    from pipeline.index import build_index, load_index, update_index
+    from pipeline.index import build_index, load_index, parse_memory_size, update_index
     from pipeline.store import read_attrs
 
     try:
@@ -205,7 +200,7 @@ def index_task(store: str, out: str, spec: IndexSpec) -> dict:
     if current:
         infos = update_index(out, store=store)
     else:
-        infos = build_index(store, out, kind=spec.kind, memory_budget=memory_size(spec.memory_budget),
+        infos = build_index(store, out, kind=spec.kind, memory_budget=parse_memory_size(spec.memory_budget),
                             target_recall=spec.target_recall)
     return dataclasses.asdict(infos) | {"path": out}
 
@@ -243,33 +238,22 @@ def evaluate(store: str, results_dir: str, probe: ProbeSpec = DEFAULT_PROBE, knn
 def benchmark(dataset: DatasetSpec, backbones: list[str], output_dir: str, extract: ExtractSpec = DEFAULT_EXTRACT,
               probe: ProbeSpec = DEFAULT_PROBE, knn: KnnSpec = DEFAULT_KNN, index: IndexSpec = DEFAULT_INDEX) -> dict:
     """Backbones x one data set: extract (incrementally), evaluate each store, publish the leaderboard."""
-    from pipeline.store import read_attrs
-
     logger = get_run_logger()
     summaries = extract_features(dataset, backbones, output_dir, extract)
     rows = []
     k = max(knn.ks)
     for backbone, summary in zip(backbones, summaries, strict=True):
-        row = LeaderboardRow(backbone, cached=summary["skipped"], store=summary["store"])
-        if summary.get("error"):
-            row.error = summary["error"]
-            rows.append(row)
-            continue
-        try:
-            evaluation = evaluate(summary["store"], str(Path(output_dir) / "results"), probe, knn, index)
-        except PipelineError as exc:
-            row.error = str(exc)
-            logger.error("%s: %s", backbone, exc)
-        else:
-            attrs = read_attrs(summary["store"])
-            row.dim, row.images_per_second = int(attrs["feature_dim"]), attrs.get("images_per_second")
-            if evaluation["probe"]:
-                row.probe_top1 = evaluation["probe"]["test_top1"]
-                row.probe_balanced_accuracy = evaluation["probe"]["test_balanced_accuracy"]
-            if evaluation["knn"]:
-                row.knn_top1 = evaluation["knn"]["by_k"][str(k)]["weighted"]["top1"]
+        row = LeaderboardRow(backbone, cached=summary["skipped"], store=summary["store"],
+                             error=summary.get("error", ""))
+        if not row.error:
+            try:
+                evaluation = evaluate(summary["store"], str(Path(output_dir) / "results"), probe, knn, index)
+                fill_row(row, probe=evaluation["probe"], knn=evaluation["knn"], k=k)
+            except PipelineError as exc:
+                row.error = str(exc)
+                logger.error("%s: %s", backbone, exc)
         rows.append(row)
-    rows.sort(key=lambda r: (r.probe_top1 is None, -(r.probe_top1 or 0.0), -(r.knn_top1 or 0.0)))
+    rows = ranked(rows)
     title = f"{dataset.name}: {probe.head} probe, kNN k={k} weighted (T={knn.temperature:g})"
     csv_path, md_path = write_leaderboard(rows, Path(output_dir) / f"leaderboard_{dataset.name}", title=title)
     table = [dataclasses.asdict(r) for r in rows]

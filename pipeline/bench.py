@@ -35,6 +35,29 @@ class LeaderboardRow:
     error: str = ""
 
 
+def store_for(out_dir: str | Path, data_name: str, backbone: str) -> Path:
+    """Where a data set's store for a backbone is cached under a bench or run output folder."""
+    return Path(out_dir) / "stores" / f"{data_name}__{slug(backbone)}.h5"
+
+
+def fill_row(row: LeaderboardRow, *, probe: dict | None, knn: dict | None, k: int) -> LeaderboardRow:
+    """A leaderboard row's figures from its store and its probe / kNN results (either may be absent)."""
+    from pipeline.store import read_attrs
+
+    attrs = read_attrs(row.store)
+    row.dim, row.images_per_second = int(attrs["feature_dim"]), attrs.get("images_per_second")
+    if probe:
+        row.probe_top1, row.probe_balanced_accuracy = probe["test_top1"], probe["test_balanced_accuracy"]
+    if knn:
+        row.knn_top1 = knn["by_k"][str(k)]["weighted"]["top1"]
+    return row
+
+
+def ranked(rows: list[LeaderboardRow]) -> list[LeaderboardRow]:
+    """Best probe first (then kNN); failed backbones last."""
+    return sorted(rows, key=lambda r: (r.probe_top1 is None, -(r.probe_top1 or 0.0), -(r.knn_top1 or 0.0)))
+
+
 def run_bench(data: str | Path, backbones: list[str], out_dir: str | Path, *, extract: dict | None = None,
               head: str = "logreg", k: int = 20, temperature: float = DINOV2_TEMPERATURE,
               progress: bool = True) -> tuple[list[LeaderboardRow], Path, Path]:
@@ -45,7 +68,6 @@ def run_bench(data: str | Path, backbones: list[str], out_dir: str | Path, *, ex
     from pipeline.extract import extract_to_store
     from pipeline.knn import run_knn
     from pipeline.probes import run_probe
-    from pipeline.store import read_attrs
 
     if not backbones:
         raise PipelineError("no backbones given; pass --backbones NAME[,NAME...]")
@@ -53,46 +75,38 @@ def run_bench(data: str | Path, backbones: list[str], out_dir: str | Path, *, ex
     name = slug(Path(str(data).rstrip("/")).name or "data")
     rows = []
     for backbone in backbones:
-        row = LeaderboardRow(backbone)
-        store = out_dir / "stores" / f"{name}__{slug(backbone)}.h5"
-        results = out_dir / "results" / f"{name}__{slug(backbone)}"
+        store = store_for(out_dir, name, backbone)
+        row = LeaderboardRow(backbone, store=str(store))
+        results = out_dir / "results" / store.stem
         try:
             extraction = extract_to_store(ExtractConfig(data=data, out=store, backbone=backbone, progress=progress,
                                                         **(extract or {})))
-            attrs = read_attrs(store)
+            row.cached = extraction.skipped
             probe, _ = run_probe(ProbeConfig(store=store, out=results.with_suffix(".probe.json"), head=head))
             knn, _ = run_knn(KnnConfig(store=store, out=results.with_suffix(".knn.json"), ks=(k,),
                                        temperature=temperature))
-            row.probe_top1 = probe["test_top1"]
-            row.probe_balanced_accuracy = probe["test_balanced_accuracy"]
-            row.knn_top1 = knn["by_k"][str(k)]["weighted"]["top1"]
-            row.dim = int(attrs["feature_dim"])
-            row.images_per_second = attrs.get("images_per_second")
-            row.cached = extraction.skipped
-            row.store = str(store)
+            fill_row(row, probe=probe, knn=knn, k=k)
         except PipelineError as exc:
             log.error("%s: %s", backbone, exc)
             row.error = str(exc)
         rows.append(row)
-    rows.sort(key=lambda r: (r.probe_top1 is None, -(r.probe_top1 or 0.0), -(r.knn_top1 or 0.0)))
+    rows = ranked(rows)
     csv_path, md_path = write_leaderboard(rows, out_dir / f"leaderboard_{name}", title=f"{name}: {head} probe, "
                                           f"kNN k={k} weighted (T={temperature:g})")
     return rows, csv_path, md_path
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}"
-
-
 def leaderboard_markdown(rows: list[LeaderboardRow], *, title: str) -> str:
+    from pipeline.report import pct
+
     lines = [f"# Leaderboard: {title}", "",
              "| rank | backbone | probe top-1 % | kNN top-1 % | probe balanced acc % | dim | images/s | note |",
              "|---:|---|---:|---:|---:|---:|---:|---|"]
     for rank, r in enumerate(rows, 1):
         note = f"error: {r.error}" if r.error else ("cached store" if r.cached else "")
         ips = "-" if r.images_per_second is None else f"{r.images_per_second:.1f}"
-        lines.append(f"| {rank} | `{r.backbone}` | {_pct(r.probe_top1)} | {_pct(r.knn_top1)} | "
-                     f"{_pct(r.probe_balanced_accuracy)} | {r.dim or '-'} | {ips} | {note} |")
+        lines.append(f"| {rank} | `{r.backbone}` | {pct(r.probe_top1)} | {pct(r.knn_top1)} | "
+                     f"{pct(r.probe_balanced_accuracy)} | {r.dim or '-'} | {ips} | {note} |")
     return "\n".join(lines) + "\n"
 
 

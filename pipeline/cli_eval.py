@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 from pipeline.config import DEFAULT_KS, DINOV2_KS, DINOV2_TEMPERATURE, KnnConfig, ProbeConfig
 from pipeline.errors import PipelineError
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": 1e9,
-               "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
-
 
 def memory_size(text: str) -> int:
-    """'4GB', '512MiB', '1e9' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else ""
+    """argparse type for `pipeline.index.parse_memory_size`."""
+    from pipeline.index import parse_memory_size
+
     try:
-        value = float(match.group(1)) * _SIZE_UNITS[unit] if match else -1
-    except (KeyError, ValueError):
-        value = -1
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a size such as 4GB, 512MiB or 1000000 (bytes); got {text!r}")
-    return int(value)
+        return parse_memory_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _list(cast: type, example: str, *, positive: bool = True):

@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -40,6 +41,22 @@ PQ_MAX_M = 128  # bytes per vector; recall@10 on 1280-d digits features: 0.63 at
 TUNE_K = 10
 EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024, 2048)
 INDEX_FILE, ROWS_FILE, INFOS_FILE = "index.faiss", "rows.npz", "index_infos.json"
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": 1e9,
+               "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_memory_size(text: str) -> int:
+    """'4GB', '512MiB', '1e9' -> bytes; anything else is a ConfigError."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    try:
+        value = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()] if match else -1
+    except (KeyError, ValueError):
+        value = -1
+    if value <= 0:
+        raise ConfigError(f"expected a size such as 4GB, 512MiB or 1000000 (bytes); got {text!r}")
+    return int(value)
 
 
 def build_flat_index(features: np.ndarray) -> faiss.IndexFlatIP:
@@ -289,7 +306,8 @@ def _measure(index: faiss.Index, plan: IndexPlan, store: Path, row_of: np.ndarra
 
 def build_index(store: str | Path, out: str | Path, *, kind: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
                 target_recall: float = 0.95, splits: tuple[str, ...] | None = None, queries: int = 1000,
-                exact_max_rows: int = EXACT_MAX_ROWS, seed: int = 0, block_rows: int = 65536) -> IndexInfos:
+                exact_max_rows: int = EXACT_MAX_ROWS, seed: int = 0, block_rows: int = 65536,
+                history: list[dict[str, Any]] | None = None) -> IndexInfos:
     """Build, tune and save an index over a store's rows (all of them, or those of `splits`) into folder `out`."""
     store, out = Path(store), Path(out)
     if not 0 < target_recall <= 1:
@@ -322,7 +340,7 @@ def build_index(store: str | Path, out: str | Path, *, kind: str = "auto", memor
         target_met=tuning["recall_at_10"] >= target_recall, ms_per_query=tuning["ms_per_query"],
         tuning=tuning["tried"], tuning_queries=tuning["queries"], seconds=seconds, store=str(store),
         cache_key=attrs["cache_key"], backbone=attrs["backbone"], weights=attrs["weights"],
-        splits=list(splits) if splits else None, created=_now())
+        splits=list(splits) if splits else None, created=_now(), history=list(history or []))
     save_index(out, index, ids, hashes, infos)
     return infos
 
@@ -401,13 +419,11 @@ def update_index(path: str | Path, *, store: str | Path | None = None, queries: 
     stale = [i for i, h in zip(loaded.ids, loaded.hashes, strict=True) if current.get(i) != h]
     if stale:
         log.info("%d indexed row(s) changed or left the store (e.g. %s): rebuilding", len(stale), stale[0])
-        rebuilt = build_index(store, path, kind=infos.kind, memory_budget=infos.memory_budget,
-                              target_recall=infos.target_recall, splits=splits, queries=queries, seed=seed,
-                              block_rows=block_rows)
-        rebuilt.history = [*infos.history, {"at": rebuilt.created, "action": "rebuilt",
-                                            "reason": f"{len(stale)} indexed rows changed or removed"}]
-        (Path(path) / INFOS_FILE).write_text(json.dumps(asdict(rebuilt), indent=2) + "\n")
-        return rebuilt
+        history = [*infos.history, {"at": _now(), "action": "rebuilt",
+                                    "reason": f"{len(stale)} indexed rows changed or removed"}]
+        return build_index(store, path, kind=infos.kind, memory_budget=infos.memory_budget,
+                           target_recall=infos.target_recall, splits=splits, queries=queries, seed=seed,
+                           block_rows=block_rows, history=history)
     indexed = set(loaded.ids)
     new = np.array([n for n, i in zip(numbers, ids, strict=True) if i not in indexed], dtype=np.int64)
     if not len(new):
@@ -422,8 +438,8 @@ def update_index(path: str | Path, *, store: str | Path | None = None, queries: 
     row_of = np.concatenate([np.array([number_of[i] for i in loaded.ids], dtype=np.int64), new])
     tuning = _measure(loaded.index, plan, store, row_of, infos.dim, queries=queries,
                       target=infos.target_recall, seed=seed, block_rows=block_rows)
-    new_ids = np.concatenate([loaded.ids, ids[np.isin(numbers, new)]])
-    new_hashes = np.concatenate([loaded.hashes, hashes[np.isin(numbers, new)]])
+    is_new = np.isin(numbers, new)
+    new_ids, new_hashes = np.concatenate([loaded.ids, ids[is_new]]), np.concatenate([loaded.hashes, hashes[is_new]])
     infos.history.append({"at": _now(), "action": "added", "rows": int(len(new)), "seconds": added})
     infos.rows = int(loaded.index.ntotal)
     infos.memory_estimate = memory_estimate(infos.kind, infos.rows, infos.dim, nlist=plan.nlist, pq_m=plan.pq_m)

@@ -47,7 +47,7 @@ def save_json(path: str | Path, payload: dict[str, Any]) -> Path:
     return write_atomic(Path(path), json.dumps(_jsonable(payload), indent=2, sort_keys=False) + "\n")
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
@@ -61,18 +61,18 @@ def results_rows(probe: dict[str, Any] | None, knn: dict[str, Any] | None) -> li
         for k, entry in probe["by_shots"].items():
             runs = entry["runs"]
             rows.append((f"{k}-shot {probe['head']} ({len(runs)} seeds)",
-                         f"{_pct(entry['top1_mean'])} ± {_pct(entry['top1_std'])}", "-",
-                         _pct(float(np.mean([r["balanced_accuracy"] for r in runs]))),
-                         _pct(float(np.mean([r["macro_f1"] for r in runs])))))
+                         f"{pct(entry['top1_mean'])} ± {pct(entry['top1_std'])}", "-",
+                         pct(float(np.mean([r["balanced_accuracy"] for r in runs]))),
+                         pct(float(np.mean([r["macro_f1"] for r in runs])))))
     elif probe:
-        rows.append((f"{probe['head']} probe ({probe['param']}={probe['chosen']:g})", _pct(probe["test_top1"]),
-                     _pct(probe["test_top5"]), _pct(probe["test_balanced_accuracy"]), _pct(probe["test_macro_f1"])))
+        rows.append((f"{probe['head']} probe ({probe['param']}={probe['chosen']:g})", pct(probe["test_top1"]),
+                     pct(probe["test_top5"]), pct(probe["test_balanced_accuracy"]), pct(probe["test_macro_f1"])))
     if knn:
         for k, votes in knn["by_k"].items():
             for vote, m in votes.items():
                 label = f"kNN k={k} {vote}" + (f" (T={knn['temperature']:g})" if vote == "weighted" else "")
-                rows.append((label, _pct(m["top1"]), _pct(m["top5"]), _pct(m["balanced_accuracy"]),
-                             _pct(m["macro_f1"])))
+                rows.append((label, pct(m["top1"]), pct(m["top5"]), pct(m["balanced_accuracy"]),
+                             pct(m["macro_f1"])))
     return rows
 
 
@@ -125,8 +125,8 @@ def _probe_blocks(fs: Any, probe: dict[str, Any]) -> list[Block]:
 
     blocks = [Block("h2", "Probe"), Block("p", probe["protocol"] + ".")]
     if "by_shots" in probe:
-        rows = [(f"{k}-shot", f"{_pct(e['top1_mean'])} ± {_pct(e['top1_std'])}",
-                 ", ".join(_pct(r["top1"]) for r in e["runs"]), str(e["n_train"]))
+        rows = [(f"{k}-shot", f"{pct(e['top1_mean'])} ± {pct(e['top1_std'])}",
+                 ", ".join(pct(r["top1"]) for r in e["runs"]), str(e["n_train"]))
                 for k, e in probe["by_shots"].items()]
         return blocks + [Block("table", header=("shots per class", "test top-1 % (mean ± std)", "per seed",
                                                 "train images"), rows=rows)]
@@ -134,7 +134,7 @@ def _probe_blocks(fs: Any, probe: dict[str, Any]) -> list[Block]:
                              f"({probe['n_train']} train / {probe['n_val']} val / {probe['n_test']} test), "
                              "refit on train+val, scored once on test."))
     blocks.append(Block("table", header=(probe["param"], "val top-1 %", "converged"),
-                        rows=[(v, _pct(a), str(probe["converged_by_value"][v]))
+                        rows=[(v, pct(a), str(probe["converged_by_value"][v]))
                               for v, a in probe["val_top1_by_value"].items()]))
     names = fs.class_names
     blocks.append(Block("figure", "Confusion matrix of the probe on the test split", png=confusion_png(
@@ -151,7 +151,7 @@ def _knn_blocks(fs: Any, knn: dict[str, Any]) -> list[Block]:
                                                            f"{knn['n_bank']} rows searched.")]
     if knn.get("retrieval"):
         blocks.append(Block("table", header=("k", "recall@k %", "precision@k %", "mAP@k %"),
-                            rows=[(k, _pct(m["recall"]), _pct(m["precision"]), _pct(m["map"]))
+                            rows=[(k, pct(m["recall"]), pct(m["precision"]), pct(m["map"]))
                                   for k, m in knn["retrieval"].items()]))
     best_k, best_vote = max(((k, v) for k, votes in knn["by_k"].items() for v in votes),
                             key=lambda kv: knn["by_k"][kv[0]][kv[1]]["top1"])

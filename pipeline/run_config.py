@@ -14,9 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.config import DINOV2_KS, DINOV2_TEMPERATURE
 from pipeline.errors import ConfigError
+from pipeline.heads import HEADS
+from pipeline.index import INDEX_KINDS, parse_memory_size
 
-HeadName = Literal["logreg", "torch-logreg", "svm", "ridge", "mlp"]
-IndexKind = Literal["auto", "flat", "hnsw", "ivf-flat", "ivf-pq"]
+HeadName = Literal[tuple(HEADS)]  # the valid choices come from the registries, so they cannot drift
+IndexKind = Literal[INDEX_KINDS]
 
 
 class _Strict(BaseModel):
@@ -69,12 +71,7 @@ class IndexSpec(_Strict):
     @field_validator("memory_budget")
     @classmethod
     def _size(cls, text: str) -> str:
-        from pipeline.cli_eval import memory_size
-
-        try:
-            memory_size(text)
-        except Exception as exc:  # noqa: BLE001 - argparse's error type; the message is what matters
-            raise ValueError(str(exc)) from None
+        parse_memory_size(text)  # a ConfigError is a ValueError: pydantic reports it against the field
         return text
 
 

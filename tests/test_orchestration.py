@@ -150,7 +150,8 @@ def test_scheduled_deployment_is_created_and_one_run_triggered(tmp_path, small_d
 
 @pytest.mark.slow
 def test_sharded_extraction_on_two_dask_workers_equals_one_run(tmp_path, small_digits_root, prefect_harness):
-    from flows.pipeline_flows import extract_features, store_path
+    from flows.pipeline_flows import extract_features
+    from pipeline.bench import store_for
     from pipeline.config import ExtractConfig
     from pipeline.extract import extract_to_store
     from pipeline.run_config import DatasetSpec, ExtractSpec
@@ -160,7 +161,7 @@ def test_sharded_extraction_on_two_dask_workers_equals_one_run(tmp_path, small_d
     dataset = DatasetSpec(name="digits", data=str(small_digits_root))
     spec = ExtractSpec(workers=0, random_init=True, shards=2)
     summaries = extract_features(dataset, [TINY_BACKBONE], str(tmp_path / "sharded"), spec)
-    merged = store_path(str(tmp_path / "sharded"), dataset, TINY_BACKBONE)
+    merged = store_for(tmp_path / "sharded", dataset.name, TINY_BACKBONE)
     assert summaries[0]["rows"] == 100 and summaries[0]["computed"] == 100 and not verify_store(merged)
     parts = [load_store(part_path(merged, k, 2)) for k in range(2)]
     assert sorted(len(p) for p in parts) != [0, 100]  # both workers had work
