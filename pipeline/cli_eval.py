@@ -6,44 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
+from pipeline.cli_types import finite_float, memory_size, names, non_negative_int, number_list, positive_int
 from pipeline.config import DEFAULT_KS, DINOV2_KS, DINOV2_TEMPERATURE, KnnConfig, ProbeConfig
 from pipeline.errors import PipelineError
 
-
-def memory_size(text: str) -> int:
-    """argparse type for `pipeline.index.parse_memory_size`."""
-    from pipeline.index import parse_memory_size
-
-    try:
-        return parse_memory_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _list(cast: type, example: str, *, positive: bool = True):
-    def parse(text: str) -> tuple:
-        message = f"expected comma-separated {'positive ' if positive else ''}numbers such as {example}; got {text!r}"
-        try:
-            values = tuple(cast(v) for v in text.split(",") if v.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(message) from None
-        if not values or (positive and any(v <= 0 for v in values)):
-            raise argparse.ArgumentTypeError(message)
-        return values
-
-    return parse
-
-
-def _names(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
-    return names
+OVERWRITE_HELP = "replace output files that exist and were not written by this command"
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     from pipeline.heads import HEADS
-    from pipeline.index import DEFAULT_MEMORY_BUDGET, INDEX_KINDS
+    from pipeline.index_plan import DEFAULT_MEMORY_BUDGET, INDEX_KINDS
 
     p = sub.add_parser("probe", help="a head on a store's features: hyper-parameter chosen on validation, refit, "
                                      "tested once; or few-shot probes")
@@ -51,23 +23,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: STORE.probe.json beside the store)")
     p.add_argument("--head", choices=list(HEADS), default="logreg",
                    help="; ".join(f"{s.name}: {s.description}" for s in HEADS.values()))
-    p.add_argument("--grid", "--C", dest="grid", type=_list(float, "0.1,1,10"), default=None,
+    p.add_argument("--grid", "--C", dest="grid", type=number_list(float, "0.1,1,10"), default=None,
                    help="values of the head's hyper-parameter (C, or alpha for ridge/mlp) to choose from")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="train slice held out when there is no val split")
+    p.add_argument("--val-fraction", type=finite_float(0, 1, low_open=True, high_open=True), default=0.2,
+                   help="train slice held out when there is no val split")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shots", type=_list(int, "1,5,10"), default=(),
+    p.add_argument("--shots", type=number_list(int, "1,5,10"), default=(),
                    help="few-shot probes: this many training images per class (comma-separated)")
-    p.add_argument("--seeds", type=_list(int, "0,1,2", positive=False), default=(0, 1, 2),
+    p.add_argument("--seeds", type=number_list(int, "0,1,2", positive=False), default=(0, 1, 2),
                    help="few-shot draws, one per seed (default 0,1,2)")
     p.add_argument("--device", default="auto", help="torch-logreg only: auto | cpu | cuda")
     p.add_argument("--no-report", action="store_true", help="only the JSON (no markdown/HTML report)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = sub.add_parser("predict", help="apply a saved probe head to image files or to a store")
-    p.add_argument("--head", required=True, type=Path, help="a .head.joblib written by probe")
+    p.add_argument("--head", required=True, type=Path, help="a .head.safetensors written by probe")
     p.add_argument("images", nargs="*", type=Path, help="image files to classify")
     p.add_argument("--store", type=Path, default=None, help="classify every row of this store instead")
-    p.add_argument("--top", type=int, default=1, help="classes per image (default 1)")
+    p.add_argument("--top", type=positive_int, default=1, help="classes per image (default 1)")
     p.add_argument("--out", type=Path, default=None, help="write the predictions as CSV")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", type=Path, default=None, help="the checkpoint, for heads on --weights features")
 
@@ -75,13 +50,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", required=True, type=Path)
     p.add_argument("--preset", choices=("dinov2",), default=None,
                    help=f"dinov2: k in {{{','.join(map(str, DINOV2_KS))}}}, T={DINOV2_TEMPERATURE}")
-    p.add_argument("--k", dest="ks", type=_list(int, "1,20"), default=None,
+    p.add_argument("--k", dest="ks", type=number_list(int, "1,20"), default=None,
                    help=f"comma-separated (default {','.join(map(str, DEFAULT_KS))})")
-    p.add_argument("--temperature", type=float, default=None, help=f"weighted vote (default {DINOV2_TEMPERATURE})")
+    p.add_argument("--temperature", type=finite_float(0, low_open=True), default=None,
+                   help=f"weighted vote (default {DINOV2_TEMPERATURE})")
     p.add_argument("--loo", action="store_true", help="leave-one-out within one split even when there is a test split")
     p.add_argument("--loo-split", default=None, help="the split for leave-one-out (default train)")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: STORE.knn.json beside the store)")
     p.add_argument("--no-report", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = sub.add_parser("index", help="build, update or inspect a FAISS index for a store")
     index_sub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
@@ -91,9 +68,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--type", dest="kind", choices=INDEX_KINDS, default="auto")
     q.add_argument("--memory-budget", type=memory_size, default=DEFAULT_MEMORY_BUDGET,
                    help=f"memory the index may take (default {DEFAULT_MEMORY_BUDGET / 2**30:g}GiB)")
-    q.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to tune for (default 0.95)")
-    q.add_argument("--splits", type=_names, default=None, help="only these splits (default: all rows)")
-    q.add_argument("--queries", type=int, default=1000, help="rows sampled to measure recall (default 1000)")
+    q.add_argument("--target-recall", type=finite_float(0, 1, low_open=True), default=0.95,
+                   help="recall@10 to tune for (default 0.95)")
+    q.add_argument("--splits", type=names, default=None, help="only these splits (default: all rows)")
+    q.add_argument("--queries", type=positive_int, default=1000, help="rows sampled to measure recall (default 1000)")
+    q.add_argument("--overwrite", action="store_true", help="replace an index folder of another store at --out")
     q = index_sub.add_parser("add", help="add the store's new rows (rebuilds when indexed rows changed)")
     q.add_argument("index", type=Path)
     q.add_argument("--store", type=Path, default=None, help="default: the store the index was built from")
@@ -105,20 +84,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", type=Path, default=None, help="the store (default: the index's)")
     p.add_argument("--image", dest="images", type=Path, nargs="+", default=[], help="query image files")
     p.add_argument("--id", dest="ids", nargs="+", default=[], help="query by ids of the store")
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--k", type=positive_int, default=10)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", type=Path, default=None, help="the checkpoint, for stores made with --weights")
 
     p = sub.add_parser("bench", help="backbones x one data set -> leaderboard CSV + markdown (stores cached)")
     p.add_argument("--data", required=True, help="as for extract")
-    p.add_argument("--backbones", required=True, type=_names, help="comma-separated backbone names")
+    p.add_argument("--backbones", required=True, type=names, help="comma-separated backbone names")
     p.add_argument("--out-dir", type=Path, default=Path("data/bench"))
     p.add_argument("--head", choices=list(HEADS), default="logreg")
-    p.add_argument("--k", type=int, default=20, help="kNN k for the leaderboard (weighted vote, T=0.07)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--k", type=positive_int, default=20, help="kNN k for the leaderboard (weighted vote, T=0.07)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=non_negative_int, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--reset-leaderboard", action="store_true",
+                   help="start the leaderboard afresh (by default rows of backbones not in this run are kept)")
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
@@ -127,7 +108,8 @@ def cmd_probe(args: argparse.Namespace) -> None:
 
     result, out = run_probe(ProbeConfig(store=args.store, out=args.out, head=args.head, grid=args.grid,
                                         val_fraction=args.val_fraction, seed=args.seed, shots=args.shots,
-                                        seeds=args.seeds, device=args.device, report=not args.no_report))
+                                        seeds=args.seeds, device=args.device, report=not args.no_report,
+                                        overwrite=args.overwrite))
     print(format_table(result, None))
     files = [f"results: {out}"] + ([f"head: {result['head_file']}"] if "head_file" in result else [])
     files += [f"report: {result['report'][1]}"] if result.get("report") else []
@@ -135,38 +117,39 @@ def cmd_probe(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    import csv
-    import sys
-
-    from pipeline.probes import load_head, predict_images, predict_store
+    from pipeline.outputs import check_output, owned_text, write_atomic
+    from pipeline.predict import load_head, predict_images, predict_store
+    from pipeline.tables import csv_text
 
     if bool(args.images) == bool(args.store):
         raise PipelineError("give image files or --store (one of them)")
-    if args.top < 1:
-        raise PipelineError(f"--top must be >= 1, got {args.top}")
+    header = ["id", *[f"{what}_{i}" for i in range(1, args.top + 1) for what in ("class", "score")]]
+    target = None
+    if args.out:
+        target = check_output(args.out, owned=owned_text(",".join(header)), overwrite=args.overwrite,
+                              protect=[p for p in (args.store, args.head) if p])
     head = load_head(args.head)
     rows = predict_store(head, args.store, top=args.top) if args.store else \
         predict_images(head, args.images, top=args.top, device=args.device, weights_path=args.weights)
-    out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115 - closed below
-    try:
-        writer = csv.writer(out)
-        writer.writerow(["id", *[f"{what}_{i}" for i in range(1, args.top + 1) for what in ("class", "score")]])
-        for r in rows:
-            writer.writerow([r["id"], *[v for name, score in r["predictions"] for v in (name, f"{score:.4f}")]])
-    finally:
-        if args.out:
-            out.close()
-            print(f"{len(rows)} predictions: {args.out}")
+    text = csv_text(header, [[r["id"], *[v for name, score in r["predictions"] for v in (name, f"{score:.4f}")]]
+                             for r in rows])
+    if target is None:
+        print(text, end="")
+        return
+    write_atomic(target, text)
+    print(f"{len(rows)} predictions: {args.out}")
 
 
 def cmd_knn(args: argparse.Namespace) -> None:
     from pipeline.knn import run_knn
-    from pipeline.report import format_table, markdown_table
+    from pipeline.render import markdown_table
+    from pipeline.report import format_table
 
     ks = args.ks or (DINOV2_KS if args.preset == "dinov2" else DEFAULT_KS)
     temperature = args.temperature if args.temperature is not None else DINOV2_TEMPERATURE
     result, out = run_knn(KnnConfig(store=args.store, out=args.out, ks=tuple(ks), temperature=temperature,
-                                    loo=args.loo, loo_split=args.loo_split, report=not args.no_report))
+                                    loo=args.loo, loo_split=args.loo_split, report=not args.no_report,
+                                    overwrite=args.overwrite))
     print(f"{result['mode']}: {result['n_queries']} queries, {result['n_bank']} rows searched")
     print(format_table(None, result))
     if result["retrieval"]:
@@ -179,7 +162,8 @@ def cmd_knn(args: argparse.Namespace) -> None:
 def cmd_index(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
-    from pipeline.index import build_index, load_index, update_index
+    from pipeline.index import build_index, update_index
+    from pipeline.index_files import load_index
 
     if args.index_command == "info":
         print(json.dumps(asdict(load_index(args.index).infos), indent=2))
@@ -190,7 +174,7 @@ def cmd_index(args: argparse.Namespace) -> None:
     else:
         infos = build_index(args.store, args.out, kind=args.kind, memory_budget=args.memory_budget,
                             target_recall=args.target_recall, splits=tuple(args.splits) if args.splits else None,
-                            queries=args.queries)
+                            queries=args.queries, overwrite=args.overwrite)
         out = args.out
     setting = f", {infos.search_param}={infos.search_value}" if infos.search_param else ""
     print(f"{out}: {infos.factory} over {infos.rows} rows ({infos.reason}){setting}; recall@10 "
@@ -217,8 +201,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     rows, csv_path, md_path = run_bench(args.data, args.backbones, args.out_dir, head=args.head, k=args.k,
                                         extract={"batch_size": args.batch_size, "workers": args.workers,
-                                                 "device": args.device}, progress=not args.quiet)
-    print(md_path.read_text())
+                                                 "device": args.device}, progress=not args.quiet,
+                                        reset=args.reset_leaderboard)
+    from pipeline.bench import bench_title, data_name, leaderboard_text
+
+    print(leaderboard_text(rows, title=bench_title(data_name(args.data), args.head, args.k, DINOV2_TEMPERATURE)))
     print(f"leaderboard: {csv_path}  {md_path}")
     failed = [r for r in rows if r.error]
     return 1 if failed else 0

@@ -1,9 +1,8 @@
 """Lightweight heads for cached features, and the one hyper-parameter each sweeps.
 
-The reference head is scikit-learn's L2 logistic regression (L-BFGS). `TorchLogisticRegression` solves the same
-objective with full-batch L-BFGS in torch, on a GPU when there is one, for feature sets where scikit-learn is slow;
-after `fit` it holds numpy `coef_`/`intercept_`, so a saved head predicts without torch or a GPU. The others are
-scikit-learn estimators used directly.
+The reference head is scikit-learn's L2 logistic regression (L-BFGS); `torch-logreg` solves the same objective in
+torch (`pipeline.torch_head`); the others are scikit-learn estimators used directly. scikit-learn and torch are
+imported only when a head is made, so that the registry (the CLI's and the config's choices) costs nothing to import.
 """
 
 from __future__ import annotations
@@ -11,13 +10,9 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression, RidgeClassifier
-from sklearn.neural_network import MLPClassifier
-from sklearn.svm import LinearSVC
 
 from pipeline.config import DEFAULT_ALPHAS, DEFAULT_CS
 from pipeline.errors import ConfigError
@@ -26,61 +21,6 @@ from pipeline.errors import ConfigError
 # (large C, more dimensions than samples): on the digits, features differing by 1.5e-6 then gave 94.8% vs 93.9%;
 # at 1e-6 both give the optimum's 95.0%, so results depend on the data, not on float noise.
 PROBE_TOL = 1e-6
-
-
-class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
-    """Multinomial logistic regression with L2 penalty, scikit-learn's objective, solved by full-batch L-BFGS.
-
-    Minimises mean cross-entropy + ||W||^2 / (2 C n) (the intercept is not penalised), which has the same minimiser
-    as scikit-learn's `C * sum(loss) + ||W||^2 / 2`. Runs on `device` ("auto": CUDA when available) in float32.
-    """
-
-    def __init__(self, C: float = 1.0, *, max_iter: int = 1000, tol: float = 1e-6, device: str = "auto") -> None:
-        self.C = C
-        self.max_iter = max_iter
-        self.tol = tol
-        self.device = device
-
-    def fit(self, X: np.ndarray, y: np.ndarray) -> TorchLogisticRegression:
-        import torch
-
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" \
-            else torch.device(self.device)
-        self.classes_, y_index = np.unique(y, return_inverse=True)
-        n, d = X.shape
-        x = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32), device=device)
-        target = torch.as_tensor(y_index, device=device)
-        weight = torch.zeros(d, len(self.classes_), device=device, requires_grad=True)
-        bias = torch.zeros(len(self.classes_), device=device, requires_grad=True)
-        penalty = 1.0 / (2.0 * self.C * n)
-        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=self.max_iter, history_size=20,
-                                      tolerance_grad=self.tol, tolerance_change=1e-10,
-                                      line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(x @ weight + bias, target) + penalty * weight.square().sum()
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        self.n_iter_ = int(optimizer.state[weight].get("n_iter", 0))  # L-BFGS keeps its state on the first param
-        self.converged_ = self.n_iter_ < self.max_iter
-        self.coef_ = weight.detach().T.contiguous().cpu().numpy()
-        self.intercept_ = bias.detach().cpu().numpy()
-        self.n_features_in_ = d
-        return self
-
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
-        return np.asarray(X, dtype=np.float32) @ self.coef_.T + self.intercept_
-
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        z = self.decision_function(X)
-        z = np.exp(z - z.max(axis=1, keepdims=True))
-        return z / z.sum(axis=1, keepdims=True)
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
 
 
 @dataclass(frozen=True)
@@ -92,27 +32,37 @@ class HeadSpec:
     description: str
     param: str  # the swept hyper-parameter
     grid: tuple[float, ...]
-    make: Callable[..., BaseEstimator]  # make(value, *, max_iter, seed, device)
+    make: Callable[..., Any]  # make(value, *, max_iter, seed, device)
     strong_first: Callable[[tuple[float, ...]], list[float]]
 
 
-def _logreg(C: float, *, max_iter: int, seed: int, device: str) -> LogisticRegression:
+def _logreg(C: float, *, max_iter: int, seed: int, device: str) -> Any:
+    from sklearn.linear_model import LogisticRegression
+
     return LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, tol=PROBE_TOL, random_state=seed)
 
 
-def _torch_logreg(C: float, *, max_iter: int, seed: int, device: str) -> TorchLogisticRegression:
+def _torch_logreg(C: float, *, max_iter: int, seed: int, device: str) -> Any:
+    from pipeline.torch_head import TorchLogisticRegression
+
     return TorchLogisticRegression(C=C, max_iter=max_iter, device=device)
 
 
-def _svm(C: float, *, max_iter: int, seed: int, device: str) -> LinearSVC:
+def _svm(C: float, *, max_iter: int, seed: int, device: str) -> Any:
+    from sklearn.svm import LinearSVC
+
     return LinearSVC(C=C, max_iter=max_iter, random_state=seed)
 
 
-def _ridge(alpha: float, *, max_iter: int, seed: int, device: str) -> RidgeClassifier:
+def _ridge(alpha: float, *, max_iter: int, seed: int, device: str) -> Any:
+    from sklearn.linear_model import RidgeClassifier
+
     return RidgeClassifier(alpha=alpha)
 
 
-def _mlp(alpha: float, *, max_iter: int, seed: int, device: str) -> MLPClassifier:
+def _mlp(alpha: float, *, max_iter: int, seed: int, device: str) -> Any:
+    from sklearn.neural_network import MLPClassifier
+
     return MLPClassifier(hidden_layer_sizes=(256,), alpha=alpha, max_iter=min(max_iter, 500), early_stopping=False,
                          random_state=seed)
 
@@ -146,8 +96,10 @@ def head_spec(name: str) -> HeadSpec:
     return HEADS[name]
 
 
-def fit_quietly(model: BaseEstimator, x: np.ndarray, y: np.ndarray) -> bool:
+def fit_quietly(model: Any, x: np.ndarray, y: np.ndarray) -> bool:
     """Fit and report whether the solver converged (a non-converged fit is kept, and flagged in the results)."""
+    from sklearn.exceptions import ConvergenceWarning
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         model.fit(x, y)
@@ -160,7 +112,7 @@ def fit_quietly(model: BaseEstimator, x: np.ndarray, y: np.ndarray) -> bool:
     return bool(getattr(model, "converged_", True)) and not stalled
 
 
-def class_scores(model: BaseEstimator, x: np.ndarray) -> np.ndarray:
+def class_scores(model: Any, x: np.ndarray) -> np.ndarray:
     """[n, n_classes] scores whose argmax is the prediction: probabilities when the head has them, else margins."""
     if hasattr(model, "predict_proba"):
         return model.predict_proba(x)
