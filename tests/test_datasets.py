@@ -12,7 +12,9 @@ from pipeline.datasets import (
     to_rgb,
 )
 from pipeline.errors import DataError
-from pipeline.sources import assign_splits, scan_image_folder
+from pipeline.sources.base import ListOptions
+from pipeline.sources.folder import scan_image_folder
+from pipeline.splits import stratified_splits
 from tests.helpers import make_folder, write_image
 
 
@@ -29,8 +31,8 @@ def test_split_folders_give_splits_labels_and_relative_ids(tmp_path):
 
 def test_class_folders_get_a_deterministic_stratified_split(tmp_path):
     make_folder(tmp_path, {"a": 10, "b": 20, "c": 1, "d/nested": 4})
-    first = scan_image_folder(tmp_path, test_fraction=0.3, seed=0)
-    second = scan_image_folder(tmp_path, test_fraction=0.3, seed=0)
+    first = scan_image_folder(tmp_path, ListOptions(test_fraction=0.3, seed=0))
+    second = scan_image_folder(tmp_path, ListOptions(test_fraction=0.3, seed=0))
     assert first.samples == second.samples
     assert first.class_names == ("a", "b", "c", "d")
     per_class = {}
@@ -40,14 +42,15 @@ def test_class_folders_get_a_deterministic_stratified_split(tmp_path):
     assert per_class[2] == ["train"]  # a single image stays in train
     assert per_class[3].count("test") == 1
     assert "stratified" in first.split_source
-    other_seed = scan_image_folder(tmp_path, test_fraction=0.3, seed=1)
+    other_seed = scan_image_folder(tmp_path, ListOptions(test_fraction=0.3, seed=1))
     assert [s.split for s in other_seed.samples] != [s.split for s in first.samples]
 
 
 def test_split_assignment_does_not_depend_on_listing_order():
-    ids = [f"x/{i}.png" for i in range(50)]
-    assert sorted(assign_splits(ids, test_fraction=0.2, seed=3)) == sorted(
-        assign_splits(list(reversed(ids)), test_fraction=0.2, seed=3))
+    keys = [f"{i:032x}" for i in range(50)]
+    forward = dict(zip(keys, stratified_splits(keys, [0] * 50, test_fraction=0.2, seed=3), strict=True))
+    backward = dict(zip(keys[::-1], stratified_splits(keys[::-1], [0] * 50, test_fraction=0.2, seed=3), strict=True))
+    assert forward == backward and sum(s == "test" for s in forward.values()) == 10
 
 
 @pytest.mark.parametrize(

@@ -15,9 +15,12 @@ from pipeline.cli import main
 from pipeline.config import ExtractConfig
 from pipeline.errors import DataError
 from pipeline.extract import extract_to_store
-from pipeline.sources import _expand_braces, open_source, tar_shards
-from pipeline.store import load_store, verify_store
-from pipeline.torchvision_sets import scan_torchvision
+from pipeline.sources import open_source
+from pipeline.sources.base import ListOptions
+from pipeline.sources.tar import expand_braces, tar_shards
+from pipeline.sources.torchvision import scan_torchvision
+from pipeline.store import load_store
+from pipeline.store_verify import verify_store
 from tests.helpers import make_folder
 from tests.sources_data import (
     digit_images,
@@ -123,7 +126,7 @@ def test_unlabelled_manifest_extracts_for_retrieval(tmp_path, tiny):
         ([{"path": "a.png", "id": "x"}, {"path": "b.png", "id": "x"}], "occur more than once"),
         ([{"path": "a.png"}, {"path": "missing.png"}], r"1 path\(s\) .* do not exist \(e.g. row 2"),
         ([{"path": "a.png", "split": "train"}, {"path": "b.png", "split": "holdout"}], "valid splits are"),
-        ([{"path": "a.png", "split": "train"}, {"path": "b.png"}], "valid splits are"),
+        ([{"path": "a.png", "split": "train"}, {"path": "b.png"}], "have a split .* and the others do not"),
         ([{"path": "a.png", "label": "cat", "split": "train"}, {"path": "b.png", "label": "dog", "split": "test"}],
          "no training images"),
         ([{"path": ""}], "empty path"),
@@ -164,8 +167,8 @@ def test_tar_shards_labels_splits_and_patterns(tmp_path):
                                                                                   {"label": "b", "split": "val"}]))
     write_shard(tmp_path / "s-001.tar", webdataset_members([f"dir/k{i}" for i in range(4, 8)], data[4:], [None] * 4,
                                                            json_meta=[{"cls": "a", "split": "train"}] * 4))
-    assert _expand_braces("x-{000..002}.tar") == ["x-000.tar", "x-001.tar", "x-002.tar"]
-    assert _expand_braces("{a,b}-{0..1}") == ["a-0", "a-1", "b-0", "b-1"]
+    assert expand_braces("x-{000..002}.tar") == ["x-000.tar", "x-001.tar", "x-002.tar"]
+    assert expand_braces("{a,b}-{0..1}") == ["a-0", "a-1", "b-0", "b-1"]
     for spec in (str(tmp_path / "s-{000..001}.tar"), str(tmp_path / "s-*.tar"), tmp_path):
         assert [p.name for p in tar_shards(spec)] == ["s-000.tar", "s-001.tar"]
     source = open_source(str(tmp_path / "s-{000..001}.tar"))
@@ -220,7 +223,7 @@ def test_tar_rerun_is_a_noop_and_a_grown_shard_computes_only_new_keys(tmp_path, 
 def test_mnist_and_fashion_mnist_from_their_raw_files(tmp_path, tiny):
     write_mnist(tmp_path, "MNIST")
     write_mnist(tmp_path, "FashionMNIST", n_train=12, n_test=6)
-    source = scan_torchvision("MNIST", root=tmp_path)
+    source = scan_torchvision("MNIST", ListOptions(root=tmp_path))
     assert source.split_counts() == {"train": 40, "test": 20}
     assert source.class_names[0] == "0 - zero"
     assert source.samples[0].id == "train/00000" and source.samples[40].id == "test/00000"
@@ -228,7 +231,7 @@ def test_mnist_and_fashion_mnist_from_their_raw_files(tmp_path, tiny):
     assert [s.label for s in source.samples] == labels.tolist()
     image = source.reader.read(source.samples[3].locator)
     np.testing.assert_array_equal(np.asarray(image), images[3])
-    fashion = scan_torchvision("FashionMNIST", root=tmp_path)
+    fashion = scan_torchvision("FashionMNIST", ListOptions(root=tmp_path))
     assert len(fashion) == 18 and fashion.class_names[0] == "T-shirt/top"
     # through the command line, decoded in a worker process that constructs the dataset itself
     out = tmp_path / "mnist.h5"
@@ -242,7 +245,7 @@ def test_mnist_and_fashion_mnist_from_their_raw_files(tmp_path, tiny):
 @pytest.mark.parametrize("base", [tvd.CIFAR10, tvd.CIFAR100])
 def test_cifar_from_its_pickled_batches(tmp_path, tiny, base):
     local = write_cifar(tmp_path, base, per_file=12)
-    source = scan_torchvision(local, root=tmp_path)
+    source = scan_torchvision(local, ListOptions(root=tmp_path))
     n_train, n_test = 12 * len(base.train_list), 12 * len(base.test_list)
     assert source.split_counts() == {"train": n_train, "test": n_test}
     assert len(source.class_names) == (10 if base is tvd.CIFAR10 else 100)
@@ -261,7 +264,7 @@ def test_generic_torchvision_classes(tmp_path):
     assert len(fake) == 1000 and set(fake.split_counts()) == {"train", "test"}
     assert fake.reader.read(fake.samples[0].locator).size == (224, 224)
     make_folder(tmp_path / "f", {"a": 3, "b": 2})
-    folder = scan_torchvision("ImageFolder", root=tmp_path / "f")
+    folder = scan_torchvision("ImageFolder", ListOptions(root=tmp_path / "f"))
     assert folder.class_names == ("a", "b") and len(folder) == 5
 
 

@@ -1,5 +1,6 @@
 """torchvision datasets as a source: `--data torchvision:CIFAR10 --root DIR`, any `torchvision.datasets` class that
-yields images, read from a local root and downloaded only when asked (see `pipeline.sources` for the other kinds)."""
+yields images, read from a local root and downloaded only when asked. Ids are `split/index`, and a stratified split
+is by id: a torchvision dataset has only the one spelling."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import DataError
-from pipeline.sources import UNLABELLED, Sample, Source, _check_split_classes, _class_index, _label_text, _stratified
+from pipeline.sources.base import DEFAULT_OPTIONS, UNLABELLED, ListOptions, Source, class_index, finish, label_text
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class TorchvisionReader:
             self._datasets[split] = _construct(self.spec.cls, self.spec.root, kwargs)
         return self._datasets[split]
 
-    def read(self, locator: tuple[str, int]) -> Image.Image:
+    def read(self, locator: tuple[str, int], max_bytes: int | None = None) -> Image.Image:
         split, index = locator
         item = self.dataset(split)[index]
         image = item[0] if isinstance(item, tuple | list) else item
@@ -115,15 +116,16 @@ def _root_stamp(root: str | None) -> tuple[int, int]:
     return size, newest
 
 
-def scan_torchvision(name: str | type, *, root: str | Path | None = None, download: bool = False,
-                     test_fraction: float = 0.3, seed: int = 0) -> Source:
+
+def scan_torchvision(name: str | type, options: ListOptions = DEFAULT_OPTIONS) -> Source:
     """List a `torchvision.datasets` class (by name, or the class itself) over a local root.
 
     Splits come from the constructor: `train=True/False` gives train/test, `split=` is tried with train, val and
     test; a class with neither is one set, split stratified. Ids are `split/index`. Files are fetched only with
     `download=True` (and a network); otherwise they must already be under `root`.
     """
-    cls = _dataset_class(name) if isinstance(name, str) else name
+    cls = _dataset_class(name.removeprefix("torchvision:")) if isinstance(name, str) else name
+    root, download = options.root, options.download
     params = inspect.signature(cls).parameters
     if "root" in params and root is None:
         raise DataError(f"torchvision:{cls.__name__} needs --root DIR (the folder that holds or will hold its files)")
@@ -164,26 +166,24 @@ def scan_torchvision(name: str | type, *, root: str | Path | None = None, downlo
             class_names = tuple(str(c) for c in classes)
         for index, target in enumerate(targets):
             ids.append(f"{split or 'all'}/{index:0{width}d}")
-            names.append(None if target is None else _label_text(target))
+            names.append(None if target is None else label_text(target))
             splits.append(split)
             locators.append((split, index))
     if class_names and all(v is None or (re.fullmatch(r"\d+", v) and int(v) < len(class_names)) for v in names):
         labels = [UNLABELLED if v is None else int(v) for v in names]  # targets index the dataset's own classes
     else:
-        class_names, labels = _class_index(names)
-    if "" in found:
-        splits = _stratified(ids, labels, test_fraction=test_fraction, seed=seed)
-        split_source = f"stratified(test_fraction={test_fraction}, seed={seed})"
-    else:
-        _check_split_classes([None if label < 0 else class_names[label] for label in labels], splits,
-                             f"torchvision:{cls.__name__}")
-        split_source = "torchvision"
+        class_names, labels = class_index(names)
     spec = TorchvisionSpec(cls, root_text, tuple((s, tuple(sorted(kw.items()))) for s, (kw, _) in found.items()))
     reader = TorchvisionReader(spec)
     reader._datasets = {s: ds for s, (_, ds) in found.items()}  # reuse in this process
     stamp = _root_stamp(root_text)
     base = Path(root_text) if root_text else Path(".")
-    samples = tuple(Sample(i, base, label, s, loc, stamp)
-                    for i, label, s, loc in zip(ids, labels, splits, locators, strict=True))
     description = f"torchvision:{cls.__name__}" + (f" (root {root_text})" if root_text else "")
-    return Source("torchvision", base, samples, class_names, split_source, reader, description)
+    return finish("torchvision", base, ids, [base] * len(ids), class_names, labels,
+                  [s if s else None for s in splits], options=options, hinted_by="torchvision",
+                  key_of=lambda i: ids[i], reader=reader, description=description, locators=locators,
+                  stamps=[stamp] * len(ids), label_source="dataset targets" if class_names else "")
+
+
+def open_if_mine(data: str, options: ListOptions) -> Source | None:
+    return scan_torchvision(data, options) if data.startswith("torchvision:") else None

@@ -1,0 +1,43 @@
+"""Image sources → samples (id, label, split, locator) and the reader that turns a locator into bytes or an image.
+
+Each kind is a module here with `open_if_mine(data, options)`, tried in `KINDS` order; all give the same `Source`
+(`pipeline.sources.base`), so that extraction and the store never care where images come from:
+- `torchvision`: `torchvision:CIFAR10 --root DIR`, any `torchvision.datasets` class that yields images;
+- `manifest`: a CSV, Parquet or JSON Lines table with `path` and optional `label`, `split`, `id` columns;
+- `tar`: WebDataset-style tar shards, read in place at each member's offset;
+- `folder`: `ROOT/<class>/<image>` or `ROOT/{train,val,test}/<class>/<image>` (the fallback).
+A new kind is one module with `open_if_mine` and one entry in `KINDS`. Nothing heavy is imported until a source is
+opened.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.sources.base import ListOptions, Source
+
+KINDS = ("torchvision", "manifest", "tar", "folder")
+
+
+def list_options(**given: Any) -> ListOptions:
+    from pipeline.sources.base import ListOptions
+
+    return ListOptions(**given)
+
+
+def open_source(data: str | Path, options: ListOptions | None = None, **given: Any) -> Source:
+    """The source `data` names, listed with `options` (or the `ListOptions` fields given as keywords)."""
+    from pipeline.errors import DataError
+
+    options = options if options is not None else list_options(**given)
+    text = str(data)
+    for kind in KINDS:
+        source = importlib.import_module(f"pipeline.sources.{kind}").open_if_mine(text, options)
+        if source is not None:
+            return source
+        if kind == "torchvision" and (options.root is not None or options.download):
+            raise DataError("--root and --download apply only to --data torchvision:NAME; drop them or use that form")
+    raise DataError(f"--data {text} is not a source this tool can read")  # the folder kind claims everything

@@ -1,0 +1,222 @@
+"""What every source kind gives: samples (id, label, split, where to read it), class names, how labels and splits were
+decided, and the reader. Each kind lists its rows; `finish` decides the splits and checks the whole the same way for
+all of them, so that the same images give the same store whichever way they come.
+
+Splits follow the source when it gives them for every sample (split folders, a manifest column, shard names, json)
+and are otherwise stratified by content (`pipeline.splits`); `--split stratified` ignores what the source says.
+Problems of the source as a whole (duplicate ids, a split for some samples only, classes with no training images)
+are errors here, before any compute; problems of single images are failures recorded by the decode stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.datasets import (
+    DEFAULT_MAX_FILE_BYTES,
+    SPLITS,
+    FileReader,
+    Reader,
+    file_stamp,
+    raw_hash,
+)
+from pipeline.errors import DataError
+from pipeline.sources.hints import how_to
+from pipeline.splits import stratified_splits
+
+log = logging.getLogger(__name__)
+
+UNLABELLED = -1
+SPLIT_MODES = ("auto", "stratified")
+DATA_HINT = ("pass --data an image folder, a manifest (.csv, .parquet, .jsonl), WebDataset tar shards (a .tar, a "
+             "folder of them, or a pattern like shards/train-{000000..000009}.tar) or torchvision:NAME with --root DIR")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: a stable `id`, where it lives (`path`: the file, or the tar shard / dataset root holding it), its
+    `label` (index into the class names, -1 when unlabelled), its split, and the reader's `locator` (None: `path`).
+    `stamp` is the (size, mtime_ns)-like pair that tells an incremental run whether to look again (None: the file's)."""
+
+    id: str
+    path: Path
+    label: int
+    split: str
+    locator: Any = None
+    stamp: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class ListOptions:
+    """How to list a source: the stratified split's share and seed; `split` "auto" (the source's own splits when it
+    gives them), "stratified" (always stratified) or "none" (no split decided: for looking images up); whether links
+    may leave the data root; the byte limit for content hashing; and the content hashes already known from the
+    store being updated (id -> (size, mtime_ns, hash)), so that only new or changed files are read to split."""
+
+    test_fraction: float = 0.3
+    seed: int = 0
+    split: str = "auto"
+    root: str | Path | None = None
+    download: bool = False
+    follow_links: bool = False
+    max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES
+    known: Mapping[str, tuple[int, int, str]] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.split not in (*SPLIT_MODES, "none"):
+            raise DataError(f"unknown --split {self.split!r}; choose one of {', '.join(SPLIT_MODES)}")
+
+
+DEFAULT_OPTIONS = ListOptions()
+
+
+@dataclass(frozen=True)
+class Source:
+    """A listed image source: samples in store order, class names, how splits and labels were decided, its reader,
+    and warnings for the user (a labelled-looking source without labels, links that were not followed)."""
+
+    kind: str  # folder | manifest | tar | torchvision
+    root: Path
+    samples: tuple[Sample, ...]
+    class_names: tuple[str, ...]
+    split_source: str
+    reader: Reader = field(default_factory=FileReader)
+    description: str = ""
+    label_source: str = ""
+    warnings: tuple[str, ...] = ()
+    max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def split_counts(self) -> dict[str, int]:
+        counts = Counter(s.split for s in self.samples)
+        return {k: counts[k] for k in SPLITS if counts[k]}
+
+    def locators(self, positions: Iterable[int] | None = None) -> list:
+        picked = self.samples if positions is None else [self.samples[int(i)] for i in positions]
+        return [s.path if s.locator is None else s.locator for s in picked]
+
+    def stamps(self) -> np.ndarray:
+        """[n, 2] int64: each sample's stamp (a file's size and mtime_ns unless the source set its own)."""
+        pairs = [s.stamp if s.stamp is not None else file_stamp(s.path) for s in self.samples]
+        return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+    def content_hash(self, position: int) -> str:
+        """The content hash the decode stage records for this sample (file bytes or image pixels); "" if unreadable."""
+        try:
+            raw = self.reader.read(self.locators([position])[0], self.max_file_bytes)
+        except Exception:  # noqa: BLE001 - unreadable: no hash, so the row is recomputed (and fails there)
+            return ""
+        return raw_hash(raw)
+
+
+def printable(text: str) -> str:
+    """A file name as valid UTF-8 text: bytes that are not UTF-8 (kept by Python as surrogates) become `\\xNN`."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def known_key(options: ListOptions, sample_id: str, stamp: tuple[int, int]) -> str | None:
+    """The content hash recorded for this id by the store being updated, if its stamp is unchanged."""
+    if not options.known:
+        return None
+    found = options.known.get(sample_id)
+    return found[2] if found is not None and (found[0], found[1]) == tuple(stamp) and found[2] else None
+
+
+# -- labels ---------------------------------------------------------------------------------------------------------
+
+def class_index(values: list[str | None]) -> tuple[tuple[str, ...], list[int]]:
+    """Class names (integers in numeric order when every label is an integer, else sorted text) and label indices;
+    None stays unlabelled."""
+    present = sorted({v for v in values if v is not None})
+    if present and all(re.fullmatch(r"-?\d+", v) for v in present):
+        present.sort(key=int)
+    index = {name: i for i, name in enumerate(present)}
+    return tuple(present), [UNLABELLED if v is None else index[v] for v in values]
+
+
+def cell(value: Any) -> str | None:
+    """A manifest cell as stripped text; empty, missing and NaN cells are None."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return None if not text or text.lower() in ("nan", "none", "null") else text
+
+
+def label_text(value: Any) -> str | None:
+    """A label as text; missing, empty and negative integers (the usual -1) mean unlabelled."""
+    text = cell(value)
+    return None if text is None or re.fullmatch(r"-\d+", text) else text
+
+
+# -- checks of the whole ---------------------------------------------------------------------------------------------
+
+def check_unique(ids: list[str], where: str, *, owners: list[str] | None = None) -> None:
+    dupes = [i for i, n in Counter(ids).items() if n > 1]
+    if dupes:
+        example = dupes[0]
+        seen = [owners[k] for k, i in enumerate(ids) if i == example] if owners else []
+        raise DataError(f"{len(dupes)} id(s) occur more than once in {where} (e.g. {example!r}"
+                        f"{' in ' + ', '.join(seen[:3]) if seen else ''}); ids must be unique: fix or add an id column")
+
+
+def check_split_classes(names: list[str | None], splits: list[str], where: str, kind: str) -> None:
+    """Every class seen in val/test needs training images (a probe could never predict it)."""
+    train = {n for n, s in zip(names, splits, strict=True) if s == "train" and n is not None}
+    unseen = sorted({n for n, s in zip(names, splits, strict=True) if s != "train" and n is not None} - train)
+    if unseen:
+        raise DataError(f"classes {unseen[:5]}{' ...' if len(unseen) > 5 else ''} of {where} appear in val/test "
+                        "but have no training images; every class needs training images (fix the labels or splits, "
+                        f"or {how_to(kind, 'splits').split(', or ')[-1]})")
+
+
+def finish(kind: str, root: Path, ids: list[str], paths: list[Path], class_names: tuple[str, ...], labels: list[int],
+           hints: list[str | None], *, options: ListOptions, hinted_by: str, key_of: Callable[[int], str],
+           reader: Reader, description: str, locators: list | None = None,
+           stamps: list[tuple[int, int] | None] | None = None, label_source: str = "",
+           warnings: list[str] | None = None) -> Source:
+    """Decide the splits, check the whole and build the `Source` (rows in the order given).
+
+    `hints` are the source's own splits (None where it gives none); `key_of(i)` is sample i's content key for the
+    stratified split, asked for only when one is needed."""
+    n = len(ids)
+    warnings = list(warnings or [])
+    names = [None if label < 0 else class_names[label] for label in labels]
+    given = [h for h in hints if h is not None]
+    if options.split == "none":
+        splits, split_source = [""] * n, "not decided (lookup)"
+    elif options.split == "auto" and given and len(given) == n:
+        check_split_classes(names, list(hints), description, kind)
+        splits, split_source = list(hints), hinted_by
+    elif options.split == "auto" and given:
+        raise DataError(f"{len(given)} of the {n} samples of {description} have a split ({hinted_by}) and the others "
+                        f"do not; {how_to(kind, 'splits')}")
+    else:
+        keys = [key_of(i) for i in range(n)]
+        splits = stratified_splits(keys, labels, test_fraction=options.test_fraction, seed=options.seed, ties=ids)
+        split_source = f"stratified(test_fraction={options.test_fraction}, seed={options.seed}, by content)"
+        if given:
+            split_source += f", overriding the {hinted_by}"
+    if n and not class_names and kind in ("manifest", "tar"):
+        warnings.append(f"{description}: none of the {n} images has a label, so probe and kNN will refuse the store; "
+                        f"to label them, {how_to(kind, 'labels')}")
+    locators = locators or [None] * n
+    stamps = stamps or [None] * n
+    samples = tuple(Sample(*row) for row in zip(ids, paths, labels, splits, locators, stamps, strict=True))
+    if options.split != "none":
+        for warning in warnings:
+            log.warning("%s", warning)
+    return Source(kind, root, samples, class_names, split_source, reader, description, label_source, tuple(warnings),
+                  options.max_file_bytes)

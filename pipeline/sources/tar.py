@@ -1,0 +1,252 @@
+"""WebDataset-style tar shards (`key.jpg` + `key.cls`/`key.json`), read in place at each member's offset.
+
+Labels come from `KEY.cls` (or `KEY.json` {"label": ...}). A tar with no such labels at all, made from an image folder
+(`tar cf x.tar classA classB`, or `tar cf x.tar images` with class folders inside), is read like that folder: below
+the folder its members share, the first folder is the class, or `train`/`val`/`test` then the class (as timm's tar
+reader takes labels from member folders). Splits come from the json's "split", else a shard name starting with
+train/val/test, else those split folders, else stratified.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.datasets import SPLITS, check_file_size, content_hash
+from pipeline.errors import DataError
+from pipeline.sources.base import (
+    DATA_HINT,
+    DEFAULT_OPTIONS,
+    ListOptions,
+    Source,
+    cell,
+    check_unique,
+    class_index,
+    finish,
+    known_key,
+    label_text,
+    printable,
+)
+
+# Which member of a key is the image when several are, and which carry the label.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+LABEL_EXTS = ("cls", "cls.txt", "label", "label.txt")
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """Where a sample's image lies: shard number, byte offset and size of the member (`problem`: why there is none)."""
+
+    shard: int
+    offset: int
+    size: int
+    problem: str = ""
+
+
+class TarReader:
+    """Reads members in place (no unpacking): one positional read per image, after checking the member's size.
+    File handles are opened lazily per process and never pickled."""
+
+    def __init__(self, shards: tuple[Path, ...]) -> None:
+        self.shards = shards
+        self._fds: dict[int, int] = {}
+
+    def __getstate__(self) -> dict:
+        return {"shards": self.shards}
+
+    def __setstate__(self, state: dict) -> None:
+        self.shards, self._fds = state["shards"], {}
+
+    def read(self, locator: TarMember, max_bytes: int | None = None) -> bytes:
+        if locator.problem:
+            raise ValueError(locator.problem)
+        check_file_size(locator.size, max_bytes)
+        if locator.shard not in self._fds:
+            self._fds[locator.shard] = os.open(self.shards[locator.shard], os.O_RDONLY)
+        data = os.pread(self._fds[locator.shard], locator.size, locator.offset)
+        if len(data) < locator.size:
+            raise OSError(f"truncated member: {len(data)} of {locator.size} bytes in {self.shards[locator.shard]}")
+        return data
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset/bash brace patterns: `a-{000..003}.tar` (zero-padded ranges) and `{train,val}.tar`."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    head, tail, body = pattern[:match.start()], pattern[match.end():], match.group(1)
+    ranged = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if ranged:
+        lo, hi = ranged.groups()
+        width = len(lo) if lo.startswith("0") else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    return [p for option in options for p in expand_braces(head + option + tail)]
+
+
+def tar_shards(data: str | Path) -> list[Path]:
+    """The tar shards `data` names (a .tar file, a folder holding .tar files and no sub-folders, a brace pattern or a
+    glob); [] when it names none."""
+    text = str(data)
+    path = Path(text)
+    if path.is_dir():
+        shards = sorted(p for p in path.iterdir() if p.name.endswith(".tar") and p.is_file())
+        has_dirs = any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir())
+        return shards if shards and not has_dirs else []
+    if ".tar" not in text and ".tgz" not in text:
+        return []
+    names = [n for pattern in expand_braces(text) for n in (sorted(glob.glob(pattern)) if glob.has_magic(pattern)
+                                                              else [pattern])]
+    missing = [n for n in names if not Path(n).is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(names)} tar shard(s) do not exist (e.g. {missing[0]}); check --data")
+    return [Path(n) for n in names]
+
+
+def _split_from_name(name: str) -> str | None:
+    for split in SPLITS:
+        if re.match(rf"{split}([-_.]|$)", name):
+            return split
+    return None
+
+
+def _tar_groups(shard: Path) -> dict[str, dict[str, tarfile.TarInfo]]:
+    """key → {extension: member} for one shard, in member order (WebDataset: the key is the path up to the first
+    dot of the file name, the extension is the rest)."""
+    with open(shard, "rb") as fh:
+        magic = fh.read(3)
+    if magic[:2] == b"\x1f\x8b" or magic == b"BZh" or magic[:3] == b"\xfd7z":
+        raise DataError(f"{shard} is compressed; shards are read in place by offset, so they must be plain .tar "
+                        "(images are compressed already): decompress it (e.g. gunzip) and point --data at the .tar")
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    count = 0
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for member in tar:
+                count += 1
+                if not member.isfile():
+                    continue
+                folder, _, base = member.name.rpartition("/")
+                stem, dot, ext = base.partition(".")
+                if not dot or base.startswith("."):
+                    continue
+                key = f"{folder}/{stem}" if folder else stem
+                groups.setdefault(printable(key), {})[ext.lower()] = member
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DataError(f"{shard} is not a readable tar file after {count} member(s) ({exc}); re-create the shard "
+                        "or leave it out of --data") from exc
+    return groups
+
+
+def _tar_meta(fh: Any, members: dict[str, tarfile.TarInfo]) -> tuple[str | None, str | None]:
+    """(label, split) of one key from its `.cls` or `.json` member (`fh`: the shard, open for reading)."""
+    def text(ext: str) -> str:
+        fh.seek(members[ext].offset_data)
+        return fh.read(min(members[ext].size, 1 << 20)).decode("utf-8", errors="replace")
+
+    label = split = None
+    if "json" in members:
+        try:
+            meta = json.loads(text("json"))
+        except json.JSONDecodeError:
+            meta = None
+        if isinstance(meta, dict):
+            label = label_text(next((meta[k] for k in ("label", "cls", "class") if k in meta), None))
+            split = cell(meta.get("split"))
+    for ext in LABEL_EXTS:
+        if ext in members:
+            label = label_text(text(ext))
+            break
+    return label, split
+
+
+def folder_labels(keys: list[str]) -> tuple[list[str], list[str | None]] | None:
+    """(class, split folder or None) per key when every key lies in a folder, read as an image folder below the
+    folders all keys share (keeping at least one folder per key); None when some key has no folder."""
+    parts = [k.split("/")[:-1] for k in keys]
+    if not parts or not all(parts):
+        return None
+    shared = 0
+    while all(len(p) > shared + 1 for p in parts) and len({p[shared] for p in parts}) == 1:
+        shared += 1
+    classes, splits = [], []
+    for p in parts:
+        rest = p[shared:]
+        if rest[0] in SPLITS and len(rest) >= 2:
+            splits.append(rest[0])
+            classes.append(rest[1])
+        else:
+            splits.append(None)
+            classes.append(rest[0])
+    return classes, splits
+
+
+def _list_shards(shards: list[Path]) -> dict[str, list]:
+    rows: dict[str, list] = {k: [] for k in ("ids", "owners", "names", "hints", "members", "stamps")}
+    for number, shard in enumerate(shards):
+        mtime = os.stat(shard).st_mtime_ns
+        groups = _tar_groups(shard)
+        with open(shard, "rb") as fh:
+            metas = [_tar_meta(fh, group) for group in groups.values()]
+        for (key, group), (label, split) in zip(groups.items(), metas, strict=True):
+            if split is not None and split not in SPLITS:
+                raise DataError(f"{shard}: key {key!r} has split {split!r}; valid splits are {', '.join(SPLITS)}")
+            image_ext = next((e for e in IMAGE_EXTS if e in group), None)
+            if image_ext is None:
+                found = ", ".join(sorted(group))
+                rows["members"].append(TarMember(number, 0, 0, f"no image member for key {key!r} (members: {found})"))
+                rows["stamps"].append((0, mtime))
+            else:
+                info = group[image_ext]
+                rows["members"].append(TarMember(number, info.offset_data, info.size))
+                rows["stamps"].append((info.size, mtime))
+            rows["ids"].append(key)
+            rows["owners"].append(shard.name)
+            rows["names"].append(label)
+            rows["hints"].append(split or _split_from_name(shard.name))
+    return rows
+
+
+def scan_tar_shards(shards: list[Path], options: ListOptions = DEFAULT_OPTIONS) -> Source:
+    """List WebDataset-style tar shards: one sample per key with an image member (a key without one becomes a
+    recorded failure); duplicate keys across shards are an error."""
+    if not shards:
+        raise DataError(f"no tar shards given; {DATA_HINT}")
+    rows = _list_shards(shards)
+    ids, names, hints = rows["ids"], rows["names"], rows["hints"]
+    if not ids:
+        raise DataError(f"the {len(shards)} tar shard(s) hold no samples (expected members like KEY.jpg + KEY.cls)")
+    check_unique(ids, f"{len(shards)} tar shard(s)", owners=rows["owners"])
+    label_source = "KEY.cls / KEY.json members" if any(n is not None for n in names) else ""
+    if not label_source and (from_folders := folder_labels(ids)) is not None:
+        names = from_folders[0]
+        hints = [h if h is not None else f for h, f in zip(hints, from_folders[1], strict=True)]
+        label_source = "member folders"
+    class_names, labels = class_index(names)
+    reader = TarReader(tuple(shards))
+
+    def key_of(i: int) -> str:
+        known = known_key(options, ids[i], rows["stamps"][i])
+        if known is not None:
+            return known
+        try:
+            return content_hash(reader.read(rows["members"][i], options.max_file_bytes))
+        except (OSError, ValueError):
+            return ""
+
+    description = str(shards[0]) if len(shards) == 1 else f"{shards[0]} .. {shards[-1].name} ({len(shards)} shards)"
+    return finish("tar", shards[0].parent, ids, [shards[m.shard] for m in rows["members"]], class_names, labels,
+                  hints, options=options, hinted_by="shards", key_of=key_of, reader=reader, description=description,
+                  locators=rows["members"], stamps=rows["stamps"], label_source=label_source)
+
+
+def open_if_mine(data: str, options: ListOptions) -> Source | None:
+    shards = tar_shards(data)
+    return scan_tar_shards(shards, options) if shards else None
