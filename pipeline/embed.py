@@ -17,7 +17,8 @@ from pipeline.backbones import PRE_LOGITS, Backbone, create_backbone
 from pipeline.datasets import MAX_ASPECT, Decoding, decode, read_file
 from pipeline.errors import PipelineError
 from pipeline.extract import l2_normalize
-from pipeline.sources import Source, open_source
+from pipeline.sources import open_source
+from pipeline.sources.base import ListOptions, Source, printable
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def embed_files(paths: Iterable[str | Path], backbone: Backbone, *, batch_size: 
     tensors = []
     for path in paths:
         try:
-            image, _ = decode(read_file(path), decoding)
+            image, _ = decode(read_file(path, decoding.max_file_bytes), decoding)
         except Exception as exc:  # noqa: BLE001 - any decode problem is the user's file: say which and why
             raise PipelineError(f"cannot read the image {path}: {type(exc).__name__}: {exc}") from None
         tensors.append(backbone.transform(image))
@@ -62,13 +63,19 @@ def embed_files(paths: Iterable[str | Path], backbone: Backbone, *, batch_size: 
 
 
 def source_for(attrs: dict[str, Any]) -> Source:
-    """Re-open the image source a store was extracted from (the same listing options), to find its images."""
+    """Re-open the image source a store was extracted from (its recorded absolute `data` and listing options) to
+    find its images; no split is decided (that would read every file again)."""
     data = attrs.get("data") or attrs.get("data_root")
     if not data:
         raise PipelineError("the store does not record its image source")
-    options = json.loads(attrs.get("data_options", "{}"))
-    return open_source(data, root=options.get("root"), test_fraction=options.get("test_fraction", 0.3),
-                       seed=options.get("seed", 0))
+    try:
+        options = json.loads(attrs.get("data_options", "{}"))
+    except ValueError:
+        options = {}
+    options = options if isinstance(options, dict) else {}
+    return open_source(data, ListOptions(split="none", root=options.get("root"),
+                                         follow_links=bool(options.get("follow_links", False)),
+                                         max_file_bytes=options.get("max_file_bytes") or None))
 
 
 def images_for_ids(attrs: dict[str, Any], ids: Iterable[str], *, size: int = 96) -> dict[str, Image.Image]:
@@ -83,7 +90,8 @@ def images_for_ids(attrs: dict[str, Any], ids: Iterable[str], *, size: int = 96)
         if id_ not in position:
             continue
         try:
-            image, _ = decode(source.reader.read(source.locators([position[id_]])[0]), decoding)
+            image, _ = decode(source.reader.read(source.locators([position[id_]])[0], decoding.max_file_bytes),
+                              decoding)
         except Exception as exc:  # noqa: BLE001 - a picture that cannot be shown is not an error of the results
             log.warning("cannot show %s: %s", id_, exc)
             continue
@@ -103,5 +111,5 @@ def paths_for_ids(attrs: dict[str, Any], ids: Iterable[str]) -> dict[str, str]:
         log.warning("image paths unavailable: %s", exc)
         return {}
     wanted = set(ids)
-    return {s.id: str(s.path) if s.locator is None or source.kind != "tar" else f"{s.path}:{s.id}"
+    return {s.id: printable(str(s.path) if source.kind != "tar" else f"{s.path}:{s.id}")
             for s in source.samples if s.id in wanted}

@@ -27,16 +27,20 @@ from tqdm.auto import tqdm
 from pipeline.backbones import Backbone, create_backbone
 from pipeline.config import ExtractConfig
 from pipeline.datasets import MAX_ASPECT, Batch, Decoding, ImageDataset, collate_batch, load_plugins
-from pipeline.errors import DataError, PipelineError
-from pipeline.sources import Source, open_source
+from pipeline.errors import DataError, PipelineError, StoreError
+from pipeline.outputs import check_writable_dir
+from pipeline.sources import open_source
+from pipeline.sources.base import ListOptions, Source
 from pipeline.store import (
     cache_key,
     check_target,
     is_current,
+    known_hashes,
     layout_attrs,
     library_versions,
     partial_path,
     read_attrs,
+    read_columns,
 )
 from pipeline.store_writer import Listing, StoreWriter
 
@@ -219,7 +223,8 @@ def _exit_with_main_process(main_pid: int, _worker_id: int) -> None:
     threading.Thread(target=watch, name="main-process-watch", daemon=True).start()
 
 
-_PRELOAD = ["torch", "PIL.Image", "pipeline.datasets", "pipeline.sources", "pipeline.torchvision_sets"]
+_PRELOAD = ["torch", "PIL.Image", "pipeline.datasets", "pipeline.sources.base", "pipeline.sources.tar",
+            "pipeline.sources.torchvision"]
 
 
 def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, workers: int, pin_memory: bool,
@@ -460,14 +465,53 @@ class ExtractResult:
         return f"{text} -> {self.store}"
 
 
+def absolute_data(data: str | Path) -> str:
+    """`--data` as recorded: absolute (a shard pattern keeps its braces and globs), so that the store finds its
+    images again from any working directory; `torchvision:NAME` as given."""
+    text = str(data)
+    return text if text.startswith("torchvision:") else os.path.abspath(os.path.expanduser(text))
+
+
+def list_options(config: ExtractConfig, *, known: bool = True) -> ListOptions:
+    """How to list `config.data`; with `known`, content hashes already recorded in the store at `config.out` are
+    reused for the stratified split, so only new or changed files are read to place them."""
+    return ListOptions(test_fraction=config.test_fraction, seed=config.seed, split=config.split, root=config.root,
+                       download=config.download, follow_links=config.follow_links,
+                       max_file_bytes=config.max_file_bytes, known=known_hashes(Path(config.out)) if known else None)
+
+
 def _data_attrs(config: ExtractConfig, source_given: bool) -> dict:
     """How to open the source again (for search results and report image grids): `data` and its listing options."""
-    data = "" if source_given else str(config.data)
-    if data and not data.startswith("torchvision:"):
-        data = str(Path(data).resolve()) if "{" not in data and "*" not in data else data
     options = {"root": str(Path(config.root).resolve()) if config.root else None,
-               "test_fraction": config.test_fraction, "seed": config.seed}
-    return {"data": data, "data_options": json.dumps(options, sort_keys=True)}
+               "test_fraction": config.test_fraction, "seed": config.seed, "split": config.split,
+               "follow_links": config.follow_links, "max_file_bytes": config.max_file_bytes}
+    return {"data": "" if source_given else absolute_data(config.data),
+            "data_options": json.dumps(options, sort_keys=True)}
+
+
+def check_output_path(out: Path) -> None:
+    """Before any compute: `--out` is a file path whose folder can be written (with room for `.partial`/`.lock`)."""
+    if out.is_dir():
+        raise StoreError(f"--out {out} is a folder; give the store's file path, e.g. {out / 'features.h5'}")
+    check_writable_dir(out.parent, what="--out", path=out)
+
+
+def check_same_dataset(out: Path, data: str, ids: list[str], *, overwrite: bool) -> None:
+    """Refuse to turn a store of one data set into a store of another: when `--data` is not the recorded source and
+    fewer than half of the store's images are in it, that is another data set, not the same one moved."""
+    if overwrite or not data or not out.is_file():
+        return
+    try:
+        recorded = read_attrs(out).get("data", "")
+        stored = read_columns(out, "ids")["ids"] if recorded and recorded != data else None
+    except PipelineError:
+        return
+    if stored is None or not len(stored):
+        return
+    shared = len(set(stored.tolist()) & set(ids))
+    if shared < len(stored) / 2:
+        raise StoreError(f"{out} holds features of {recorded} ({len(stored)} images, {shared} of them in --data "
+                         f"{data}); choose another --out for this data set, or pass --overwrite to replace it")
 
 
 def _store_attrs(backbone: Backbone, source: Source, key: str, fingerprint: str, decoding: Decoding) -> dict:
@@ -517,10 +561,11 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None,
     is used instead of opening `config.data` (e.g. a torchvision dataset class that is not in torchvision).
     `on_progress(done, total)` is called from the writer thread after each committed batch.
     """
+    out = Path(config.out)
+    check_output_path(out)
     source_given = source is not None
     if source is None:
-        source = open_source(config.data, root=config.root, download=config.download,
-                             test_fraction=config.test_fraction, seed=config.seed)
+        source = open_source(config.data, list_options(config))
     load_plugins(config.image_plugins)  # a missing plugin is an error now, not a failure for every image
     optimize = False  # a backbone passed in is used as given
     if backbone is None:
@@ -531,16 +576,17 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None,
     key = cache_key(backbone=backbone.name, weights=backbone.weights, preprocessing=backbone.preprocessing_json(),
                     layer=backbone.layer, feature_dtype=config.feature_dtype, precision=backbone.precision)
     decoding = Decoding(max_pixels=config.max_pixels, plugins=tuple(config.image_plugins),
-                        max_aspect=MAX_ASPECT if backbone.data_config.get("crop_mode", "center") == "center" else None)
+                        max_aspect=MAX_ASPECT if backbone.data_config.get("crop_mode", "center") == "center" else None,
+                        max_file_bytes=config.max_file_bytes)
     listing = source_listing(source)
     fingerprint = data_fingerprint(source, listing, decoding)
-    out = Path(config.out)
     layout = layout_attrs(shard_rows=config.shard_rows, compression=config.compression)
     if not config.overwrite and not config.check_content and is_current(out, key=key, fingerprint=fingerprint,
                                                                          layout=layout):
         log.info("%s is up to date; no forward pass", out)
         return ExtractResult(str(out), len(source), 0, True, 0.0, 0.0, backbone.name, backbone.dim)
     check_target(out, key=key, overwrite=config.overwrite)
+    check_same_dataset(out, _data_attrs(config, source_given)["data"], listing.ids, overwrite=config.overwrite)
     if optimize:  # after the up-to-date check: a no-op run should not pay for tracing
         backbone = backbone.optimized()
 
@@ -549,7 +595,8 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None,
     attrs = {**_store_attrs(backbone, source, key, fingerprint, decoding), **_data_attrs(config, source_given)}
     with StoreWriter(out, listing=listing, dim=backbone.dim, attrs=attrs, feature_dtype=config.feature_dtype,
                      compression=config.compression, shard_rows=config.shard_rows,
-                     check_content=config.check_content, lock_timeout=config.lock_timeout) as writer:
+                     check_content=config.check_content, lock_timeout=config.lock_timeout,
+                     keep_store_id=not config.overwrite) as writer:
         todo = writer.prepare(reuse=not config.overwrite)
         if writer.resumed or writer.kept:
             log.info("%s: %d row(s) resumed, %d unchanged kept, %d to compute", out, writer.resumed, writer.kept,

@@ -20,8 +20,18 @@ import numpy as np
 from pipeline.config import ExtractConfig
 from pipeline.datasets import Decoding
 from pipeline.errors import StoreError
-from pipeline.extract import ExtractResult, data_fingerprint, extract_to_store, source_listing
-from pipeline.sources import Source, open_source
+from pipeline.extract import (
+    ExtractResult,
+    absolute_data,
+    check_output_path,
+    data_fingerprint,
+    extract_to_store,
+    list_options,
+    source_listing,
+)
+from pipeline.outputs import store_stem
+from pipeline.sources import open_source
+from pipeline.sources.base import Source
 from pipeline.store import (
     check_target,
     is_current,
@@ -43,12 +53,12 @@ def part_of(sample_id: str, parts: int) -> int:
 
 def part_path(out: str | Path, part: int, parts: int) -> Path:
     out = Path(out)
-    return out.with_name(f"{out.stem}.part{part}of{parts}{out.suffix}")
+    return out.with_name(f"{store_stem(out)}.part{part}of{parts}.h5")
 
 
 def _open(config: ExtractConfig) -> Source:
-    return open_source(config.data, root=config.root, download=config.download, test_fraction=config.test_fraction,
-                       seed=config.seed)
+    """The whole source, split as one unsharded run splits it (content hashes known to the merged store reused)."""
+    return open_source(config.data, list_options(config))
 
 
 def part_source(source: Source, part: int, parts: int) -> Source:
@@ -85,12 +95,11 @@ def merge_parts(config: ExtractConfig, parts: int, *, block_rows: int = 65536) -
     if len(keys) != 1:
         raise StoreError(f"the parts of {config.out} come from different configurations; extract them again")
     first = attrs[0]
-    decoding = json.loads(first["decoding"])
-    decoding = Decoding(max_pixels=decoding["max_pixels"] or None, max_aspect=decoding["max_aspect"] or None,
-                        plugins=tuple(decoding["plugins"]))
+    decoding = Decoding.from_attrs(json.loads(first["decoding"]))
     listing = source_listing(source)
     fingerprint = data_fingerprint(source, listing, decoding)
     out = Path(config.out)
+    check_output_path(out)
     layout = layout_attrs(shard_rows=config.shard_rows, compression=config.compression)
     key = first["cache_key"]
     if is_current(out, key=key, fingerprint=fingerprint, layout=layout):
@@ -102,14 +111,14 @@ def merge_parts(config: ExtractConfig, parts: int, *, block_rows: int = 65536) -
                                                            "schema_version", "feature_dtype", "images_per_second",
                                                            "throughput_images")}
     merged.update(data_fingerprint=fingerprint, source_description=source.description, num_images=len(source),
-                  data=str(Path(str(config.data)).resolve()) if not str(config.data).startswith("torchvision:")
-                  else str(config.data))
+                  data=absolute_data(config.data))
     speeds = [a.get("images_per_second") for a in attrs]
     if all(speeds):  # the parts ran side by side
         merged.update(images_per_second=round(float(sum(speeds)), 2))
     with StoreWriter(out, listing=listing, dim=int(first["feature_dim"]), attrs=merged,
                      feature_dtype=first.get("feature_dtype", "float32"), compression=config.compression,
-                     shard_rows=config.shard_rows, lock_timeout=config.lock_timeout) as writer:
+                     shard_rows=config.shard_rows, lock_timeout=config.lock_timeout,
+                     keep_store_id=not config.overwrite) as writer:
         writer.prepare(reuse=False)
         # rows in the full listing's order, as one run writes them, read a block at a time from the parts
         where: dict[str, tuple[int, int]] = {}

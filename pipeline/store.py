@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,11 +34,10 @@ from pipeline.errors import StoreError
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
-FEATURE_DTYPES = ("float32", "float16")
-COMPRESSIONS = ("none", "lzf")
 STR_DTYPE = h5py.string_dtype("utf-8")
 HASH_DTYPE = "S32"  # hex BLAKE2b-128
 ROW_DATASETS = ("ids", "labels", "splits", "files/size", "files/mtime_ns", "files/hash")
+SPLITS = ("train", "val", "test")
 # Unit-norm tolerance per storage dtype: float16 keeps ~11 bits of mantissa.
 NORM_TOLERANCE = {"float32": 1e-4, "float16": 2e-3}
 
@@ -114,16 +113,40 @@ def _open_checked(path: Path) -> h5py.File:
     except OSError as exc:
         raise StoreError(f"{path} cannot be opened ({str(exc).splitlines()[0]}); if it is an interrupted store, run "
                          "extract again with the same arguments to resume or rebuild it") from exc
-    if "schema_version" not in f.attrs or "features" not in f:
+    try:
+        if "schema_version" not in f.attrs or "features" not in f:
+            raise StoreError(f"{path} is an HDF5 file but not a feature store (no schema_version/features); pass a "
+                             "file written by `python -m pipeline extract`")
+        version = _int_attr(path, attrs_to_dict(f.attrs), "schema_version")
+        if version != SCHEMA_VERSION:
+            hint = "upgrade this package" if version > SCHEMA_VERSION else "run extract again to rebuild it"
+            raise StoreError(f"{path} has store schema version {version}, this code reads {SCHEMA_VERSION}; {hint}")
+    except BaseException:
         f.close()
-        raise StoreError(f"{path} is an HDF5 file but not a feature store (no schema_version/features); pass a file "
-                         "written by `python -m pipeline extract`")
-    version = int(f.attrs["schema_version"])
-    if version != SCHEMA_VERSION:
-        f.close()
-        hint = "upgrade this package" if version > SCHEMA_VERSION else "run extract again to rebuild it"
-        raise StoreError(f"{path} has store schema version {version}, this code reads {SCHEMA_VERSION}; {hint}")
+        raise
     return f
+
+
+def _damaged(path: Path, what: str) -> StoreError:
+    return StoreError(f"{path} is damaged: {what}; run `python -m pipeline store verify {path}`, then extract it "
+                      "again (with --overwrite)")
+
+
+def _int_attr(path: Path, attrs: dict[str, Any], key: str) -> int:
+    value = attrs.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise _damaged(path, f"attribute {key} is {value!r}, not an integer")
+    return int(value)
+
+
+def _json_attr(path: Path, attrs: dict[str, Any], key: str, kind: type) -> Any:
+    try:
+        value = json.loads(attrs.get(key, ""))
+    except (TypeError, ValueError):
+        value = None
+    if not isinstance(value, kind):
+        raise _damaged(path, f"attribute {key} is not a JSON {kind.__name__}")
+    return value
 
 
 def _check_shards(path: Path, attrs: dict[str, Any]) -> None:
@@ -140,16 +163,54 @@ def _check_shards(path: Path, attrs: dict[str, Any]) -> None:
 
 
 def _check_complete(path: Path, f: h5py.File) -> dict[str, Any]:
+    """The attributes of a complete store, after checking everything the readers rely on: completeness, row counts,
+    a 2-D feature matrix of the recorded dimension, the class list, the cache key and the shards."""
     attrs = attrs_to_dict(f.attrs)
-    if not attrs.get("complete", False):
+    if attrs.get("complete", False) is not True:
         raise StoreError(f"{path} is marked incomplete; run extract again with the same arguments to finish it")
-    n = int(attrs["committed_rows"])
+    n = _int_attr(path, attrs, "committed_rows")
+    missing = [name for name in ("features", *ROW_DATASETS) if name not in f or not isinstance(f[name], h5py.Dataset)]
+    if missing:
+        raise _damaged(path, f"datasets {missing} are missing")
+    features = f["features"]
+    if features.ndim != 2 or features.dtype.kind != "f":
+        raise _damaged(path, f"features have shape {features.shape} and type {features.dtype}, not [rows, dim] floats")
+    if _int_attr(path, attrs, "feature_dim") != features.shape[1]:
+        raise _damaged(path, f"feature_dim={attrs['feature_dim']} but the features have {features.shape[1]} columns")
     lengths = {name: f[name].shape[0] for name in ("features", *ROW_DATASETS)}
-    if any(length != n for length in lengths.values()):
+    if n < 0 or any(length != n for length in lengths.values()):
         raise StoreError(f"{path} is inconsistent: committed_rows={n} but dataset lengths are {lengths}; "
                          "run `python -m pipeline store verify` on it, then extract it again")
+    names = _json_attr(path, attrs, "class_names", list)
+    if not all(isinstance(c, str) for c in names):
+        raise _damaged(path, "class_names holds values that are not strings")
+    if not isinstance(attrs.get("cache_key"), str) or not attrs["cache_key"]:
+        raise _damaged(path, "it has no cache_key")
+    if "preprocessing" in attrs:
+        _json_attr(path, attrs, "preprocessing", dict)
     _check_shards(path, attrs)
     return attrs
+
+
+def row_problems(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, *, n_classes: int,
+                 tolerance: float) -> dict[str, np.ndarray]:
+    """Masks of the rows a reader must refuse: non-finite or not unit-norm features, labels outside -1..C-1, splits
+    other than train/val/test."""
+    finite = np.isfinite(features).all(axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], features, 0.0), axis=1)
+    return {"non-finite features": ~finite,
+            f"features not unit-norm (within {tolerance:g})": finite & (np.abs(norms - 1.0) > tolerance),
+            f"label(s) outside -1..{n_classes - 1}": (labels < -1) | (labels >= n_classes),
+            "split value(s) other than train/val/test": ~np.isin(splits, list(SPLITS))}
+
+
+def _refuse_bad_rows(path: Path, attrs: dict[str, Any], features: np.ndarray, ids: np.ndarray, labels: np.ndarray,
+                     splits: np.ndarray) -> None:
+    tolerance = NORM_TOLERANCE.get(attrs.get("feature_dtype", "float32"), 1e-4)
+    n_classes = len(json.loads(attrs["class_names"]))
+    for what, bad in row_problems(features, labels, splits, n_classes=n_classes, tolerance=tolerance).items():
+        if bad.any():
+            raise _damaged(path, f"{int(bad.sum())} row(s) with {what} (e.g. {ids[int(np.argmax(bad))]!r})")
 
 
 @dataclass
@@ -164,6 +225,7 @@ class FeatureSet:
     class_names: list[str]
     attrs: dict[str, Any] = field(repr=False)
     failed: dict[str, str] = field(default_factory=dict, repr=False)
+    hashes: np.ndarray | None = field(default=None, repr=False)  # content hashes: a row order that is the images'
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -172,12 +234,20 @@ class FeatureSet:
         return np.isin(self.splits, list(splits))
 
     def provenance(self) -> dict[str, Any]:
-        """Which store, backbone and weights a result was computed from, for results files."""
-        return {"store": str(self.path), "backbone": self.attrs["backbone"], "weights": self.attrs["weights"],
+        """Which store, backbone and weights a result was computed from, for results files (the store's absolute
+        path, so that the results can be read from anywhere)."""
+        return {"store": str(Path(self.path).resolve()), "store_id": self.attrs.get("store_id", ""),
+                "backbone": self.attrs["backbone"], "weights": self.attrs["weights"],
                 "cache_key": self.attrs["cache_key"], "class_names": self.class_names}
 
     def split_names(self) -> list[str]:
-        return [s for s in ("train", "val", "test") if (self.splits == s).any()]
+        return [s for s in SPLITS if (self.splits == s).any()]
+
+    def row_keys(self) -> list[str]:
+        """Each row's content hash (its id when unknown): what order-independent choices rank rows by."""
+        if self.hashes is None:
+            return [str(i) for i in self.ids]
+        return [h.decode() if h else str(i) for h, i in zip(self.hashes, self.ids, strict=True)]
 
 
 def _read_failed(f: h5py.File) -> dict[str, str]:
@@ -209,11 +279,12 @@ def read_attrs(path: str | Path) -> dict[str, Any]:
 
 
 def load_store(path: str | Path) -> FeatureSet:
-    """Read a complete store into memory (features as float32); refuse incomplete, foreign or inconsistent files."""
+    """Read a complete store into memory (features as float32); refuse incomplete, foreign, inconsistent or damaged
+    files (non-finite or non-unit rows, labels outside the class list, unknown splits) with one line."""
     path = Path(path)
     with _open_checked(path) as f:
         attrs = _check_complete(path, f)
-        return FeatureSet(
+        fs = FeatureSet(
             path=path,
             features=f["features"][...].astype(np.float32, copy=False),
             ids=np.asarray(f["ids"].asstr()[...], dtype=object),
@@ -222,11 +293,15 @@ def load_store(path: str | Path) -> FeatureSet:
             class_names=json.loads(attrs["class_names"]),
             attrs=attrs,
             failed=_read_failed(f),
+            hashes=f["files/hash"][...],
         )
+    _refuse_bad_rows(path, attrs, fs.features, fs.ids, fs.labels, fs.splits)
+    return fs
 
 
 def read_columns(path: str | Path, *names: str) -> dict[str, np.ndarray]:
-    """Some row-aligned columns of a complete store (e.g. ids, labels, splits, files/hash) without its features."""
+    """Some row-aligned columns of a complete store (e.g. ids, labels, splits, files/hash) without its features;
+    labels and splits are checked as the full readers check them."""
     path = Path(path)
     with _open_checked(path) as f:
         attrs = _check_complete(path, f)
@@ -237,7 +312,45 @@ def read_columns(path: str | Path, *names: str) -> dict[str, np.ndarray]:
                 raise ValueError(f"unknown column {name!r}; one of {ROW_DATASETS}")
             data = f[name]
             out[name] = np.asarray(data.asstr()[:n], dtype=object) if name in ("ids", "splits") else data[:n]
-        return out
+    n_classes = len(json.loads(attrs["class_names"]))
+    if "labels" in out and ((out["labels"] < -1) | (out["labels"] >= n_classes)).any():
+        raise _damaged(path, f"labels outside -1..{n_classes - 1}")
+    if "splits" in out and not np.isin(out["splits"], list(SPLITS)).all():
+        raise _damaged(path, "splits other than train/val/test")
+    return out
+
+
+def known_hashes(path: Path) -> Mapping[str, tuple[int, int, str]]:
+    """id -> (size, mtime_ns, content hash) of the rows of the complete store at `path` (empty when there is none),
+    read on first use: only a stratified split needs it."""
+    return _KnownHashes(Path(path))
+
+
+class _KnownHashes(Mapping):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._rows: dict[str, tuple[int, int, str]] | None = None
+
+    def _load(self) -> dict[str, tuple[int, int, str]]:
+        if self._rows is None:
+            self._rows = {}
+            if self.path.is_file():
+                try:
+                    c = read_columns(self.path, "ids", "files/size", "files/mtime_ns", "files/hash")
+                except StoreError:
+                    return self._rows
+                self._rows = {i: (int(s), int(m), h.decode()) for i, s, m, h in
+                              zip(c["ids"], c["files/size"], c["files/mtime_ns"], c["files/hash"], strict=True)}
+        return self._rows
+
+    def __getitem__(self, key: str) -> tuple[int, int, str]:
+        return self._load()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
 
 
 @dataclass
@@ -252,7 +365,8 @@ class Block:
 
 
 def iter_store(path: str | Path, *, rows: int = 65536, splits: tuple[str, ...] | None = None) -> Iterator[Block]:
-    """Stream a complete store in blocks of `rows` rows (features as float32), optionally keeping only some splits.
+    """Stream a complete store in blocks of `rows` rows (features as float32), optionally keeping only some splits;
+    each block is checked as `load_store` checks the whole.
 
     Memory is bounded by one block, whatever the store's size: the way to read a store that does not fit in memory.
     """
@@ -266,6 +380,7 @@ def iter_store(path: str | Path, *, rows: int = 65536, splits: tuple[str, ...] |
             block = Block(start, f["features"][start:stop].astype(np.float32, copy=False),
                           np.asarray(f["ids"].asstr()[start:stop], dtype=object), f["labels"][start:stop],
                           np.asarray(f["splits"].asstr()[start:stop], dtype=object))
+            _refuse_bad_rows(path, attrs, block.features, block.ids, block.labels, block.splits)
             if splits is not None:
                 keep = np.isin(block.splits, list(splits))
                 block = Block(start, block.features[keep], block.ids[keep], block.labels[keep], block.splits[keep])
@@ -312,127 +427,3 @@ def check_target(path: Path, *, key: str, overwrite: bool) -> None:
                 f"dtype {f.attrs.get('feature_dtype', 'float32')!r}); choose another --out, or pass --overwrite to "
                 "replace it"
             )
-
-
-def disk_usage(path: Path) -> int:
-    """Bytes on disk of a store: its entry file plus its shard folder."""
-    total = path.stat().st_size if path.is_file() else 0
-    folder = shards_dir(path)
-    if folder.is_dir():
-        total += sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    return total
-
-
-def store_info(path: str | Path) -> dict[str, Any]:
-    """A summary of a store for people: size, model, splits, classes, failures; works on an unfinished store too."""
-    path = Path(path)
-    target = path
-    if not path.exists() and partial_path(path).exists():
-        target = partial_path(path)
-    elif not path.exists() and path.suffix == ".partial":
-        target = path
-    with _open_checked(target) as f:
-        attrs = attrs_to_dict(f.attrs)
-        n = int(attrs.get("committed_rows", 0))
-        splits = np.asarray(f["splits"].asstr()[:n], dtype=object) if "splits" in f else np.array([], dtype=object)
-        names, counts = np.unique(splits, return_counts=True) if n else ([], [])
-        failed = int(f["failed/ids"].shape[0]) if "failed" in f else 0
-        return {
-            "path": str(path),
-            "complete": bool(attrs.get("complete", False)) and target == path,
-            "rows": n,
-            "dim": int(f["features"].shape[1]),
-            "dtype": attrs.get("feature_dtype", str(f["features"].dtype)),
-            "compression": attrs.get("compression", "none"),
-            "layout": attrs.get("layout", "single"),
-            "shards": len(shard_list(attrs)),
-            "backbone": attrs.get("backbone"),
-            "weights": attrs.get("weights"),
-            "layer": attrs.get("layer") or "pre-logits",
-            "splits": {str(k): int(v) for k, v in zip(names, counts, strict=True)},
-            "classes": len(json.loads(attrs.get("class_names", "[]"))),
-            "failed": failed,
-            "size_bytes": disk_usage(target),
-            "created": attrs.get("created", ""),
-            "cache_key": attrs.get("cache_key"),
-            "data_root": attrs.get("data_root", ""),
-            "source": attrs.get("source", "folder"),
-            "source_description": attrs.get("source_description", attrs.get("data_root", "")),
-            "unlabelled": int((f["labels"][:n] < 0).sum()) if "labels" in f and n else 0,
-        }
-
-
-def verify_store(path: str | Path, *, rows: int = 65536) -> list[str]:
-    """Check a store thoroughly, streaming it in blocks; return the problems found (empty when it is sound).
-
-    Checks: complete; row counts agree; shards present with the rows and ids the entry expects; features finite and
-    of unit norm; ids unique and disjoint from failed ids; labels within the class list; splits known.
-    """
-    path = Path(path)
-    problems: list[str] = []
-    try:
-        with _open_checked(path) as f:
-            attrs = _check_complete(path, f)
-    except StoreError as exc:
-        return [str(exc)]
-    with h5py.File(path, "r") as f:
-        n = int(attrs["committed_rows"])
-        n_classes = len(json.loads(attrs["class_names"]))
-        tolerance = NORM_TOLERANCE.get(attrs.get("feature_dtype", "float32"), 1e-4)
-        seen: set[str] = set()
-        offset = 0
-        shard_starts = {}
-        for shard in shard_list(attrs):
-            shard_starts[offset] = shard
-            offset += shard["rows"]
-        if shard_starts and offset != n:
-            problems.append(f"the shards hold {offset} rows but the store has {n}")
-        for shard_start, shard in shard_starts.items():
-            with h5py.File(shards_dir(path) / shard["file"], "r") as s:
-                shard_ids = s["ids"].asstr()[: shard["rows"]]
-                entry_ids = f["ids"].asstr()[shard_start: shard_start + shard["rows"]]
-                if list(shard_ids) != list(entry_ids):
-                    problems.append(f"shard {shard['file']} does not hold the ids the store lists for rows "
-                                    f"{shard_start}..{shard_start + shard['rows'] - 1} (rows misaligned)")
-        step = max(1, int(rows))
-        bad_finite = bad_norm = duplicates = bad_labels = bad_splits = 0
-        examples: dict[str, str] = {}
-        for start in range(0, n, step):
-            stop = min(n, start + step)
-            feats = f["features"][start:stop].astype(np.float32)
-            ids = f["ids"].asstr()[start:stop]
-            finite = np.isfinite(feats).all(axis=1)
-            bad_finite += int((~finite).sum())
-            if (~finite).any():
-                examples.setdefault("finite", ids[int(np.argmin(finite))])
-            norms = np.linalg.norm(np.where(np.isfinite(feats), feats, 0), axis=1)
-            off = finite & (np.abs(norms - 1.0) > tolerance)
-            bad_norm += int(off.sum())
-            if off.any():
-                examples.setdefault("norm", ids[int(np.argmax(off))])
-            for i in ids:
-                if i in seen:
-                    duplicates += 1
-                    examples.setdefault("dup", i)
-                seen.add(i)
-            labels = f["labels"][start:stop]
-            bad_labels += int(((labels < -1) | (labels >= n_classes)).sum())
-            split_values = f["splits"].asstr()[start:stop]
-            bad_splits += int(sum(s not in ("train", "val", "test") for s in split_values))
-        if bad_finite:
-            problems.append(f"{bad_finite} row(s) have non-finite features (e.g. {examples['finite']!r})")
-        if bad_norm:
-            problems.append(f"{bad_norm} row(s) are not unit-norm within {tolerance:g} (e.g. {examples['norm']!r})")
-        if duplicates:
-            problems.append(f"{duplicates} duplicate id(s) (e.g. {examples['dup']!r})")
-        if bad_labels:
-            problems.append(f"{bad_labels} label(s) outside -1..{n_classes - 1}")
-        if bad_splits:
-            problems.append(f"{bad_splits} split value(s) other than train/val/test")
-        failed = set(_read_failed(f))
-        both = failed & seen
-        if both:
-            problems.append(f"{len(both)} id(s) are both rows and failures (e.g. {sorted(both)[0]!r})")
-        if int(attrs.get("failed_count", len(failed))) != len(failed):
-            problems.append(f"failed_count={attrs.get('failed_count')} but {len(failed)} failures are recorded")
-    return problems

@@ -31,10 +31,9 @@ import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
+from pipeline.config import COMPRESSIONS, FEATURE_DTYPES
 from pipeline.errors import StoreError
 from pipeline.store import (
-    COMPRESSIONS,
-    FEATURE_DTYPES,
     HASH_DTYPE,
     SCHEMA_VERSION,
     STR_DTYPE,
@@ -222,7 +221,7 @@ class StoreWriter:
 
     def __init__(self, path: str | Path, *, listing: Listing, dim: int, attrs: dict[str, Any],
                  feature_dtype: str = "float32", compression: str = "none", shard_rows: int | None = None,
-                 check_content: bool = False, lock_timeout: float = 0.0) -> None:
+                 check_content: bool = False, lock_timeout: float = 0.0, keep_store_id: bool = True) -> None:
         self.path = Path(path)
         self.listing = listing
         self.dim = int(dim)
@@ -236,7 +235,8 @@ class StoreWriter:
         self.compression = compression
         self.shard_rows = shard_rows
         self.check_content = check_content
-        self.attrs = {**attrs, "feature_dtype": feature_dtype,
+        self.keep_store_id = keep_store_id
+        self.attrs = {**attrs, "feature_dtype": feature_dtype, "feature_dim": self.dim,
                       **layout_attrs(shard_rows=shard_rows, compression=compression)}
         self.key = attrs.get("cache_key")
         self._index = {sample_id: i for i, sample_id in enumerate(listing.ids)}
@@ -364,6 +364,7 @@ class StoreWriter:
         self.prepared = True
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial, store, shards = self._candidates() if reuse else (None, None, [])
+        self.attrs["store_id"] = self._store_id(partial)
         indexes = {source: _read_index(source) for source in shards}
         if self.shard_rows is None:
             self._prepare_single(partial)
@@ -387,6 +388,18 @@ class StoreWriter:
         for source in sources:
             self._copy_from(source, indexes.get(source) or _read_index(source))
         return np.flatnonzero(~self._done)
+
+    def _store_id(self, partial: Path | None) -> str:
+        """The store's identity: kept from the run being resumed or the store being updated (indexes built on it
+        stay valid), new for a fresh store or --overwrite."""
+        if self.keep_store_id:
+            for candidate in (partial, self.path):
+                if candidate is not None and candidate.is_file() and self._usable(candidate):
+                    with h5py.File(candidate, "r") as f:
+                        found = f.attrs.get("store_id")
+                    if isinstance(found, str | bytes) and found:
+                        return found.decode() if isinstance(found, bytes) else found
+        return secrets.token_hex(16)
 
     def _count(self, source: Path, n: int) -> None:
         if source == self.path:

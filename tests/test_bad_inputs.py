@@ -26,7 +26,8 @@ from pipeline.datasets import (
     load_image,
 )
 from pipeline.extract import extract_to_store
-from pipeline.store import load_store, verify_store
+from pipeline.store import load_store
+from pipeline.store_verify import verify_store
 from tests.bad_decoder import CRASH, HANG
 from tests.sources_data import png_header_only
 

@@ -74,7 +74,8 @@ def test_bad_arguments_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["knn", "--store", "x.h5", "--k", "0,abc"])
     assert exc.value.code == 2
-    assert "comma-separated positive numbers such as 1,20" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "comma-separated positive finite numbers such as 1,20" in err and err.count("\n") == 1
 
 
 def test_extract_probe_knn_happy_path(tmp_path, capsys, small_digits_root):
@@ -87,7 +88,7 @@ def test_extract_probe_knn_happy_path(tmp_path, capsys, small_digits_root):
     code, out, _ = _run(capsys, "probe", "--store", str(store), "--C", "0.1,1")
     assert code == 0 and "logreg probe" in out
     probe = json.loads((tmp_path / "s.probe.json").read_text())
-    assert probe["chosen"] in (0.1, 1.0) and (tmp_path / "s.probe.head.joblib").exists()
+    assert probe["chosen"] in (0.1, 1.0) and (tmp_path / "s.probe.head.safetensors").exists()
     assert (tmp_path / "s.probe.html").exists()
     code, out, _ = _run(capsys, "probe", "--store", str(store), "--head", "ridge", "--shots", "2", "--seeds", "0,1",
                         "--out", str(tmp_path / "few.json"), "--no-report")
@@ -98,7 +99,7 @@ def test_extract_probe_knn_happy_path(tmp_path, capsys, small_digits_root):
     code, _, err = _run(capsys, "knn", "--store", str(store), "--k", "500")
     _assert_one_line_error(code, err, "larger than")
 
-    head = tmp_path / "s.probe.head.joblib"
+    head = tmp_path / "s.probe.head.safetensors"
     image = next((small_digits_root / "test" / "3").glob("*.png"))
     code, out, err = _run(capsys, "predict", "--head", str(head), str(image), "--top", "2")
     assert code == 0, err
@@ -120,7 +121,7 @@ def test_extract_probe_knn_happy_path(tmp_path, capsys, small_digits_root):
 
 
 def test_memory_budget_sizes():
-    from pipeline.cli_eval import memory_size
+    from pipeline.cli_types import memory_size
 
     assert memory_size("4GiB") == 4 * 2**30 and memory_size("512MB") == 512 * 10**6 and memory_size("1000") == 1000
     for bad in ("lots", "-1GB", "4 parsecs"):
@@ -181,7 +182,7 @@ def test_sharded_float16_extract_then_store_info_and_verify(tmp_path, capsys, sm
     with h5py.File(sorted((tmp_path / "s.h5.shards").glob("*.h5"))[1], "a") as f:
         f["features"][0] = np.full(f["features"].shape[1], np.nan)  # corrupt one row inside a shard
     code, out, err = _run(capsys, "store", "verify", str(store))
-    assert code == 1 and "problem: 1 row(s) have non-finite features" in out and "1 problem(s)" in err
+    assert code == 1 and "problem: 1 row(s) with non-finite features" in out and "1 problem(s)" in err
 
 
 def test_other_dtype_is_another_configuration(tmp_path, capsys, small_digits_root):

@@ -19,7 +19,8 @@ from PIL import Image
 
 from pipeline.config import ExtractConfig
 from pipeline.extract import extract_to_store
-from pipeline.store import load_store, partial_path, shards_dir, verify_store
+from pipeline.store import load_store, partial_path, shards_dir
+from pipeline.store_verify import verify_store
 from pipeline.store_writer import Listing, StoreWriter
 from tests.conftest import TINY_BACKBONE
 
@@ -199,9 +200,11 @@ def test_a_waiting_run_starts_when_the_lock_is_released(tmp_path, small_digits_r
     assert verify_store(out) == []
 
 
+ATTRS = {"cache_key": "k", "class_names": '["a"]', "backbone": "b", "weights": "w", "preprocessing": "{}"}
 FAILING_DISK = textwrap.dedent("""
     import resource, signal, sys
     import numpy as np
+    ATTRS = ATTRS_HERE
     from pipeline.errors import StoreError
     from pipeline.store_writer import Listing, StoreWriter
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
@@ -212,7 +215,7 @@ FAILING_DISK = textwrap.dedent("""
     listing = Listing(ids=[f"i{k:05d}" for k in range(n)], labels=np.zeros(n, dtype=np.int64), splits=["train"] * n,
                       stamps=np.zeros((n, 2), dtype=np.int64))
     try:
-        with StoreWriter(sys.argv[1], listing=listing, dim=dim, attrs={"cache_key": "k", "class_names": '["a"]'}) as w:
+        with StoreWriter(sys.argv[1], listing=listing, dim=dim, attrs=ATTRS) as w:
             todo = w.prepare()
             for s in range(0, n, 64):
                 w.write(todo[s:s + 64], x[s:s + 64], ["0" * 32] * len(todo[s:s + 64]))
@@ -220,7 +223,7 @@ FAILING_DISK = textwrap.dedent("""
     except StoreError as exc:
         print("StoreError:", exc)
         sys.exit(3)
-""")
+""").replace("ATTRS_HERE", repr(ATTRS))
 
 
 def test_a_failing_disk_stops_with_a_clear_message_and_the_committed_rows_survive(tmp_path):
@@ -233,7 +236,7 @@ def test_a_failing_disk_stops_with_a_clear_message_and_the_committed_rows_surviv
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     listing = Listing(ids=[f"i{k:05d}" for k in range(n)], labels=np.zeros(n, dtype=np.int64), splits=["train"] * n,
                       stamps=np.zeros((n, 2), dtype=np.int64))
-    with StoreWriter(out, listing=listing, dim=dim, attrs={"cache_key": "k", "class_names": '["a"]'}) as w:
+    with StoreWriter(out, listing=listing, dim=dim, attrs=ATTRS) as w:
         todo = w.prepare()
         assert w.resumed >= 256  # what was committed before the failure is still there
         w.write(todo, x[todo], ["0" * 32] * len(todo))

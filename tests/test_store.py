@@ -14,9 +14,8 @@ from pipeline.store import (
     load_store,
     partial_path,
     shards_dir,
-    store_info,
-    verify_store,
 )
+from pipeline.store_verify import store_info, verify_store
 from pipeline.store_writer import Listing, StoreWriter
 
 DIM = 8
