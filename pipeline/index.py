@@ -13,14 +13,10 @@ An index folder holds `index.faiss`, `rows.npz` (the id and content hash of each
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import math
-import re
-import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,35 +24,29 @@ import faiss
 import numpy as np
 
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.index_files import (
+    IndexInfos,
+    check_rows,
+    index_store,
+    load_index,
+    save_index,
+    search_param_name,
+    set_search_param,
+    store_record,
+)
+from pipeline.index_plan import (
+    DEFAULT_MEMORY_BUDGET,
+    EXACT_MAX_ROWS,
+    IndexPlan,
+    memory_estimate,
+    plan_index,
+)
 from pipeline.store import iter_store, read_attrs, read_columns
 
 log = logging.getLogger(__name__)
 
-INDEX_KINDS = ("auto", "flat", "hnsw", "ivf-flat", "ivf-pq")
-DEFAULT_MEMORY_BUDGET = 4 * 2**30
-EXACT_MAX_ROWS = 100_000  # brute force costs n*d per query: 100k x 1280-d is ~0.1 GFLOP, a few ms
-HNSW_MAX_ROWS = 10_000_000  # beyond this HNSW builds take hours; IVF trains and adds far faster
-HNSW_M = 32
-PQ_MAX_M = 128  # bytes per vector; recall@10 on 1280-d digits features: 0.63 at 32, 0.74 at 64, 0.84 at 128
 TUNE_K = 10
 EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024, 2048)
-INDEX_FILE, ROWS_FILE, INFOS_FILE = "index.faiss", "rows.npz", "index_infos.json"
-
-
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": 1e9,
-               "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
-
-
-def parse_memory_size(text: str) -> int:
-    """'4GB', '512MiB', '1e9' -> bytes; anything else is a ConfigError."""
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
-    try:
-        value = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()] if match else -1
-    except (KeyError, ValueError):
-        value = -1
-    if value <= 0:
-        raise ConfigError(f"expected a size such as 4GB, 512MiB or 1000000 (bytes); got {text!r}")
-    return int(value)
 
 
 def build_flat_index(features: np.ndarray) -> faiss.IndexFlatIP:
@@ -72,90 +62,6 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     if k > index.ntotal:
         raise PipelineError(f"k={k} is larger than the {index.ntotal} indexed rows; use a smaller --k")
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-
-
-# -- choosing ------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class IndexPlan:
-    """An index type and its construction parameters, with the memory it is expected to take and why."""
-
-    kind: str
-    factory: str  # faiss.index_factory string (inner-product metric)
-    memory_bytes: int
-    reason: str
-    nlist: int = 0
-    pq_m: int = 0
-
-
-def nlist_for(n: int) -> int:
-    """IVF lists: about 4 sqrt(n) (a power of two), with at least 39 training points per list."""
-    return int(max(1, min(2 ** round(math.log2(max(4 * math.sqrt(n), 1))), n // 39)))
-
-
-def memory_estimate(kind: str, n: int, d: int, *, nlist: int = 0, pq_m: int = 0) -> int:
-    """Bytes an index of this kind takes for n rows of dimension d (ids included for IVF)."""
-    if kind == "flat":
-        return n * d * 4
-    if kind == "hnsw":  # vectors + level-0 links (2M int32) + upper levels (~1/M as many)
-        return int(n * (d * 4 + HNSW_M * 2 * 4 * 1.1))
-    centroids = nlist * d * 4
-    if kind == "ivf-flat":
-        return n * (d * 4 + 8) + centroids
-    if kind == "ivf-pq":
-        return n * (pq_m + 8) + centroids + 256 * d * 4
-    raise ConfigError(f"unknown index type {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
-
-
-def _pq_m(n: int, d: int, nlist: int, budget: int) -> int:
-    """The most PQ bytes per vector that fit the budget: a divisor of d, sub-vectors of at least 4 dimensions, at
-    most PQ_MAX_M (8-bit codebooks train one k-means each: measured ~0.8 s apiece on 2 cores)."""
-    for m in sorted((m for m in range(1, min(d // 4, PQ_MAX_M) + 1) if d % m == 0), reverse=True):
-        if memory_estimate("ivf-pq", n, d, nlist=nlist, pq_m=m) <= budget:
-            return m
-    return 0
-
-
-def plan_index(n: int, d: int, *, kind: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
-               exact_max_rows: int = EXACT_MAX_ROWS) -> IndexPlan:
-    """Choose the index for n rows of dimension d: exact while small, then HNSW, IVF-Flat, IVF-PQ by memory."""
-    if kind not in INDEX_KINDS:
-        raise ConfigError(f"unknown index type {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
-    if n < 1:
-        raise PipelineError("the store has no rows to index")
-    budget = f"{memory_budget / 2**30:.2f} GiB budget"
-    nlist = nlist_for(n)
-    fits = {k: memory_estimate(k, n, d, nlist=nlist) <= memory_budget for k in ("flat", "hnsw", "ivf-flat")}
-    if kind == "auto":
-        if n <= exact_max_rows and fits["flat"]:
-            kind, reason = "flat", f"{n} rows <= {exact_max_rows}: exact search is fast enough"
-        elif n <= HNSW_MAX_ROWS and fits["hnsw"]:
-            kind, reason = "hnsw", f"{n} rows > {exact_max_rows}; HNSW graph fits the {budget}"
-        elif fits["ivf-flat"]:
-            kind, reason = "ivf-flat", f"{n} rows; raw vectors fit the {budget} (HNSW does not, or is too slow)"
-        else:
-            kind, reason = "ivf-pq", f"{n} rows; raw vectors exceed the {budget}: product-quantised codes"
-    else:
-        reason = "asked for"
-    if kind in ("ivf-flat", "ivf-pq") and n < 39:
-        raise PipelineError(f"{kind} needs at least 39 rows to train, the store has {n}; use --type flat")
-    if kind == "flat":
-        return IndexPlan("flat", "Flat", memory_estimate("flat", n, d), reason)
-    if kind == "hnsw":
-        return IndexPlan("hnsw", f"HNSW{HNSW_M},Flat", memory_estimate("hnsw", n, d), reason)
-    if kind == "ivf-flat":
-        return IndexPlan("ivf-flat", f"IVF{nlist},Flat", memory_estimate("ivf-flat", n, d, nlist=nlist), reason,
-                         nlist=nlist)
-    if n < 256:
-        raise PipelineError(f"ivf-pq needs at least 256 rows to train its codebooks, the store has {n}; use --type "
-                            "flat or hnsw")
-    m = _pq_m(n, d, nlist, memory_budget)
-    if not m:
-        need = memory_estimate("ivf-pq", n, d, nlist=nlist, pq_m=1)
-        raise PipelineError(f"{n} rows of {d}-d do not fit a memory budget of {memory_budget:,} bytes even as 1-byte "
-                            f"PQ codes (needs about {need:,}); raise --memory-budget")
-    return IndexPlan("ivf-pq", f"IVF{nlist},PQ{m}x8", memory_estimate("ivf-pq", n, d, nlist=nlist, pq_m=m), reason,
-                     nlist=nlist, pq_m=m)
 
 
 # -- building and tuning --------------------------------------------------------------------------------------------
@@ -204,16 +110,6 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray, query_rows: np.ndarray, k
     return float(np.mean(shares))
 
 
-def _search_param(kind: str) -> str | None:
-    return {"hnsw": "efSearch", "ivf-flat": "nprobe", "ivf-pq": "nprobe"}.get(kind)
-
-
-def set_search_param(index: faiss.Index, kind: str, value: int) -> None:
-    name = _search_param(kind)
-    if name:
-        faiss.ParameterSpace().set_index_parameter(index, name, int(value))
-
-
 def tune_index(index: faiss.Index, kind: str, nlist: int, queries: np.ndarray, query_rows: np.ndarray,
                exact: np.ndarray, row_of: np.ndarray, *, target: float) -> dict[str, Any]:
     """Raise the search parameter until recall@10 against exact search reaches `target` (or stops improving);
@@ -231,7 +127,7 @@ def tune_index(index: faiss.Index, kind: str, nlist: int, queries: np.ndarray, q
         return {"value": value, "recall_at_10": round(recall_at_k(found, exact, query_rows), 4),
                 "ms_per_query": round(ms, 4)}
 
-    name = _search_param(kind)
+    name = search_param_name(kind)
     if name is None:
         return {"param": None, **measure(None), "tried": []}
     values = EF_SEARCH if name == "efSearch" else tuple(2**i for i in range(int(math.log2(nlist)) + 1))
@@ -249,36 +145,6 @@ def tune_index(index: faiss.Index, kind: str, nlist: int, queries: np.ndarray, q
                     "--type ivf-flat/hnsw for higher recall", kind, chosen["recall_at_10"], target)
     set_search_param(index, kind, chosen["value"])
     return {"param": name, **chosen, "tried": tried}
-
-
-@dataclass
-class IndexInfos:
-    """What `index_infos.json` holds."""
-
-    kind: str
-    factory: str
-    reason: str
-    rows: int
-    dim: int
-    memory_budget: int
-    memory_estimate: int
-    target_recall: float
-    search_param: str | None
-    search_value: int | None
-    recall_at_10: float
-    target_met: bool
-    ms_per_query: float
-    tuning: list[dict[str, Any]]
-    tuning_queries: int
-    seconds: dict[str, float]
-    store: str
-    cache_key: str
-    backbone: str
-    weights: str
-    splits: list[str] | None
-    created: str
-    faiss_version: str = faiss.__version__
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _select_rows(store: Path, splits: tuple[str, ...] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -307,12 +173,16 @@ def _measure(index: faiss.Index, plan: IndexPlan, store: Path, row_of: np.ndarra
 def build_index(store: str | Path, out: str | Path, *, kind: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
                 target_recall: float = 0.95, splits: tuple[str, ...] | None = None, queries: int = 1000,
                 exact_max_rows: int = EXACT_MAX_ROWS, seed: int = 0, block_rows: int = 65536,
-                history: list[dict[str, Any]] | None = None) -> IndexInfos:
-    """Build, tune and save an index over a store's rows (all of them, or those of `splits`) into folder `out`."""
+                history: list[dict[str, Any]] | None = None, overwrite: bool = False) -> IndexInfos:
+    """Build, tune and save an index over a store's rows (all of them, or those of `splits`) into folder `out`.
+    An existing index folder of another store is replaced only with `overwrite`."""
     store, out = Path(store), Path(out)
     if not 0 < target_recall <= 1:
         raise ConfigError(f"the target recall must be in (0, 1], got {target_recall}")
+    if queries < 1:
+        raise ConfigError(f"--queries must be >= 1 (rows sampled to measure recall), got {queries}")
     attrs = read_attrs(store)
+    record = store_record(store, out)
     numbers, ids, hashes = _select_rows(store, splits)
     d = int(attrs["feature_dim"])
     plan = plan_index(len(numbers), d, kind=kind, memory_budget=memory_budget, exact_max_rows=exact_max_rows)
@@ -338,65 +208,15 @@ def build_index(store: str | Path, out: str | Path, *, kind: str = "auto", memor
         memory_budget=int(memory_budget), memory_estimate=plan.memory_bytes, target_recall=target_recall,
         search_param=tuning["param"], search_value=tuning["value"], recall_at_10=tuning["recall_at_10"],
         target_met=tuning["recall_at_10"] >= target_recall, ms_per_query=tuning["ms_per_query"],
-        tuning=tuning["tried"], tuning_queries=tuning["queries"], seconds=seconds, store=str(store),
-        cache_key=attrs["cache_key"], backbone=attrs["backbone"], weights=attrs["weights"],
-        splits=list(splits) if splits else None, created=_now(), history=list(history or []))
-    save_index(out, index, ids, hashes, infos)
+        tuning=tuning["tried"], tuning_queries=tuning["queries"], seconds=seconds, cache_key=attrs["cache_key"],
+        backbone=attrs["backbone"], weights=attrs["weights"], splits=list(splits) if splits else None,
+        created=_now(), history=list(history or []), **record)
+    save_index(out, index, ids, hashes, infos, overwrite=overwrite)
     return infos
 
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-# -- saving and loading ---------------------------------------------------------------------------------------------
-
-def save_index(out: Path, index: faiss.Index, ids: np.ndarray, hashes: np.ndarray, infos: IndexInfos) -> Path:
-    """Write the three files into a fresh folder and swap it into place."""
-    out = Path(out)
-    if out.exists() and not (out / INFOS_FILE).is_file():
-        raise PipelineError(f"{out} exists and is not an index folder; choose another --out")
-    fresh = out.with_name(out.name + ".new")
-    shutil.rmtree(fresh, ignore_errors=True)
-    fresh.mkdir(parents=True)
-    faiss.write_index(index, str(fresh / INDEX_FILE))
-    np.savez(fresh / ROWS_FILE, ids=np.asarray(ids, dtype=str), hashes=np.asarray(hashes, dtype="S32"))
-    (fresh / INFOS_FILE).write_text(json.dumps(asdict(infos), indent=2) + "\n")
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    fresh.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
-@dataclass
-class LoadedIndex:
-    index: faiss.Index
-    ids: np.ndarray
-    hashes: np.ndarray
-    infos: IndexInfos
-    path: Path
-
-
-def load_index(path: str | Path) -> LoadedIndex:
-    """Load an index folder, with its search parameter applied; refuse a folder whose parts disagree."""
-    path = Path(path)
-    if not (path / INFOS_FILE).is_file():
-        hint = f" (an interrupted update left {path.name}.old: rename it back)" if \
-            path.with_name(path.name + ".old").is_dir() else ""
-        raise PipelineError(f"{path} is not an index folder{hint}; build one with: python -m pipeline index build "
-                            f"--store STORE.h5 --out {path}")
-    infos = IndexInfos(**json.loads((path / INFOS_FILE).read_text()))
-    index = faiss.read_index(str(path / INDEX_FILE))
-    with np.load(path / ROWS_FILE) as rows:
-        ids, hashes = rows["ids"].astype(object), rows["hashes"]
-    if not index.ntotal == len(ids) == infos.rows:
-        raise PipelineError(f"{path}: index has {index.ntotal} rows, rows.npz {len(ids)}, infos {infos.rows}; "
-                            "rebuild it with python -m pipeline index build")
-    set_search_param(index, infos.kind, infos.search_value or 0)
-    return LoadedIndex(index, ids, hashes, infos, path)
 
 
 def update_index(path: str | Path, *, store: str | Path | None = None, queries: int = 1000, seed: int = 0,
@@ -408,11 +228,9 @@ def update_index(path: str | Path, *, store: str | Path | None = None, queries: 
     """
     loaded = load_index(path)
     infos = loaded.infos
-    store = Path(store or infos.store)
-    attrs = read_attrs(store)
-    if attrs.get("cache_key") != infos.cache_key:
-        raise PipelineError(f"{store} holds features of another backbone or preprocessing than the index "
-                            f"({attrs.get('backbone')} vs {infos.backbone}); build a new index with index build")
+    store = index_store(loaded, store)
+    check_rows(loaded, store)
+    infos.store_relative = store_record(store, Path(path))["store_relative"]
     splits = tuple(infos.splits) if infos.splits else None
     numbers, ids, hashes = _select_rows(store, splits)
     current = dict(zip(ids, hashes, strict=True))

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.index import build_flat_index, load_index, search
+from pipeline.index import build_flat_index, search
+from pipeline.index_files import check_rows, index_store, load_index
 from pipeline.store import iter_store, read_attrs, read_columns
 
 
@@ -45,16 +46,14 @@ def search_store(*, index: str | Path | None = None, store: str | Path | None = 
     if k < 1:
         raise PipelineError(f"--k must be >= 1, got {k}")
     loaded = load_index(index) if index is not None else None
-    if store is None:
-        if loaded is None:
-            raise PipelineError("give --index or --store (the store to search)")
-        store = loaded.infos.store
+    if loaded is None and store is None:
+        raise PipelineError("give --index or --store (the store to search)")
+    if loaded is not None:
+        store = index_store(loaded, store)
+        check_rows(loaded, store)
     attrs = read_attrs(store)
     columns = read_columns(store, "ids", "labels", "splits")
     if loaded is not None:
-        if attrs.get("cache_key") != loaded.infos.cache_key:
-            raise PipelineError(f"{store} holds other features than the index {index} was built from; pass the "
-                                "index's own store, or rebuild the index")
         faiss_index, row_ids = loaded.index, loaded.ids
     else:
         faiss_index = build_flat_index(np.concatenate([b.features for b in iter_store(store)]))

@@ -11,15 +11,14 @@ from pipeline.config import ExtractConfig
 from pipeline.errors import PipelineError
 from pipeline.extract import extract_to_store
 from pipeline.index import (
-    INFOS_FILE,
     build_flat_index,
     build_index,
     load_index,
-    memory_estimate,
-    plan_index,
     search,
     update_index,
 )
+from pipeline.index_files import INFOS_FILE
+from pipeline.index_plan import memory_estimate, plan_index
 from pipeline.retrieval import search_store
 from pipeline.store import load_store
 from tests.conftest import TINY_BACKBONE
