@@ -18,6 +18,8 @@ from pipeline.config import KnnConfig
 from pipeline.errors import PipelineError
 from pipeline.index import build_flat_index, search
 from pipeline.metrics import classification_metrics, retrieval_metrics
+from pipeline.outputs import check_output, owned_json, results_stem
+from pipeline.sources.hints import how_to
 from pipeline.store import FeatureSet, load_store
 
 
@@ -43,12 +45,20 @@ def vote_scores(neighbour_labels: np.ndarray, neighbour_sims: np.ndarray, *, n_c
     return {"majority": majority, "weighted": weighted}
 
 
+def _check_found(idx: np.ndarray) -> None:
+    """FAISS marks "no neighbour" with -1, which as an index would silently mean the last row."""
+    if (idx < 0).any():
+        raise PipelineError(f"the search found fewer neighbours than asked for {int((idx < 0).any(axis=1).sum())} "
+                            "queries (non-finite features?); run python -m pipeline store verify on the store")
+
+
 def search_without_self(bank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each row of `bank` searched against the others: top-k (similarities, row indices) with the row itself left
     out by index (not by rank, so that exact duplicates cannot hide it)."""
     if k >= len(bank):
         raise PipelineError(f"k={k} needs more than {len(bank)} rows for leave-one-out; use a smaller k")
     sims, idx = search(build_flat_index(bank), bank, k + 1)
+    _check_found(idx)
     not_self = idx != np.arange(len(bank))[:, None]
     order = np.argsort(~not_self, axis=1, kind="stable")[:, :k]  # the non-self hits, in rank order
     return np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
@@ -58,14 +68,16 @@ def knn_protocol(fs: FeatureSet, *, loo: bool = False, loo_split: str | None = N
     """Which rows are queries and which are searched: test vs train+val, or leave-one-out within one split."""
     labelled = fs.labels >= 0
     test = fs.mask("test") & labelled
+    kind = fs.attrs.get("source")
     if test.any() and not loo:
         bank = (fs.mask("train") | fs.mask("val")) & labelled
         if not bank.any():
-            raise PipelineError(f"{fs.path} has no labelled train/val rows to search")
+            raise PipelineError(f"{fs.path} has no labelled train/val rows to search; {how_to(kind, 'splits')}")
         return {"mode": "test vs train+val", "bank": bank, "queries": test}
     splits = [s for s in fs.split_names() if (fs.mask(s) & labelled).any()]
     if not splits:
-        raise PipelineError(f"{fs.path} has no labelled rows; kNN classification needs labels")
+        raise PipelineError(f"{fs.path} has no labelled rows; kNN classification needs labels: "
+                            f"{how_to(kind, 'labels')}")
     split = loo_split or ("train" if "train" in splits else max(splits, key=lambda s: int(fs.mask(s).sum())))
     if split not in splits:
         raise PipelineError(f"no labelled rows in split {split!r}; choose one of {splits}")
@@ -78,8 +90,8 @@ def knn_classify(fs: FeatureSet, *, ks: tuple[int, ...], temperature: float = 0.
     """kNN classification for each k and vote, and retrieval metrics (recall@k, mAP@k by label)."""
     if not ks or any(k < 1 for k in ks):
         raise PipelineError(f"--k must be positive integers, got {list(ks)}")
-    if temperature <= 0:
-        raise PipelineError(f"the temperature must be positive, got {temperature}")
+    if not np.isfinite(temperature) or temperature <= 0:
+        raise PipelineError(f"the temperature must be a finite positive number, got {temperature}")
     plan = knn_protocol(fs, loo=loo, loo_split=loo_split)
     bank, queries = plan["bank"], plan["queries"]
     leave_one_out = plan["mode"].startswith("leave-one-out")
@@ -92,6 +104,7 @@ def knn_classify(fs: FeatureSet, *, ks: tuple[int, ...], temperature: float = 0.
         sims, idx = search_without_self(fs.features[bank], depth)
     else:
         sims, idx = search(build_flat_index(fs.features[bank]), fs.features[queries], depth)
+    _check_found(idx)
     bank_labels = fs.labels[bank]
     y_true = fs.labels[queries]
     classes = np.arange(len(fs.class_names))
@@ -139,14 +152,19 @@ def _examples(fs: FeatureSet, bank: np.ndarray, queries: np.ndarray, idx: np.nda
 def run_knn(config: KnnConfig) -> tuple[dict[str, Any], Path]:
     """Load a store, run kNN classification and retrieval, save the results JSON and the report."""
     from pipeline.probes import default_results_path
-    from pipeline.report import save_json, write_report
+    from pipeline.render import check_report_outputs, write_report_blocks
+    from pipeline.report import report_blocks, save_json, title_for
 
     fs = load_store(config.store)
+    out = Path(config.out) if config.out else default_results_path(Path(config.store), "knn")
+    target = check_output(out, owned=owned_json("knn-results"), overwrite=config.overwrite, protect=[config.store])
+    if config.report:
+        check_report_outputs(results_stem(out), overwrite=config.overwrite, protect=[config.store])
     result = knn_classify(fs, ks=config.ks, temperature=config.temperature, loo=config.loo,
                           loo_split=config.loo_split, retrieval_ks=config.retrieval_ks)
     result.update(fs.provenance())
-    out = Path(config.out) if config.out else default_results_path(Path(config.store), "knn")
     if config.report:
-        result["report"] = [str(p) for p in write_report(out.with_suffix(""), fs=fs, knn=result)]
-    save_json(out, result)
+        blocks = report_blocks(fs, title=title_for(fs), knn=result)
+        result["report"] = [str(p.resolve()) for p in write_report_blocks(results_stem(out), blocks)]
+    save_json(target, {**result, "featpipe": {"kind": "knn-results", "version": 1}})
     return result, out

@@ -3,7 +3,9 @@ image grid, 2-D projection of the features."""
 
 from __future__ import annotations
 
+import functools
 import io
+from collections.abc import Callable
 
 import matplotlib
 
@@ -16,6 +18,18 @@ from PIL import Image, ImageOps  # noqa: E402
 MAX_LABELLED_CLASSES = 30  # beyond this, tick labels and cell counts are unreadable
 
 
+def plain_text(draw: Callable[..., bytes]) -> Callable[..., bytes]:
+    """Draw with every label as plain text: class names come from the data, and `$...$` in one would otherwise be
+    parsed as mathtext (and crash the figure when it is not valid TeX)."""
+
+    @functools.wraps(draw)
+    def wrapped(*args, **kwargs) -> bytes:
+        with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+            return draw(*args, **kwargs)
+
+    return wrapped
+
+
 def _png(fig: plt.Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -23,6 +37,7 @@ def _png(fig: plt.Figure) -> bytes:
     return buffer.getvalue()
 
 
+@plain_text
 def confusion_png(matrix: list[list[int]], class_names: list[str], *, title: str) -> bytes:
     """Row-normalised confusion matrix (true class per row), with counts in the cells when there are few classes."""
     cm = np.asarray(matrix, dtype=np.float64)
@@ -47,6 +62,7 @@ def confusion_png(matrix: list[list[int]], class_names: list[str], *, title: str
     return _png(fig)
 
 
+@plain_text
 def per_class_png(per_class: dict[str, float], *, title: str) -> bytes:
     """Horizontal bars of per-class accuracy, worst at the top (the 20 worst and 20 best when there are many)."""
     items = sorted(per_class.items(), key=lambda kv: (kv[1], kv[0]))
@@ -66,6 +82,7 @@ def per_class_png(per_class: dict[str, float], *, title: str) -> bytes:
     return _png(fig)
 
 
+@plain_text
 def projection_png(features: np.ndarray, labels: np.ndarray, class_names: list[str], *, title: str,
                    max_points: int = 5000, seed: int = 0) -> bytes:
     """The features projected on their first two principal components, one colour per class."""
@@ -91,6 +108,7 @@ def projection_png(features: np.ndarray, labels: np.ndarray, class_names: list[s
     return _png(fig)
 
 
+@plain_text
 def neighbours_png(examples: list[dict], images: dict[str, Image.Image], class_names: list[str], *,
                    title: str) -> bytes:
     """One row per query: the query image, then its nearest neighbours framed green (same class) or red."""

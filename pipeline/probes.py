@@ -12,29 +12,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
-from sklearn.base import BaseEstimator
 
 from pipeline.config import ProbeConfig
 from pipeline.errors import PipelineError
+from pipeline.head_file import FEATURE_SPACE, HEAD_SUFFIX, SavedHead, export_head, head_bytes, load_saved_head
 from pipeline.heads import HeadSpec, class_scores, fit_quietly, head_spec
 from pipeline.metrics import classification_metrics
+from pipeline.outputs import check_output, owned_json, results_stem, sibling, store_stem, write_atomic
+from pipeline.sources.hints import how_to
+from pipeline.splits import holdout_mask
 from pipeline.store import FeatureSet, load_store
 
 
-def stratified_holdout(labels: np.ndarray, *, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of a fixed stratified slice: per class, `round(n * fraction)` rows drawn with `seed`.
-
-    Each class with two or more rows gives at least one and keeps at least one.
-    """
-    rng = np.random.default_rng(seed)
-    mask = np.zeros(len(labels), dtype=bool)
-    for cls in np.unique(labels):
-        rows = np.flatnonzero(labels == cls)
-        n_hold = min(max(round(len(rows) * fraction), 1 if len(rows) >= 2 else 0), len(rows) - 1)
-        mask[rng.permutation(rows)[:n_hold]] = True
-    return mask
+def stratified_holdout(labels: np.ndarray, keys: list[str], *, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of a fixed stratified slice: per class, `round(n * fraction)` rows picked by a seeded hash of
+    their `keys` (content hashes), so the slice is the same whatever the order of the rows. Each class with two or
+    more rows gives at least one and keeps at least one."""
+    return holdout_mask(np.asarray(labels), keys, fraction=fraction, seed=seed)
 
 
 def protocol_splits(fs: FeatureSet, *, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
@@ -43,17 +38,22 @@ def protocol_splits(fs: FeatureSet, *, val_fraction: float, seed: int) -> tuple[
     stratified slice of train. Raises when the protocol cannot run (no test split, no training images, test classes
     never seen in training, fewer than two training classes)."""
     labelled = fs.labels >= 0
+    kind = fs.attrs.get("source")
+    if not labelled.any():
+        raise PipelineError(f"{fs.path} has no labelled rows, so there is nothing to probe; {how_to(kind, 'labels')}")
     train, val, test = (fs.mask(s) & labelled for s in ("train", "val", "test"))
     if not test.any():
-        raise PipelineError(f"{fs.path} has no labelled test split; extract with ROOT/test/<class>/... folders or "
-                            "without split folders (a stratified test split is then assigned)")
+        raise PipelineError(f"{fs.path} has no labelled test split; {how_to(kind, 'splits')}")
     if not train.any():
-        raise PipelineError(f"{fs.path} has no labelled train split; the probe needs training images")
+        raise PipelineError(f"{fs.path} has no labelled train split; the probe needs training images: "
+                            f"{how_to(kind, 'splits')}")
     if val.any():
         val_source = "val split"
     else:
         holdout = np.zeros(len(fs), dtype=bool)
-        holdout[np.flatnonzero(train)] = stratified_holdout(fs.labels[train], fraction=val_fraction, seed=seed)
+        rows = np.flatnonzero(train)
+        keys = fs.row_keys()
+        holdout[rows] = stratified_holdout(fs.labels[rows], [keys[i] for i in rows], fraction=val_fraction, seed=seed)
         val, train = holdout, train & ~holdout
         val_source = f"stratified {val_fraction:.0%} of train (seed {seed})"
         if not val.any():
@@ -82,9 +82,17 @@ def _sweep(spec: HeadSpec, grid: tuple[float, ...], x_train: np.ndarray, y_train
     return best, val_scores, converged
 
 
+def canonical_order(fs: FeatureSet, mask: np.ndarray) -> np.ndarray:
+    """The rows of `mask` ordered by content hash: fits see the same rows in the same order whichever source kind
+    (and listing order) the images came from."""
+    rows = np.flatnonzero(mask)
+    keys = fs.row_keys()
+    return rows[np.argsort(np.array([keys[i] for i in rows], dtype=object), kind="stable")] if len(rows) else rows
+
+
 def fit_probe(fs: FeatureSet, *, head: str = "logreg", grid: tuple[float, ...] | None = None,
               val_fraction: float = 0.2, seed: int = 0, max_iter: int = 5000,
-              device: str = "auto") -> tuple[BaseEstimator, dict[str, Any]]:
+              device: str = "auto") -> tuple[Any, dict[str, Any]]:
     """Run the probe protocol on a feature set; returns the refit head and a JSON-ready result dict.
 
     The grid value is chosen on validation only, the head refit on train+val with it, and the test split scored
@@ -95,12 +103,12 @@ def fit_probe(fs: FeatureSet, *, head: str = "logreg", grid: tuple[float, ...] |
     if not grid:
         raise PipelineError(f"the {spec.param} grid is empty; give at least one value")
     train, val, test, val_source = protocol_splits(fs, val_fraction=val_fraction, seed=seed)
+    train, val, refit = canonical_order(fs, train), canonical_order(fs, val), canonical_order(fs, train | val)
     x, y = fs.features, fs.labels
     start = time.perf_counter()
     best, val_scores, converged = _sweep(spec, grid, x[train], y[train], x[val], y[val], max_iter=max_iter,
                                          seed=seed, device=device)
     model = spec.make(best, max_iter=max_iter, seed=seed, device=device)
-    refit = train | val
     refit_converged = fit_quietly(model, x[refit], y[refit])
     metrics = classification_metrics(y[test], class_scores(model, x[test]), model.classes_, fs.class_names)
     result = {
@@ -112,8 +120,8 @@ def fit_probe(fs: FeatureSet, *, head: str = "logreg", grid: tuple[float, ...] |
         "converged_by_value": {str(v): c for v, c in converged.items()},
         "refit_converged": refit_converged,
         "val_source": val_source,
-        "n_train": int(train.sum()),
-        "n_val": int(val.sum()),
+        "n_train": int(len(train)),
+        "n_val": int(len(val)),
         "n_test": int(test.sum()),
         "seconds": round(time.perf_counter() - start, 3),
         **{f"test_{k}" if k != "n" else "n_test_scored": v for k, v in metrics.items()},
@@ -145,10 +153,14 @@ def fit_few_shot(fs: FeatureSet, *, shots: tuple[int, ...], seeds: tuple[int, ..
     spec = head_spec(head)
     grid = spec.grid if grid is None else tuple(grid)
     labelled = fs.labels >= 0
-    pool = np.flatnonzero((fs.mask("train") | fs.mask("val")) & labelled)
+    pool = canonical_order(fs, (fs.mask("train") | fs.mask("val")) & labelled)
     test = fs.mask("test") & labelled
     if not test.any():
-        raise PipelineError(f"{fs.path} has no labelled test split for the few-shot probes")
+        raise PipelineError(f"{fs.path} has no labelled test split for the few-shot probes; "
+                            f"{how_to(fs.attrs.get('source'), 'splits')}")
+    if len(np.unique(fs.labels[pool])) < 2:
+        raise PipelineError(f"{fs.path} has fewer than two labelled classes in train+val; a few-shot probe needs at "
+                            "least two classes")
     unseen = sorted(set(np.unique(fs.labels[test])) - set(np.unique(fs.labels[pool])))
     if unseen:
         raise PipelineError(f"test classes {[fs.class_names[i] for i in unseen[:5]]} have no train/val images to "
@@ -183,16 +195,53 @@ def fit_few_shot(fs: FeatureSet, *, shots: tuple[int, ...], seeds: tuple[int, ..
 
 
 def default_results_path(store: Path, kind: str) -> Path:
-    return store.with_name(f"{store.stem}.{kind}.json")
+    """Results beside the store: `NAME.h5` -> `NAME.KIND.json` (only the store's extension is dropped)."""
+    store = Path(store)
+    return store.with_name(f"{store_stem(store)}.{kind}.json")
+
+
+def _check_device(head: str, device: str) -> None:
+    """The torch head's device exists (checked before any fit, not found missing half way)."""
+    if head == "torch-logreg":
+        from pipeline.devices import resolve_device
+
+        resolve_device(device)
+
+
+def probe_outputs(config: ProbeConfig) -> dict[str, Path]:
+    """Every file `run_probe` will write, checked before any compute (see `pipeline.outputs.check_output`)."""
+    from pipeline.render import check_report_outputs
+
+    out = Path(config.out) if config.out else default_results_path(Path(config.store), "probe")
+    stem = results_stem(out)
+    targets = {"results": check_output(out, owned=owned_json("probe-results"), overwrite=config.overwrite,
+                                       protect=[config.store])}
+    if not config.shots:
+        targets["head"] = check_output(sibling(stem, HEAD_SUFFIX), owned=_owned_head, overwrite=config.overwrite,
+                                       protect=[config.store], what="the head file")
+    if config.report:
+        check_report_outputs(stem, overwrite=config.overwrite, protect=[config.store])
+    return {**targets, "stem": stem, "out": out}
+
+
+def _owned_head(path: Path) -> bool:
+    try:
+        load_saved_head(path)
+    except PipelineError:
+        return False
+    return True
 
 
 def run_probe(config: ProbeConfig) -> tuple[dict[str, Any], Path]:
     """Load a store, run the probe protocol (or the few-shot probes), save the results JSON, the fitted head and the
-    report beside it."""
-    from pipeline.report import save_json, write_report
+    report beside it. Every output is checked before the fit, and written only once everything is computed."""
+    from pipeline.render import write_report_blocks
+    from pipeline.report import report_blocks, save_json, title_for
 
     fs = load_store(config.store)
-    out = Path(config.out) if config.out else default_results_path(Path(config.store), "probe")
+    _check_device(config.head, config.device)
+    targets = probe_outputs(config)
+    saved = None
     if config.shots:
         result = fit_few_shot(fs, shots=config.shots, seeds=config.seeds, head=config.head, grid=config.grid,
                               max_iter=config.max_iter, device=config.device)
@@ -200,87 +249,25 @@ def run_probe(config: ProbeConfig) -> tuple[dict[str, Any], Path]:
     else:
         model, result = fit_probe(fs, head=config.head, grid=config.grid, val_fraction=config.val_fraction,
                                   seed=config.seed, max_iter=config.max_iter, device=config.device)
-        head_path = out.with_name(f"{out.stem}.head.joblib")
-        result.update(fs.provenance(), head_file=str(head_path))
-        save_head(head_path, model, fs=fs, result=result)
-    if config.report:
-        result["report"] = [str(p) for p in write_report(out.with_suffix(""), fs=fs, probe=result)]
-    save_json(out, result)
-    return result, out
+        result.update(fs.provenance(), head_file=str(targets["head"].resolve()))
+        saved = head_for(model, fs=fs, result=result)
+    blocks = report_blocks(fs, title=title_for(fs), probe=result) if config.report else None
+    if saved is not None:
+        write_atomic(targets["head"], head_bytes(saved))
+    if blocks is not None:
+        result["report"] = [str(p.resolve()) for p in write_report_blocks(targets["stem"], blocks)]
+    save_json(targets["results"], {**result, "featpipe": {"kind": "probe-results", "version": 1}})
+    return result, targets["out"]
 
 
-HEAD_FORMAT = 1
-# What a head's features must share with the features it is applied to.
-_FEATURE_SPACE = ("backbone", "weights", "layer", "preprocessing", "feature_dim")
-
-
-def save_head(path: Path, model: BaseEstimator, *, fs: FeatureSet, result: dict[str, Any]) -> Path:
-    """Save a fitted head with what is needed to use it safely: the feature space it expects and its classes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": HEAD_FORMAT,
-        "estimator": model,
-        "head": result["head"],
-        "param": result["param"],
-        "chosen": result["chosen"],
-        "test_top1": result["test_top1"],
-        "class_names": fs.class_names,
-        "store": str(fs.path),
-        "cache_key": fs.attrs["cache_key"],
+def head_for(model: Any, *, fs: FeatureSet, result: dict[str, Any]) -> SavedHead:
+    """A fitted head as arrays, with what is needed to use it safely: the feature space it expects and its classes."""
+    saved = export_head(model)
+    saved.meta = {
+        "head": result["head"], "param": result["param"], "chosen": float(result["chosen"]),
+        "test_top1": float(result["test_top1"]), "class_names": list(fs.class_names),
+        "store": str(Path(fs.path).resolve()), "cache_key": str(fs.attrs["cache_key"]),
         "random_init": bool(fs.attrs.get("random_init", False)),
-        **{k: fs.attrs[k] for k in _FEATURE_SPACE},
+        **{k: int(fs.attrs[k]) if k == "feature_dim" else str(fs.attrs[k]) for k in FEATURE_SPACE},
     }
-    tmp = path.with_name(path.name + ".tmp")
-    joblib.dump(payload, tmp)
-    tmp.replace(path)
-    return path
-
-
-def load_head(path: str | Path) -> dict[str, Any]:
-    """Load a head saved by `save_head`."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"no probe head at {path}; fit one with: python -m pipeline probe --store STORE.h5")
-    try:
-        payload = joblib.load(path)
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-        raise PipelineError(f"{path} is not a readable probe head ({type(exc).__name__}: {exc}); fit it again") \
-            from None
-    if not isinstance(payload, dict) or payload.get("format") != HEAD_FORMAT:
-        raise PipelineError(f"{path} is not a probe head of this version; fit it again with python -m pipeline probe")
-    return payload
-
-
-def check_feature_space(head: dict[str, Any], attrs: dict[str, Any], *, what: str) -> None:
-    """Refuse to apply a head to features from another backbone, weights, layer or preprocessing."""
-    for key in _FEATURE_SPACE:
-        if str(head[key]) != str(attrs[key]):
-            raise PipelineError(f"the head was fitted on {key} {head[key]!r} but {what} has {attrs[key]!r}; "
-                                "apply it to features from the same backbone, or fit a head on this store")
-
-
-def predict_features(head: dict[str, Any], features: np.ndarray, *, top: int = 1) -> list[list[tuple[str, float]]]:
-    """For each row, the `top` (class name, score) pairs, best first."""
-    scores = class_scores(head["estimator"], features)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
-    classes = head["estimator"].classes_
-    return [[(head["class_names"][classes[j]], float(scores[i, j])) for j in row] for i, row in enumerate(order)]
-
-
-def predict_store(head: dict[str, Any], store: str | Path, *, top: int = 1) -> list[dict[str, Any]]:
-    """Apply a saved head to every row of a store (checked to be in the head's feature space)."""
-    fs = load_store(store)
-    check_feature_space(head, fs.attrs, what=f"the store {store}")
-    predictions = predict_features(head, fs.features, top=top)
-    return [{"id": i, "label": fs.class_names[y] if y >= 0 else None, "split": s, "predictions": p}
-            for i, y, s, p in zip(fs.ids, fs.labels, fs.splits, predictions, strict=True)]
-
-
-def predict_images(head: dict[str, Any], paths: list[str | Path], *, top: int = 1, device: str = "auto",
-                   weights_path: str | Path | None = None) -> list[dict[str, Any]]:
-    """Apply a saved head to image files, embedded by the backbone the head's features came from."""
-    from pipeline.embed import backbone_for, embed_files
-
-    backbone = backbone_for(head, device=device, weights_path=weights_path)
-    predictions = predict_features(head, embed_files(paths, backbone), top=top)
-    return [{"id": str(p), "predictions": pred} for p, pred in zip(paths, predictions, strict=True)]
+    return saved

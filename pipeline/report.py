@@ -1,21 +1,22 @@
 """Results as JSON, a console table, and reports people read: markdown plus a self-contained HTML page with plots.
 
-A report is built once as a list of blocks (headings, paragraphs, tables, figures) and rendered twice: markdown with
-the figures as PNG files in `STEM.plots/`, and HTML with the same PNGs embedded, so the page can be mailed or
-attached to a Prefect artifact alone.
+A report is built once as a list of blocks (headings, paragraphs, tables, figures; `pipeline.render`) and rendered
+twice: markdown with the figures as PNG files in `STEM.plots/`, and HTML with the same PNGs embedded, so the page can
+be mailed or attached to a Prefect artifact alone. Every name that comes from the user's data is a `Value`.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import logging
-from dataclasses import dataclass
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.outputs import write_atomic
+from pipeline.render import Block, Text, Value, check_report_outputs, write_report_blocks
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,10 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN or Infinity
     if isinstance(value, np.generic):
-        return value.item()
+        return _jsonable(value.item())
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, Path):
@@ -34,17 +37,9 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_atomic(path: Path, data: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    tmp.replace(path)
-    return path
-
-
 def save_json(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write JSON atomically (temporary file, then rename), so a reader never sees half a file."""
-    return write_atomic(Path(path), json.dumps(_jsonable(payload), indent=2, sort_keys=False) + "\n")
+    return write_atomic(Path(path), json.dumps(_jsonable(payload), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def pct(x: float | None) -> str:
@@ -90,36 +85,25 @@ def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
-def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out)
-
-
 # -- report blocks --------------------------------------------------------------------------------------------------
 
-@dataclass
-class Block:
-    kind: str  # h1 | h2 | p | table | figure
-    text: str = ""
-    header: tuple[str, ...] = ()
-    rows: list[tuple[str, ...]] | None = None
-    png: bytes = b""
-    name: str = ""
+def title_for(fs: Any) -> Text:
+    return ("Evaluation of ", Value(fs.attrs["backbone"]), " on ", Value(Path(fs.path).name))
 
 
 def _features_blocks(fs: Any, extraction: dict[str, Any] | None) -> list[Block]:
     a = fs.attrs
     counts = ", ".join(f"{s} {int(fs.mask(s).sum())}" for s in fs.split_names())
-    lines = [f"store `{fs.path}`", f"backbone `{a['backbone']}` ({a['feature_dim']}-d, layer {a.get('layer')}, "
-             f"L2-normalised), weights `{a['weights']}`",
-             f"{len(fs)} rows ({counts}), {len(fs.class_names)} classes, {len(fs.failed)} failed images"]
+    lines: list[Text] = [
+        ("store ", Value(str(Path(fs.path).resolve()))),
+        ("backbone ", Value(a["backbone"]), f" ({a['feature_dim']}-d, layer ", Value(str(a.get("layer"))),
+         ", L2-normalised), weights ", Value(a["weights"])),
+        f"{len(fs)} rows ({counts}), {len(fs.class_names)} classes, {len(fs.failed)} failed images"]
     if extraction and not extraction.get("skipped"):
         lines.append(f"this run computed {extraction['computed']} images at {extraction['images_per_second']:.1f} "
                      "img/s")
-    return [Block("h2", "Features"), *[Block("p", "- " + line) for line in lines]]
-
-
+    return [Block("h2", "Features"), *[Block("p", ("- ", *((line,) if isinstance(line, str) else line)))
+                                       for line in lines]]
 def _probe_blocks(fs: Any, probe: dict[str, Any]) -> list[Block]:
     from pipeline.plots import confusion_png, per_class_png
 
@@ -177,7 +161,7 @@ def _knn_blocks(fs: Any, knn: dict[str, Any]) -> list[Block]:
     return blocks
 
 
-def report_blocks(fs: Any, *, title: str, probe: dict[str, Any] | None = None, knn: dict[str, Any] | None = None,
+def report_blocks(fs: Any, *, title: Text, probe: dict[str, Any] | None = None, knn: dict[str, Any] | None = None,
                   extraction: dict[str, Any] | None = None) -> list[Block]:
     from pipeline.plots import projection_png
 
@@ -196,64 +180,11 @@ def report_blocks(fs: Any, *, title: str, probe: dict[str, Any] | None = None, k
     return blocks
 
 
-def render_markdown(blocks: list[Block], plots_dir: Path, base: Path) -> str:
-    out = []
-    for b in blocks:
-        if b.kind == "h1":
-            out += [f"# {b.text}", ""]
-        elif b.kind == "h2":
-            out += [f"## {b.text}", ""]
-        elif b.kind == "p":
-            out += [b.text, ""]
-        elif b.kind == "table":
-            out += ["", markdown_table(b.header, b.rows or []), ""]
-        elif b.kind == "figure":
-            png = write_atomic(plots_dir / f"{b.name}.png", b.png)
-            out += ["", f"![{b.text}]({png.relative_to(base).as_posix()})", "", f"*{b.text}*", ""]
-    return "\n".join(out) + "\n"
-
-
-_CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
-        "td:not(:first-child){text-align:right}th{background:#f3f3f3}img{max-width:100%}"
-        "figure{margin:1.5em 0}figcaption{color:#555;font-size:.9em}code{background:#f3f3f3;padding:0 3px}")
-
-
-def _inline(text: str) -> str:
-    """Escape, then turn `code` spans into <code>."""
-    parts = html.escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-
-
-def render_html(blocks: list[Block]) -> str:
-    title = next((b.text for b in blocks if b.kind == "h1"), "report")
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{html.escape(title)}</title>",
-           f"<style>{_CSS}</style></head><body>"]
-    for b in blocks:
-        if b.kind in ("h1", "h2"):
-            out.append(f"<{b.kind}>{_inline(b.text)}</{b.kind}>")
-        elif b.kind == "p":
-            out.append(f"<p>{_inline(b.text.removeprefix('- '))}</p>")
-        elif b.kind == "table":
-            out.append("<table><tr>" + "".join(f"<th>{_inline(h)}</th>" for h in b.header) + "</tr>")
-            out += ["<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in b.rows or []]
-            out.append("</table>")
-        elif b.kind == "figure":
-            data = base64.b64encode(b.png).decode()
-            out.append(f'<figure><img alt="{html.escape(b.text)}" src="data:image/png;base64,{data}">'
-                       f"<figcaption>{_inline(b.text)}</figcaption></figure>")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
-
-
 def write_report(stem: str | Path, *, fs: Any, probe: dict[str, Any] | None = None,
                  knn: dict[str, Any] | None = None, extraction: dict[str, Any] | None = None,
-                 title: str | None = None) -> tuple[Path, Path]:
-    """Write STEM.md (figures in STEM.plots/) and the self-contained STEM.html; return both paths."""
-    stem = Path(stem)
-    title = title or f"Evaluation of {fs.attrs['backbone']} on {fs.path.name}"
-    blocks = report_blocks(fs, title=title, probe=probe, knn=knn, extraction=extraction)
-    md = write_atomic(stem.with_name(stem.name + ".md"),
-                       render_markdown(blocks, stem.with_name(stem.name + ".plots"), stem.parent))
-    page = write_atomic(stem.with_name(stem.name + ".html"), render_html(blocks))
-    return md, page
+                 title: Text | None = None, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write STEM.md (figures in STEM.plots/) and the self-contained STEM.html; return both paths. The files are
+    checked first (a foreign file there is refused unless `overwrite`), and written once every block is built."""
+    check_report_outputs(stem, overwrite=overwrite, protect=(fs.path,))
+    blocks = report_blocks(fs, title=title or title_for(fs), probe=probe, knn=knn, extraction=extraction)
+    return write_report_blocks(stem, blocks)

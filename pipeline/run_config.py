@@ -8,21 +8,23 @@ A bad file is one error line naming each bad field and, where there is a fixed s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.config import DINOV2_KS, DINOV2_TEMPERATURE
+from pipeline.config import DINOV2_KS, DINOV2_TEMPERATURE, SPLIT_MODES
 from pipeline.errors import ConfigError
 from pipeline.heads import HEADS
-from pipeline.index import INDEX_KINDS, parse_memory_size
+from pipeline.index_plan import INDEX_KINDS, parse_memory_size
 
 HeadName = Literal[tuple(HEADS)]  # the valid choices come from the registries, so they cannot drift
 IndexKind = Literal[INDEX_KINDS]
+SplitMode = Literal[SPLIT_MODES]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not silently ignored
+    # a misspelt key is an error, not silently ignored; NaN and infinity are never valid numbers here
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DatasetSpec(_Strict):
@@ -33,6 +35,9 @@ class DatasetSpec(_Strict):
     root: str | None = Field(None, description="torchvision:NAME only: the folder holding its files")
     test_fraction: float = Field(0.3, gt=0, lt=1)
     seed: int = 0
+    split: SplitMode = Field("auto", description="auto: the source's own splits when it gives them; stratified: "
+                                                 "always stratified by content")
+    follow_links: bool = Field(False, description="read symbolic links that lead out of the data folder")
 
 
 class ExtractSpec(_Strict):
@@ -58,7 +63,8 @@ class ProbeSpec(_Strict):
 
 class KnnSpec(_Strict):
     enabled: bool = True
-    ks: list[int] = Field(default_factory=lambda: [k for k in DINOV2_KS if k <= 20], min_length=1)
+    ks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [k for k in DINOV2_KS if k <= 20],
+                                                  min_length=1)
     temperature: float = Field(DINOV2_TEMPERATURE, gt=0)
 
 
@@ -106,6 +112,8 @@ class RunConfig(_Strict):
     knn: KnnSpec = Field(default_factory=KnnSpec)
     index: IndexSpec = Field(default_factory=IndexSpec)
     schedule: ScheduleSpec | None = None
+    reset_leaderboard: bool = Field(False, description="start each leaderboard afresh instead of keeping the rows "
+                                                       "of backbones not in this run")
 
     def grid(self) -> tuple[float, ...] | None:
         return tuple(self.probe.grid) if self.probe.grid else None
@@ -144,6 +152,8 @@ def load_run_config(path: str | Path) -> RunConfig:
     for ds in config.datasets:
         if not ds.data.startswith("torchvision:") and not Path(ds.data).is_absolute():
             ds.data = str(base / ds.data)
+        if ds.root is not None and not Path(ds.root).is_absolute():
+            ds.root = str(base / ds.root)
     if not Path(config.output_dir).is_absolute():
         config.output_dir = str(base / config.output_dir)
     return config

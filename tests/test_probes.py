@@ -9,18 +9,18 @@ from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from pipeline.config import DEFAULT_CS, ExtractConfig, ProbeConfig
 from pipeline.errors import PipelineError
 from pipeline.extract import extract_to_store
-from pipeline.heads import PROBE_TOL, TorchLogisticRegression
+from pipeline.heads import PROBE_TOL
+from pipeline.predict import load_head, predict_images, predict_store
 from pipeline.probes import (
+    canonical_order,
     few_shot_rows,
     fit_few_shot,
     fit_probe,
-    load_head,
-    predict_images,
-    predict_store,
     run_probe,
     stratified_holdout,
 )
 from pipeline.store import load_store
+from pipeline.torch_head import TorchLogisticRegression
 from tests.conftest import TINY_BACKBONE
 
 SMALL_GRID = (1.0, 100.0)
@@ -49,9 +49,9 @@ def test_probe_on_digits_reaches_the_expected_accuracy(probe_run, digits_store):
     saved = load_head(result["head_file"])
     fs = load_store(digits_store)
     test = fs.mask("test")
-    pred = saved["estimator"].predict(fs.features[test])
+    pred = saved.classes[np.argmax(saved.scores(fs.features[test]), axis=1)]
     assert np.mean(pred == fs.labels[test]) == pytest.approx(result["test_top1"])  # independent recount
-    assert saved["cache_key"] == fs.attrs["cache_key"] and saved["class_names"] == fs.class_names
+    assert saved.meta["cache_key"] == fs.attrs["cache_key"] and saved.meta["class_names"] == fs.class_names
 
 
 def test_protocol_equals_an_independent_sklearn_computation(digits_fs, probe_run):
@@ -59,7 +59,8 @@ def test_protocol_equals_an_independent_sklearn_computation(digits_fs, probe_run
     accuracy, same metrics as the protocol reports."""
     result, _ = probe_run
     train_rows = np.flatnonzero(digits_fs.mask("train"))
-    hold = stratified_holdout(digits_fs.labels[train_rows], fraction=0.2, seed=0)
+    keys = digits_fs.row_keys()
+    hold = stratified_holdout(digits_fs.labels[train_rows], [keys[i] for i in train_rows], fraction=0.2, seed=0)
     x, y = digits_fs.features, digits_fs.labels
     tr, va = train_rows[~hold], train_rows[hold]
     accs = {C: LogisticRegression(C=C, max_iter=5000, tol=PROBE_TOL).fit(x[tr], y[tr]).score(x[va], y[va])
@@ -116,7 +117,8 @@ def test_other_heads_run_the_same_protocol(digits_fs, head, grid, floor):
     assert result["test_top1"] >= floor
     if head == "ridge":  # independent: the same choice with plain scikit-learn on the same slices
         train_rows = np.flatnonzero(digits_fs.mask("train"))
-        hold = stratified_holdout(digits_fs.labels[train_rows], fraction=0.2, seed=0)
+        keys = digits_fs.row_keys()
+        hold = stratified_holdout(digits_fs.labels[train_rows], [keys[i] for i in train_rows], fraction=0.2, seed=0)
         x, y = digits_fs.features, digits_fs.labels
         tr, va = train_rows[~hold], train_rows[hold]
         accs = {a: RidgeClassifier(alpha=a).fit(x[tr], y[tr]).score(x[va], y[va]) for a in grid}
@@ -130,7 +132,7 @@ def test_unknown_head_is_a_config_error(digits_fs):
 
 def test_few_shot_draws_k_per_class_and_reports_mean_and_spread(digits_fs):
     labels = digits_fs.labels
-    pool = np.flatnonzero(digits_fs.mask("train"))
+    pool = canonical_order(digits_fs, digits_fs.mask("train"))  # the order fit_few_shot draws from
     train, val = few_shot_rows(labels, pool, shots=5, seed=3)
     assert np.bincount(labels[train]).tolist() == [5] * 10 and np.bincount(labels[val]).tolist() == [5] * 10
     assert not set(train) & set(val) and set(train) <= set(pool)
@@ -162,9 +164,13 @@ def test_val_split_is_used_when_present(digits_fs):
 
 def test_stratified_holdout_is_fixed_and_stratified():
     labels = np.repeat([0, 1, 2], [10, 20, 1])
-    a = stratified_holdout(labels, fraction=0.2, seed=0)
-    assert np.array_equal(a, stratified_holdout(labels, fraction=0.2, seed=0))
+    keys = [f"{i:032x}" for i in range(len(labels))]
+    a = stratified_holdout(labels, keys, fraction=0.2, seed=0)
+    assert np.array_equal(a, stratified_holdout(labels, keys, fraction=0.2, seed=0))
     assert [int(a[labels == c].sum()) for c in (0, 1, 2)] == [2, 4, 0]
+    order = np.random.default_rng(0).permutation(len(labels))  # the slice follows the rows, not their order
+    b = stratified_holdout(labels[order], [keys[i] for i in order], fraction=0.2, seed=0)
+    assert np.array_equal(b, a[order])
 
 
 def test_store_without_test_split_is_refused(digits_fs):
@@ -210,12 +216,12 @@ def test_head_refuses_features_of_another_backbone(probe_run, small_digits_root,
 
 
 def test_unreadable_head_file_is_a_clear_error(tmp_path):
-    bad = tmp_path / "x.head.joblib"
-    bad.write_bytes(b"not a pickle")
-    with pytest.raises(PipelineError, match="not a readable probe head"):
+    bad = tmp_path / "x.head.safetensors"
+    bad.write_bytes(b"not a head")
+    with pytest.raises(PipelineError, match="not a usable probe head"):
         load_head(bad)
     with pytest.raises(PipelineError, match="no probe head"):
-        load_head(tmp_path / "missing.joblib")
+        load_head(tmp_path / "missing.head.safetensors")
 
 
 def test_default_grid_is_the_documented_one():

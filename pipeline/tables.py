@@ -1,0 +1,39 @@
+"""CSV files people open in spreadsheets: written in one piece, with cells that a spreadsheet would run as a formula
+(`=`, `+`, `-`, `@`, tab or carriage return first) prefixed by `'` (as OWASP advises), and read back the same way."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Sequence
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def safe_cell(value: object) -> str:
+    """A cell as text that a spreadsheet shows rather than evaluates (numbers are left as they are)."""
+    text = "" if value is None else str(value)
+    if text.startswith(_FORMULA_START) and not _is_number(text):
+        return "'" + text
+    return text
+
+
+def unsafe_cell(text: str) -> str:
+    """The value `safe_cell` wrote."""
+    return text[1:] if text.startswith("'") and text[1:].startswith(_FORMULA_START) else text
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([safe_cell(h) for h in header])
+    writer.writerows([safe_cell(c) for c in row] for row in rows)
+    return buffer.getvalue()
