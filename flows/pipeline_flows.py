@@ -9,16 +9,15 @@
 Tasks retry only on I/O errors (OSError); they pass paths and small dicts, never arrays.
 """
 
-from __future__ import annotations
-
 import contextvars
 import dataclasses
+import hashlib
 import os
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -31,9 +30,10 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from pipeline.bench import LeaderboardRow, fill_row, leaderboard_markdown, ranked, slug, store_for, write_leaderboard
+from pipeline.bench import LeaderboardRow, fill_row, leaderboard_markdown, results_for, store_for, write_leaderboard
 from pipeline.config import ExtractConfig, KnnConfig, ProbeConfig
 from pipeline.errors import PipelineError
+from pipeline.outputs import slug, store_stem
 from pipeline.run_config import DatasetSpec, ExtractSpec, IndexSpec, KnnSpec, ProbeSpec, RunConfig
 
 DEFAULT_EXTRACT, DEFAULT_PROBE, DEFAULT_KNN, DEFAULT_INDEX = ExtractSpec(), ProbeSpec(), KnnSpec(), IndexSpec()
@@ -51,8 +51,13 @@ def _retry_on_io(task_: Any, task_run: Any, state: Any) -> bool:
 
 
 def _key(*parts: str) -> str:
-    """An artifact key: lowercase letters, digits and dashes."""
-    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+    """An artifact key: lowercase letters, digits and dashes; when that loses characters of the names (`v1.0` and
+    `v1-0`, case), a short hash of the exact names keeps keys of different stores apart."""
+    text = "-".join(parts)
+    key = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    if key != text:
+        key += "-" + hashlib.sha256(text.encode()).hexdigest()[:6]
+    return key
 
 
 def _param(name: str, field: str) -> str:
@@ -69,14 +74,19 @@ def _benchmark_run_name() -> str:
 
 
 def _pipeline_run_name() -> str:
-    return f"{_param('config', 'name')}-{time.strftime('%Y%m%d-%H%M')}"
+    """NAME-YYYYMMDD-HHMM of the run's scheduled time, in the schedule's time zone (UTC without a schedule)."""
+    config = flow_run.parameters.get("config")
+    schedule = config.get("schedule") if isinstance(config, dict) else getattr(config, "schedule", None)
+    zone = (schedule.get("timezone") if isinstance(schedule, dict) else getattr(schedule, "timezone", None)) or "UTC"
+    when = flow_run.scheduled_start_time.astimezone(ZoneInfo(zone))
+    return f"{_param('config', 'name')}-{when.strftime('%Y%m%d-%H%M')}"
 
 
 def _extract_config(dataset: DatasetSpec, backbone: str, out: Path, spec: ExtractSpec) -> ExtractConfig:
     return ExtractConfig(data=dataset.data, out=out, backbone=backbone, batch_size=spec.batch_size,
                          workers=spec.workers, device=spec.device, test_fraction=dataset.test_fraction,
                          seed=dataset.seed, root=Path(dataset.root) if dataset.root else None,
-                         random_init=spec.random_init,
+                         random_init=spec.random_init, split=dataset.split, follow_links=dataset.follow_links,
                          progress=sys.stderr.isatty() and os.environ.get("PREFECT_LOGGING_LEVEL") != "WARNING")
 
 
@@ -189,42 +199,44 @@ def knn_task(store: str, out: str, spec: KnnSpec) -> dict:
 
 @task(name="index", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE)
 def index_task(store: str, out: str, spec: IndexSpec) -> dict:
-    """Add the store's new rows to its index (or build it the first time, or when the features changed)."""
-    from pipeline.index import build_index, load_index, parse_memory_size, update_index
-    from pipeline.store import read_attrs
+    """Add the store's new rows to its index (or build it the first time, or when the store was replaced)."""
+    from pipeline.index import build_index, update_index
+    from pipeline.index_files import index_store, load_index
+    from pipeline.index_plan import parse_memory_size
 
     try:
-        current = load_index(out).infos.cache_key == read_attrs(store)["cache_key"]
+        current = index_store(load_index(out), store) is not None
     except PipelineError:
         current = False
     if current:
         infos = update_index(out, store=store)
     else:
         infos = build_index(store, out, kind=spec.kind, memory_budget=parse_memory_size(spec.memory_budget),
-                            target_recall=spec.target_recall)
+                            target_recall=spec.target_recall, overwrite=True)  # the run owns its index folder
     return dataclasses.asdict(infos) | {"path": out}
 
 
 def _evaluate_run_name() -> str:
-    return f"evaluate-{Path(str(flow_run.parameters.get('store'))).stem}"
+    return f"evaluate-{store_stem(str(flow_run.parameters.get('store')))}"
 
 
 @flow(name="evaluate", flow_run_name=_evaluate_run_name)
 def evaluate(store: str, results_dir: str, probe: ProbeSpec = DEFAULT_PROBE, knn: KnnSpec = DEFAULT_KNN,
              index: IndexSpec = DEFAULT_INDEX) -> dict:
     """Probe, kNN and index on one store; the results table and links to the reports as artifacts."""
-    from pipeline.report import HEADER, markdown_table, results_rows
+    from pipeline.render import Value, markdown_table, md_inline
+    from pipeline.report import HEADER, results_rows
 
-    stem = Path(results_dir) / Path(store).stem
-    probe_result = probe_task(store, str(stem.with_suffix(".probe.json")), probe) if probe.enabled else None
-    knn_result = knn_task(store, str(stem.with_suffix(".knn.json")), knn) if knn.enabled else None
-    index_result = index_task(store, str(Path(results_dir).parent / "indexes" / Path(store).stem), index) \
-        if index.enabled else None
-    name = Path(store).stem
-    lines = [f"# {name}", "", markdown_table(HEADER, results_rows(probe_result, knn_result)), ""]
+    output_dir = Path(results_dir).parent
+    name = store_stem(store)
+    probe_result = probe_task(store, str(results_for(output_dir, Path(store), "probe")), probe) \
+        if probe.enabled else None
+    knn_result = knn_task(store, str(results_for(output_dir, Path(store), "knn")), knn) if knn.enabled else None
+    index_result = index_task(store, str(output_dir / "indexes" / name), index) if index.enabled else None
+    lines = [f"# {md_inline(Value(name))}", "", markdown_table(HEADER, results_rows(probe_result, knn_result)), ""]
     if index_result:
-        lines.append(f"Index: {index_result['factory']} over {index_result['rows']} rows, recall@10 "
-                     f"{index_result['recall_at_10']:.4f} ({index_result['path']}).")
+        lines.append(md_inline((f"Index: {index_result['factory']} over {index_result['rows']} rows, recall@10 "
+                                f"{index_result['recall_at_10']:.4f} (", Value(index_result["path"]), ").")))
     create_markdown_artifact("\n".join(lines), key=_key("results", name), description=f"results for {name}")
     for result in (probe_result, knn_result):
         for report in (result or {}).get("report", []):
@@ -236,11 +248,12 @@ def evaluate(store: str, results_dir: str, probe: ProbeSpec = DEFAULT_PROBE, knn
 
 @flow(name="benchmark", flow_run_name=_benchmark_run_name)
 def benchmark(dataset: DatasetSpec, backbones: list[str], output_dir: str, extract: ExtractSpec = DEFAULT_EXTRACT,
-              probe: ProbeSpec = DEFAULT_PROBE, knn: KnnSpec = DEFAULT_KNN, index: IndexSpec = DEFAULT_INDEX) -> dict:
+              probe: ProbeSpec = DEFAULT_PROBE, knn: KnnSpec = DEFAULT_KNN, index: IndexSpec = DEFAULT_INDEX,
+              reset_leaderboard: bool = False) -> dict:
     """Backbones x one data set: extract (incrementally), evaluate each store, publish the leaderboard."""
     logger = get_run_logger()
     summaries = extract_features(dataset, backbones, output_dir, extract)
-    rows = []
+    rows, evaluations = [], []
     k = max(knn.ks)
     for backbone, summary in zip(backbones, summaries, strict=True):
         row = LeaderboardRow(backbone, cached=summary["skipped"], store=summary["store"],
@@ -249,13 +262,14 @@ def benchmark(dataset: DatasetSpec, backbones: list[str], output_dir: str, extra
             try:
                 evaluation = evaluate(summary["store"], str(Path(output_dir) / "results"), probe, knn, index)
                 fill_row(row, probe=evaluation["probe"], knn=evaluation["knn"], k=k)
+                evaluations.append(evaluation)
             except PipelineError as exc:
                 row.error = str(exc)
                 logger.error("%s: %s", backbone, exc)
         rows.append(row)
-    rows = ranked(rows)
     title = f"{dataset.name}: {probe.head} probe, kNN k={k} weighted (T={knn.temperature:g})"
-    csv_path, md_path = write_leaderboard(rows, Path(output_dir) / f"leaderboard_{dataset.name}", title=title)
+    rows, csv_path, md_path = write_leaderboard(rows, Path(output_dir) / f"leaderboard_{dataset.name}", title=title,
+                                                reset=reset_leaderboard)
     table = [dataclasses.asdict(r) for r in rows]
     create_table_artifact(table, key=_key("leaderboard", dataset.name), description=title)
     create_markdown_artifact(leaderboard_markdown(rows, title=title), key=_key("leaderboard-md", dataset.name))
@@ -265,14 +279,14 @@ def benchmark(dataset: DatasetSpec, backbones: list[str], output_dir: str, extra
         raise PipelineError(f"{len(failed)} of {len(rows)} backbones failed on {dataset.name}: "
                             + "; ".join(f"{r.backbone}: {r.error}" for r in failed))
     return {"dataset": dataset.name, "leaderboard_csv": str(csv_path), "leaderboard_md": str(md_path),
-            "rows": table, "extraction": summaries}
+            "rows": table, "extraction": summaries, "evaluations": evaluations}
 
 
 @flow(name="run-pipeline", flow_run_name=_pipeline_run_name)
 def run_pipeline(config: RunConfig) -> dict:
     """The whole configured run: one benchmark per data set."""
     results = [benchmark(ds, config.backbones, config.output_dir, config.extract, config.probe, config.knn,
-                         config.index) for ds in config.datasets]
+                         config.index, config.reset_leaderboard) for ds in config.datasets]
     return {"name": config.name, "datasets": results}
 
 

@@ -35,7 +35,15 @@ def test_demo_flow_end_to_end(tmp_path, prefect_harness):
     outcome = state.result()
     results = json.loads(Path(outcome["results"]).read_text())
     assert results["extraction"]["rows"] == 100 and not results["extraction"]["skipped"]
-    assert 0.0 <= results["probe"]["test_top1"] <= 1.0 and "20" in results["knn"]["by_k"]
+    # EfficientNet-Lite0 on 50 training digits: the probe is far above chance (10%) and the figures are recounted
+    from pipeline.predict import load_head
+    from pipeline.store import load_store
+
+    fs = load_store(results["extraction"]["store"])
+    head = load_head(results["probe"]["head_file"])
+    test = fs.mask("test")
+    recount = float((head.classes[head.scores(fs.features[test]).argmax(axis=1)] == fs.labels[test]).mean())
+    assert results["probe"]["test_top1"] == recount >= 0.7 and "20" in results["knn"]["by_k"]
     report = Path(outcome["report"]).read_text()
     assert "logreg probe" in report and "kNN k=20 weighted" in report
     assert "data:image/png;base64," in Path(outcome["html"]).read_text()
@@ -48,5 +56,12 @@ def test_demo_flow_end_to_end(tmp_path, prefect_harness):
 
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs()
+        artifacts = client.read_artifacts()
     names = {r.name for r in runs}
     assert "demo-digits-efficientnet_lite0" in names
+    kinds = {a.key: a.type for a in artifacts if a.key}  # the same artifacts as a configured run, plus the report
+    assert kinds.get("leaderboard-digits-5pc") == "table" and kinds.get("leaderboard-md-digits-5pc") == "markdown"
+    assert any(k.startswith("results-digits-5pc") for k in kinds) and any(k.startswith("report-") for k in kinds)
+    assert any(a.type == "progress" and a.data == 100.0 for a in artifacts)
+    links = [str(a.data) for a in artifacts if (a.key or "").startswith("report-")]
+    assert any(".report.html" in link for link in links) and any(".probe.html" in link for link in links)

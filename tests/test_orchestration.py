@@ -156,7 +156,8 @@ def test_sharded_extraction_on_two_dask_workers_equals_one_run(tmp_path, small_d
     from pipeline.extract import extract_to_store
     from pipeline.run_config import DatasetSpec, ExtractSpec
     from pipeline.shards import part_of, part_path
-    from pipeline.store import load_store, read_attrs, verify_store
+    from pipeline.store import load_store, read_attrs
+    from pipeline.store_verify import verify_store
 
     dataset = DatasetSpec(name="digits", data=str(small_digits_root))
     spec = ExtractSpec(workers=0, random_init=True, shards=2)
@@ -188,4 +189,4 @@ def test_a_failing_backbone_does_not_stop_the_others(tmp_path, small_digits_root
     assert main(["--quiet", "run", path]) == 2  # the run ends failed, and says why in one line
     assert "1 of 2 backbones failed on digits: timm:resnet_18" in capsys.readouterr().err
     board = (tmp_path / "out" / "leaderboard_digits.md").read_text()  # published anyway, with the good backbone
-    assert f"| 1 | `{TINY_BACKBONE}` |" in board and "error:" in board
+    assert f"| 1 | {TINY_BACKBONE} |" in board and "error:" in board
