@@ -405,14 +405,45 @@ def guarded_batches(dataset: ImageDataset, *, batch_size: int, workers: int, tim
         watchdog.close()
 
 
+NON_FINITE = "the backbone gave non-finite features (NaN or infinity) for this image"
+ALL_ZERO = "the backbone gave all-zero features for this image (no direction to normalise)"
+ABORT_AFTER = 64  # computed images without one usable feature row before the run stops: the weights are broken
+
+
+def usable_rows(batch: Batch, features: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+    """Checked where features are made: a row that is not finite, or all zero, becomes a recorded failure of its
+    image (with the reason), never a row of the store."""
+    finite = torch.isfinite(features).all(dim=-1)
+    bad = ~finite | (features.abs().amax(dim=-1) == 0)
+    if not bool(bad.any()):
+        return batch, features
+    bad_rows = bad.cpu().numpy()
+    reasons = [NON_FINITE if not f else ALL_ZERO for f in finite[bad].cpu().numpy()]
+    failures = batch.failures + list(zip(batch.indices[bad_rows].tolist(), reasons, strict=True))
+    kept = Batch(indices=batch.indices[~bad_rows], images=None, failures=failures,
+                 hashes=[h for h, b in zip(batch.hashes, bad_rows, strict=True) if not b])
+    return kept, features[~bad]
+
+
 def extract_features(backbone: Backbone, batches: Iterable[Batch]) -> Iterator[tuple[Batch, torch.Tensor]]:
     """Mapper: for each batch, its L2-normalised penultimate features as float32 on the backbone's device (rows
-    follow `indices`); the copy to the host is left to the writer, so a GPU can go on with the next batch."""
+    follow `indices`); the copy to the host is left to the writer, so a GPU can go on with the next batch. Unusable
+    rows become failures (`usable_rows`); when the first `ABORT_AFTER` computed images give no usable row at all,
+    the run stops with one line naming the weights, instead of recording every image of the data set as failed."""
+    computed = usable = 0
     for batch in batches:
         if batch.images is None:
             yield batch, torch.zeros((0, backbone.dim))
             continue
-        yield batch, l2_normalize(features_with_backoff(backbone, batch.images))
+        raw = features_with_backoff(backbone, batch.images)
+        computed += len(raw)
+        batch, raw = usable_rows(batch, raw)
+        usable += len(raw)
+        if not usable and computed >= ABORT_AFTER:
+            raise DataError(f"{backbone.name} with weights {backbone.weights} gave no usable features for the first "
+                            f"{computed} images (NaN, infinite or all zero): the weights are broken; check --weights "
+                            "or the checkpoint")
+        yield batch, l2_normalize(raw)
 
 
 def source_listing(source: Source) -> Listing:
@@ -551,6 +582,16 @@ def _throughput_attrs(out: Path, computed: int, seconds: float, *, full: bool) -
     return {k: previous[k] for k in ("images_per_second", "throughput_images") if k in previous}
 
 
+def _nothing_usable(failed: list[tuple[str, str]], backbone: Backbone, source: Source) -> DataError:
+    if all(reason in (NON_FINITE, ALL_ZERO) for _, reason in failed):
+        return DataError(f"{backbone.name} with weights {backbone.weights} gave no usable features for any of the "
+                         f"{len(source)} images (NaN, infinite or all zero): the weights are broken; check --weights "
+                         "or the checkpoint")
+    first_id, first_reason = failed[0]
+    return DataError(f"none of the {len(source)} images of {source.description} could be read (e.g. {first_id}: "
+                     f"{first_reason})")
+
+
 def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None, source: Source | None = None,
                      on_progress: Callable[[int, int], None] | None = None) -> ExtractResult:
     """Extract features for an image source into an HDF5 store, computing only what the store does not hold yet.
@@ -581,59 +622,65 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None,
     listing = source_listing(source)
     fingerprint = data_fingerprint(source, listing, decoding)
     layout = layout_attrs(shard_rows=config.shard_rows, compression=config.compression)
+    data = _data_attrs(config, source_given)["data"]
     if not config.overwrite and not config.check_content and is_current(out, key=key, fingerprint=fingerprint,
-                                                                         layout=layout):
+                                                                         layout=layout, data=data):
         log.info("%s is up to date; no forward pass", out)
         return ExtractResult(str(out), len(source), 0, True, 0.0, 0.0, backbone.name, backbone.dim)
     check_target(out, key=key, overwrite=config.overwrite)
-    check_same_dataset(out, _data_attrs(config, source_given)["data"], listing.ids, overwrite=config.overwrite)
+    check_same_dataset(out, data, listing.ids, overwrite=config.overwrite)
     if optimize:  # after the up-to-date check: a no-op run should not pay for tracing
         backbone = backbone.optimized()
 
     samples = source.samples
     start = time.perf_counter()
     attrs = {**_store_attrs(backbone, source, key, fingerprint, decoding), **_data_attrs(config, source_given)}
-    with StoreWriter(out, listing=listing, dim=backbone.dim, attrs=attrs, feature_dtype=config.feature_dtype,
+    writer = StoreWriter(out, listing=listing, dim=backbone.dim, attrs=attrs, feature_dtype=config.feature_dtype,
                      compression=config.compression, shard_rows=config.shard_rows,
                      check_content=config.check_content, lock_timeout=config.lock_timeout,
-                     keep_store_id=not config.overwrite) as writer:
-        todo = writer.prepare(reuse=not config.overwrite)
-        if writer.resumed or writer.kept:
-            log.info("%s: %d row(s) resumed, %d unchanged kept, %d to compute", out, writer.resumed, writer.kept,
-                     len(todo))
-        if len(todo):
-            workers = default_workers() if config.workers is None else config.workers
-            batch_size = default_batch_size(backbone) if config.batch_size is None else config.batch_size
-            dataset = ImageDataset(source.locators(todo), backbone.transform, reader=source.reader,
-                                   decoding=decoding)
-            batches = prefetch(guarded_batches(dataset, batch_size=batch_size, workers=workers,
-                                               timeout=config.decode_timeout,
-                                               pin_memory=backbone.device.type == "cuda"))
-            with tqdm(total=len(samples), initial=len(samples) - len(todo), unit="img",
-                      desc=f"extract {backbone.name}", disable=not config.progress, dynamic_ncols=True) as bar:
+                     keep_store_id=not config.overwrite)
+    try:
+        with writer:
+            todo = writer.prepare(reuse=not config.overwrite)
+            if writer.resumed or writer.kept:
+                log.info("%s: %d row(s) resumed, %d unchanged kept, %d to compute", out, writer.resumed, writer.kept,
+                         len(todo))
+            if len(todo):
+                workers = default_workers() if config.workers is None else config.workers
+                batch_size = default_batch_size(backbone) if config.batch_size is None else config.batch_size
+                dataset = ImageDataset(source.locators(todo), backbone.transform, reader=source.reader,
+                                       decoding=decoding)
+                batches = prefetch(guarded_batches(dataset, batch_size=batch_size, workers=workers,
+                                                   timeout=config.decode_timeout,
+                                                   pin_memory=backbone.device.type == "cuda"))
+                with tqdm(total=len(samples), initial=len(samples) - len(todo), unit="img",
+                          desc=f"extract {backbone.name}", disable=not config.progress, dynamic_ncols=True) as bar:
 
-                def write(batch: Batch, feats: torch.Tensor) -> None:  # in the writer thread
-                    writer.write(todo[batch.indices], feats.cpu().numpy(), batch.hashes)
-                    writer.fail([todo[i] for i, _ in batch.failures], [r for _, r in batch.failures])
-                    bar.update(len(batch.indices) + len(batch.failures))
-                    if on_progress is not None:
-                        on_progress(bar.n, len(samples))
-                    log.debug("committed %d of %d rows", writer.rows + writer.failures, len(samples))
+                    def write(batch: Batch, feats: torch.Tensor) -> None:  # in the writer thread
+                        writer.write(todo[batch.indices], feats.cpu().numpy(), batch.hashes)
+                        writer.fail([todo[i] for i, _ in batch.failures], [r for _, r in batch.failures])
+                        bar.update(len(batch.indices) + len(batch.failures))
+                        if on_progress is not None:
+                            on_progress(bar.n, len(samples))
+                        log.debug("committed %d of %d rows", writer.rows + writer.failures, len(samples))
 
-                background = BackgroundWriter(write)
-                try:
-                    for batch, feats in extract_features(backbone, batches):
-                        background.submit(batch, feats)
-                finally:
-                    background.close()
-        if writer.rows == 0:
-            partial_path(out).unlink(missing_ok=True)  # nothing worth resuming
-            first_id, first_reason = writer.failed[0]
-            raise DataError(f"none of the {len(samples)} images of {source.description} could be read "
-                            f"(e.g. {first_id}: {first_reason})")
-        seconds = time.perf_counter() - start
-        writer.attrs.update(_throughput_attrs(out, writer.computed, seconds, full=not (writer.kept or writer.resumed)))
-        writer.finish()
+                    background = BackgroundWriter(write)
+                    try:
+                        for batch, feats in extract_features(backbone, batches):
+                            background.submit(batch, feats)
+                    finally:
+                        background.close()
+            if writer.rows == 0:
+                partial_path(out).unlink(missing_ok=True)  # nothing worth resuming
+                raise _nothing_usable(writer.failed, backbone, source)
+            seconds = time.perf_counter() - start
+            full = not (writer.kept or writer.resumed)
+            writer.attrs.update(_throughput_attrs(out, writer.computed, seconds, full=full))
+            writer.finish()
+    except DataError:
+        if writer.prepared and writer.rows == 0:  # stopped before any usable row: nothing worth resuming
+            partial_path(out).unlink(missing_ok=True)
+        raise
     return ExtractResult(str(out), writer.rows, writer.failures, False, seconds, writer.computed / max(seconds, 1e-9),
                          backbone.name, backbone.dim, writer.failed, computed=writer.computed, resumed=writer.resumed,
                          kept=writer.kept)

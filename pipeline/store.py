@@ -387,15 +387,18 @@ def iter_store(path: str | Path, *, rows: int = 65536, splits: tuple[str, ...] |
             yield block
 
 
-def is_current(path: Path, *, key: str, fingerprint: str, layout: dict[str, Any] | None = None) -> bool:
+def is_current(path: Path, *, key: str, fingerprint: str, layout: dict[str, Any] | None = None,
+               data: str = "") -> bool:
     """True when `path` is a complete, readable store with this cache key built from exactly this data listing
-    (and, when given, with these `layout` attributes, e.g. {"layout": "sharded", "shard_rows": 1000})."""
+    (and, when given, with these `layout` attributes, e.g. {"layout": "sharded", "shard_rows": 1000}, and from this
+    `data` path: a data set moved elsewhere is rewritten, rows kept, so that the store finds its images again)."""
     if not path.is_file() or not h5py.is_hdf5(path):
         return False
     try:
         with _open_checked(path) as f:
             a = attrs_to_dict(f.attrs)
-            wanted = {"complete": True, "cache_key": key, "data_fingerprint": fingerprint, **(layout or {})}
+            wanted = {"complete": True, "cache_key": key, "data_fingerprint": fingerprint, **(layout or {}),
+                      **({"data": data} if data else {})}
             if any(a.get(k) != v for k, v in wanted.items()):
                 return False
             _check_complete(path, f)

@@ -29,10 +29,10 @@ from typing import Any
 
 import h5py
 import numpy as np
-from filelock import FileLock, Timeout
 
 from pipeline.config import COMPRESSIONS, FEATURE_DTYPES
 from pipeline.errors import StoreError
+from pipeline.locks import LockTimeout, StoreLock
 from pipeline.store import (
     HASH_DTYPE,
     SCHEMA_VERSION,
@@ -242,7 +242,7 @@ class StoreWriter:
         self._index = {sample_id: i for i, sample_id in enumerate(listing.ids)}
         if len(self._index) != len(listing.ids):
             raise StoreError(f"duplicate ids in the listing for {self.path}")
-        self._lock = FileLock(str(lock_path(self.path)), timeout=lock_timeout)
+        self._lock = StoreLock(lock_path(self.path), timeout=lock_timeout)
         self._done = np.zeros(len(listing), dtype=bool)
         self._hash_cache: dict[int, str] = {}
         self._target: _Segment | None = None
@@ -262,8 +262,9 @@ class StoreWriter:
         if self._lock.timeout:
             log.info("waiting up to %.0f s for the lock on %s", self._lock.timeout, self.path)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock.acquire()
-        except Timeout as exc:
+        except LockTimeout as exc:
             raise StoreError(f"another process is writing {self.path} (lock {lock_path(self.path).name}); wait for it "
                              "to finish (--wait SECONDS) or write to another --out") from exc
         self._previous_hook = sys.unraisablehook
