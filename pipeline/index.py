@@ -26,6 +26,7 @@ import numpy as np
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.index_files import (
     IndexInfos,
+    check_index_out,
     check_rows,
     index_store,
     load_index,
@@ -183,6 +184,7 @@ def build_index(store: str | Path, out: str | Path, *, kind: str = "auto", memor
         raise ConfigError(f"--queries must be >= 1 (rows sampled to measure recall), got {queries}")
     attrs = read_attrs(store)
     record = store_record(store, out)
+    check_index_out(out, record, overwrite=overwrite)
     numbers, ids, hashes = _select_rows(store, splits)
     d = int(attrs["feature_dim"])
     plan = plan_index(len(numbers), d, kind=kind, memory_budget=memory_budget, exact_max_rows=exact_max_rows)

@@ -211,10 +211,9 @@ def check_rows(loaded: LoadedIndex, store: Path, *, sample: int = CHECK_ROWS, se
                             "pipeline index build")
 
 
-def save_index(out: Path, index: faiss.Index, ids: np.ndarray, hashes: np.ndarray, infos: IndexInfos, *,
-               overwrite: bool = False) -> Path:
-    """Write the three files into a fresh folder with a unique name beside `out` and swap it into place. `out` may
-    be missing, or an index folder of the same store (or of any store with `overwrite`); anything else is refused."""
+def check_index_out(out: Path, record: dict[str, str], *, overwrite: bool = False) -> None:
+    """Before any work: `out` is missing, or an index folder of the same store (`record`: `store_record`), or of any
+    store with `overwrite`; anything else (a file, another folder) is refused. Its folder must be writable."""
     out = Path(out)
     if out.exists() or out.is_symlink():
         if not out.is_dir() or out.is_symlink() or not (out / INFOS_FILE).is_file():
@@ -223,11 +222,19 @@ def save_index(out: Path, index: faiss.Index, ids: np.ndarray, hashes: np.ndarra
             previous = read_infos(out)
         except PipelineError:
             previous = None
-        if not overwrite and (previous is None or (previous.store_id, previous.store) != (infos.store_id,
-                                                                                           infos.store)):
+        same = previous is not None and (previous.store_id, previous.store) == (record["store_id"], record["store"])
+        if not overwrite and not same:
             raise PipelineError(f"{out} holds an index of another store; choose another --out, or pass --overwrite "
                                 "to replace it")
     check_writable_dir(out.parent, what="--out", path=out)
+
+
+def save_index(out: Path, index: faiss.Index, ids: np.ndarray, hashes: np.ndarray, infos: IndexInfos, *,
+               overwrite: bool = False) -> Path:
+    """Write the three files into a fresh folder with a unique name beside `out` and swap it into place (see
+    `check_index_out` for what may be at `out`)."""
+    out = Path(out)
+    check_index_out(out, {"store_id": infos.store_id, "store": infos.store}, overwrite=overwrite)
     token = secrets.token_hex(4)
     fresh, old = out.with_name(f".{out.name}.new-{token}"), out.with_name(f".{out.name}.old-{token}")
     fresh.mkdir()
