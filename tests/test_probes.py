@@ -228,3 +228,23 @@ def test_default_grid_is_the_documented_one():
     from pipeline.heads import HEADS
 
     assert HEADS["logreg"].grid == DEFAULT_CS and HEADS["torch-logreg"].grid == DEFAULT_CS
+
+
+@pytest.mark.parametrize("head", ["logreg", "torch-logreg", "svm", "ridge", "mlp"])
+@pytest.mark.parametrize("classes", [2, 5])
+def test_saved_heads_score_exactly_as_their_estimators(digits_fs, head, classes, tmp_path):
+    """The safetensors head (arrays, no pickle) reproduces its estimator's scores, hence its predictions."""
+    from pipeline.head_file import head_bytes, load_saved_head
+    from pipeline.heads import class_scores, fit_quietly, head_spec
+    from pipeline.probes import head_for
+
+    rows = np.flatnonzero(digits_fs.labels < classes)
+    x, y = digits_fs.features[rows], digits_fs.labels[rows]
+    model = head_spec(head).make(head_spec(head).grid[3], max_iter=300, seed=0, device="cpu")
+    fit_quietly(model, x, y)
+    path = tmp_path / "h.head.safetensors"
+    path.write_bytes(head_bytes(head_for(model, fs=digits_fs, result={"head": head, "param": "C", "chosen": 1.0,
+                                                                       "test_top1": 0.5})))
+    saved = load_saved_head(path)
+    np.testing.assert_allclose(saved.scores(x), class_scores(model, x), rtol=1e-5, atol=1e-6)
+    assert np.array_equal(saved.classes[saved.scores(x).argmax(axis=1)], model.predict(x))
