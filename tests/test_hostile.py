@@ -262,9 +262,11 @@ def test_5_a_large_16_bit_image_converts_without_wide_temporaries(tmp_path):
     pixels[::97, ::89] = 65535
     Image.fromarray(pixels).save(tmp_path / "big.png")
     del pixels
-    code = ("import resource, sys; from pipeline.datasets import Decoding, decode; "
+    # the child's own peak (VmHWM): ru_maxrss would carry over the high-water mark of the forking test process
+    code = ("import re, sys; from pipeline.datasets import Decoding, decode; "
             "image, _ = decode(open(sys.argv[1], 'rb').read(), Decoding()); "
-            "print(image.mode, image.size[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+            "peak = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) // 1024; "
+            "print(image.mode, image.size[0], peak)")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big.png")], capture_output=True, text=True,
                          timeout=300, check=True).stdout.split()
     assert out[:2] == ["RGB", "9400"]
