@@ -195,7 +195,7 @@ def leaderboard_text(rows: list[LeaderboardRow], *, title: str) -> str:
     """The leaderboard for the console."""
     from pipeline.report import text_table
 
-    return f"Leaderboard: {title}\n" + text_table(LEADERBOARD_HEADER, _leaderboard_cells(rows))
+    return f"Leaderboard: {title}\n" + text_table(LEADERBOARD_HEADER, _leaderboard_cells(rows), align="rlrrrrrll")
 
 
 def write_leaderboard(rows: list[LeaderboardRow], stem: Path, *, title: str, reset: bool = False,

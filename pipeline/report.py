@@ -76,10 +76,12 @@ def format_table(probe: dict[str, Any] | None, knn: dict[str, Any] | None) -> st
     return text_table(HEADER, results_rows(probe, knn))
 
 
-def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]], *, align: str = "") -> str:
+    """A fixed-width table; `align` is l or r per column (default: the first left, the others right)."""
+    align = align or "l" + "r" * (len(header) - 1)
     rows = [header, *rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+    lines = ["  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(r, widths, align, strict=True))
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

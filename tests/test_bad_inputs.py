@@ -25,6 +25,7 @@ from pipeline.datasets import (
     decode,
     load_image,
 )
+from pipeline.errors import DataError
 from pipeline.extract import extract_to_store
 from pipeline.store import load_store
 from pipeline.store_verify import verify_store
@@ -200,7 +201,7 @@ def test_a_missing_plugin_is_an_error_before_any_compute(tmp_path):
     from tests.helpers import make_folder
 
     root = make_folder(tmp_path / "data", {"a": 2})
-    with pytest.raises(Exception, match="image plugin 'no_such_plugin' cannot be loaded"):
+    with pytest.raises(DataError, match="image plugin 'no_such_plugin' cannot be loaded"):
         extract_to_store(ExtractConfig(data=root, out=tmp_path / "s.h5", image_plugins=("no_such_plugin",)))
 
 

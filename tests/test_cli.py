@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -125,7 +126,7 @@ def test_memory_budget_sizes():
 
     assert memory_size("4GiB") == 4 * 2**30 and memory_size("512MB") == 512 * 10**6 and memory_size("1000") == 1000
     for bad in ("lots", "-1GB", "4 parsecs"):
-        with pytest.raises(Exception, match="expected a size such as 4GB"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a size such as 4GB"):
             memory_size(bad)
 
 

@@ -164,8 +164,8 @@ def test_extraction_defaults_use_the_fast_path_and_record_it(tmp_path, small_dig
     np.testing.assert_allclose(np.linalg.norm(fast.features, axis=1), 1.0, atol=1e-5)
 
 
-def test_default_workers_fit_the_machine_and_always_isolate_decoding():
-    import os
-
-    cores = os.cpu_count() or 1
-    assert default_workers() == max(1, min(16, cores - 1))  # >= 1: decoder crashes stay out of this process
+@pytest.mark.parametrize("cores, workers", [(None, 1), (1, 1), (2, 1), (3, 2), (8, 7), (17, 16), (128, 16)])
+def test_default_workers_fit_the_machine_and_always_isolate_decoding(monkeypatch, cores, workers):
+    # one core is left to the model; never 0 (decoder crashes stay out of this process); at most 16
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    assert default_workers() == workers

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
 
-from pipeline.config import DEFAULT_CS, ExtractConfig, ProbeConfig
+from pipeline.config import ExtractConfig, ProbeConfig
 from pipeline.errors import PipelineError
 from pipeline.extract import extract_to_store
 from pipeline.heads import PROBE_TOL
@@ -227,7 +227,9 @@ def test_unreadable_head_file_is_a_clear_error(tmp_path):
 def test_default_grid_is_the_documented_one():
     from pipeline.heads import HEADS
 
-    assert HEADS["logreg"].grid == DEFAULT_CS and HEADS["torch-logreg"].grid == DEFAULT_CS
+    documented = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)  # README: "C, 1e-2 … 1e4", log-spaced
+    assert HEADS["logreg"].grid == documented and HEADS["torch-logreg"].grid == documented
+    assert HEADS["ridge"].grid == (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0, 100.0)  # "alpha, 1e-4 … 1e2"
 
 
 @pytest.mark.parametrize("head", ["logreg", "torch-logreg", "svm", "ridge", "mlp"])

@@ -98,4 +98,4 @@ def test_report_still_renders_when_the_images_are_gone(small_digits_root, lite0,
     text = (tmp_path / "s.knn.md").read_text()
     assert "the images could not be found" in text
     assert informative((tmp_path / "s.knn.plots" / "neighbours.png").read_bytes())
-    assert knn["by_k"]["1"]["majority"]["top1"] > 0.5
+    assert knn["by_k"]["1"]["majority"]["top1"] == pytest.approx(31 / 50, abs=0.021)  # measured: 31 of 50 right
