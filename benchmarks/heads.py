@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from pipeline.heads import PROBE_TOL, fit_quietly
-from pipeline.torch_head import TorchLogisticRegression
+from pipeline.evaluation.heads import PROBE_TOL, fit_quietly
+from pipeline.evaluation.torch_head import TorchLogisticRegression
 
 
 def synthetic(rows: int, dim: int, classes: int, *, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

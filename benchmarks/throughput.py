@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 # -- stages (run in children) -------------------------------------------------------------------------------------
 
 def _backbone(cfg: dict, **overrides):
-    from pipeline.backbones import create_backbone
+    from pipeline.backbones.factory import create_backbone
 
     kwargs = {"device": cfg["device"], "random_init": cfg["random_init"], "precision": cfg["precision"]}
     return create_backbone(cfg["backbone"], **{**kwargs, **overrides})
@@ -60,7 +60,7 @@ def _sync(device) -> None:
 def stage_ceiling(cfg: dict) -> dict:
     import torch
 
-    from pipeline.datasets import ImageDataset
+    from pipeline.engine.decode import ImageDataset
 
     bb = _backbone(cfg)
     paths = _paths(Path(cfg["data"]))
@@ -104,14 +104,16 @@ def stage_ceiling(cfg: dict) -> dict:
 
 
 def stage_decode(cfg: dict) -> dict:
-    from pipeline.config import ExtractConfig
-    from pipeline.datasets import ImageDataset
-    from pipeline.extract import default_workers, guarded_batches, prefetch
+    from pipeline.engine.decode import ImageDataset
+    from pipeline.engine.forward import default_workers
+    from pipeline.engine.threads import prefetch
+    from pipeline.engine.workers import supervised_batches
+    from pipeline.plan import ExtractConfig
 
     bb = _backbone(cfg)
     workers = default_workers() if cfg["workers"] is None else cfg["workers"]
     dataset = ImageDataset(_paths(Path(cfg["data"])), bb.transform)
-    batches = guarded_batches(dataset, batch_size=cfg["batch_size"] or 64, workers=workers,
+    batches = supervised_batches(dataset, batch_size=cfg["batch_size"] or 64, workers=workers,
                               timeout=ExtractConfig.decode_timeout, pin_memory=bb.device.type == "cuda")
     start, done = time.perf_counter(), 0
     for batch in prefetch(batches):
@@ -147,14 +149,14 @@ def stage_baseline(cfg: dict) -> dict:
 
 
 def stage_pipeline(cfg: dict) -> dict:
-    from pipeline.config import ExtractConfig
-    from pipeline.extract import extract_to_store
+    from pipeline.engine.runner import extract_to_store
+    from pipeline.plan import ExtractConfig
 
     bb = _backbone(cfg, compile=cfg["compile"])
     bb = bb if cfg["compile"] else bb.optimized()
     out = Path(cfg["scratch"]) / f"pipeline_{time.time_ns()}.h5"
     start = time.perf_counter()
-    result = extract_to_store(ExtractConfig(data=Path(cfg["data"]), out=out, batch_size=cfg["batch_size"],
+    result = extract_to_store(ExtractConfig.of(data=Path(cfg["data"]), out=out, batch_size=cfg["batch_size"],
                                             workers=cfg["workers"], progress=False), backbone=bb)
     wall = time.perf_counter() - start
     return {"images_per_s": round(result.rows / wall, 1), "library_images_per_s": round(result.images_per_second, 1),
@@ -197,7 +199,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from pipeline.devices import resolve_device
+    from pipeline.engine.devices import resolve_device
 
     device = str(resolve_device(args.device))
     with tempfile.TemporaryDirectory(prefix="throughput_") as scratch:

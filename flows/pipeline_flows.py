@@ -30,10 +30,18 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from pipeline.bench import LeaderboardRow, fill_row, leaderboard_markdown, results_for, store_for, write_leaderboard
-from pipeline.config import ExtractConfig, KnnConfig, ProbeConfig
+from pipeline.config import KnnConfig, ProbeConfig
 from pipeline.errors import PipelineError
+from pipeline.evaluation.bench import (
+    LeaderboardRow,
+    fill_row,
+    leaderboard_markdown,
+    results_for,
+    store_for,
+    write_leaderboard,
+)
 from pipeline.outputs import slug, store_stem
+from pipeline.plan import ExtractConfig
 from pipeline.run_config import DatasetSpec, ExtractSpec, IndexSpec, KnnSpec, ProbeSpec, RunConfig
 
 DEFAULT_EXTRACT, DEFAULT_PROBE, DEFAULT_KNN, DEFAULT_INDEX = ExtractSpec(), ProbeSpec(), KnnSpec(), IndexSpec()
@@ -83,11 +91,10 @@ def _pipeline_run_name() -> str:
 
 
 def _extract_config(dataset: DatasetSpec, backbone: str, out: Path, spec: ExtractSpec) -> ExtractConfig:
-    return ExtractConfig(data=dataset.data, out=out, backbone=backbone, batch_size=spec.batch_size,
-                         workers=spec.workers, device=spec.device, test_fraction=dataset.test_fraction,
-                         seed=dataset.seed, root=Path(dataset.root) if dataset.root else None,
-                         random_init=spec.random_init, split=dataset.split, follow_links=dataset.follow_links,
-                         progress=sys.stderr.isatty() and os.environ.get("PREFECT_LOGGING_LEVEL") != "WARNING")
+    """The one extraction spec, from the config's data set and extract sections (their fields are the spec's)."""
+    return ExtractConfig.of(out=out, backbone=backbone, **dataset.model_dump(exclude={"name"}),
+                            **spec.model_dump(exclude={"shards"}),
+                            progress=sys.stderr.isatty() and os.environ.get("PREFECT_LOGGING_LEVEL") != "WARNING")
 
 
 def _summary(result: Any) -> dict:
@@ -101,7 +108,7 @@ def _summary(result: Any) -> dict:
       task_run_name="extract-{backbone}")
 def extract_store(dataset: DatasetSpec, backbone: str, out: str, spec: ExtractSpec) -> dict:
     """One backbone over one data set into its store, with a progress artifact while it runs."""
-    from pipeline.extract import extract_to_store
+    from pipeline.engine.runner import extract_to_store
 
     artifact = create_progress_artifact(0.0, key=_key("progress", dataset.name, slug(backbone)),
                                         description=f"extracting {dataset.name} with {backbone}")
@@ -122,14 +129,14 @@ def extract_store(dataset: DatasetSpec, backbone: str, out: str, spec: ExtractSp
 @task(name="extract-part", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE,
       task_run_name="extract-{backbone}-part-{part}")
 def extract_part_task(dataset: DatasetSpec, backbone: str, out: str, spec: ExtractSpec, part: int) -> dict:
-    from pipeline.shards import extract_part
+    from pipeline.engine.parts import extract_part
 
     return _summary(extract_part(_extract_config(dataset, backbone, Path(out), spec), part, spec.shards))
 
 
 @task(name="merge-parts", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE)
 def merge_task(dataset: DatasetSpec, backbone: str, out: str, spec: ExtractSpec, parts: list[dict]) -> dict:
-    from pipeline.shards import merge_parts
+    from pipeline.engine.parts import merge_parts
 
     merged = _summary(merge_parts(_extract_config(dataset, backbone, Path(out), spec), spec.shards))
     merged["computed"] = sum(p["computed"] for p in parts)
@@ -181,7 +188,7 @@ def extract_features(dataset: DatasetSpec, backbones: list[str], output_dir: str
 
 @task(name="probe", cache_policy=NO_CACHE)
 def probe_task(store: str, out: str, spec: ProbeSpec) -> dict:
-    from pipeline.probes import run_probe
+    from pipeline.evaluation.probes import run_probe
 
     result, _ = run_probe(ProbeConfig(store=Path(store), out=Path(out), head=spec.head,
                                       grid=tuple(spec.grid) if spec.grid else None))
@@ -190,7 +197,7 @@ def probe_task(store: str, out: str, spec: ProbeSpec) -> dict:
 
 @task(name="knn", cache_policy=NO_CACHE)
 def knn_task(store: str, out: str, spec: KnnSpec) -> dict:
-    from pipeline.knn import run_knn
+    from pipeline.evaluation.knn import run_knn
 
     result, _ = run_knn(KnnConfig(store=Path(store), out=Path(out), ks=tuple(spec.ks), temperature=spec.temperature))
     result.pop("examples", None)
@@ -200,9 +207,9 @@ def knn_task(store: str, out: str, spec: KnnSpec) -> dict:
 @task(name="index", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE)
 def index_task(store: str, out: str, spec: IndexSpec) -> dict:
     """Add the store's new rows to its index (or build it the first time, or when the store was replaced)."""
-    from pipeline.index import build_index, update_index
-    from pipeline.index_files import index_store, load_index
-    from pipeline.index_plan import parse_memory_size
+    from pipeline.index.build import build_index, update_index
+    from pipeline.index.files import index_store, load_index
+    from pipeline.index.plan import parse_memory_size
 
     try:
         current = index_store(load_index(out), store) is not None
@@ -224,8 +231,8 @@ def _evaluate_run_name() -> str:
 def evaluate(store: str, results_dir: str, probe: ProbeSpec = DEFAULT_PROBE, knn: KnnSpec = DEFAULT_KNN,
              index: IndexSpec = DEFAULT_INDEX) -> dict:
     """Probe, kNN and index on one store; the results table and links to the reports as artifacts."""
-    from pipeline.render import Value, markdown_table, md_inline
-    from pipeline.report import HEADER, results_rows
+    from pipeline.report.blocks import HEADER, results_rows
+    from pipeline.report.render import Value, markdown_table, md_inline
 
     output_dir = Path(results_dir).parent
     name = store_stem(store)

@@ -19,9 +19,9 @@ def prepare_digits(root: str, per_class: int | None = None) -> str:
 def report(results_path: str, report_stem: str, *, title: str, extraction: dict, probe_result: dict,
            knn_result: dict) -> dict:
     """Write the combined results JSON and the markdown + HTML report; return their paths and the console table."""
-    from pipeline.render import Value
-    from pipeline.report import format_table, save_json, write_report
-    from pipeline.store import load_store
+    from pipeline.report.blocks import format_table, save_json, write_report
+    from pipeline.report.render import Value
+    from pipeline.store.read import load_store
 
     save_json(results_path, {"extraction": extraction, "probe": probe_result, "knn": knn_result,
                              "featpipe": {"kind": "demo-results", "version": 1}})

@@ -8,18 +8,18 @@ A bad file is one error line naming each bad field and, where there is a fixed s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from pipeline.config import DINOV2_KS, DINOV2_TEMPERATURE, SPLIT_MODES
+from pipeline.config import DINOV2_KS, DINOV2_TEMPERATURE
 from pipeline.errors import ConfigError
-from pipeline.heads import HEADS
-from pipeline.index_plan import INDEX_KINDS, parse_memory_size
+from pipeline.evaluation.heads import HEADS
+from pipeline.index.plan import INDEX_KINDS, parse_memory_size
+from pipeline.plan import SPECS, spec_fields
 
 HeadName = Literal[tuple(HEADS)]  # the valid choices come from the registries, so they cannot drift
 IndexKind = Literal[INDEX_KINDS]
-SplitMode = Literal[SPLIT_MODES]
 
 
 class _Strict(BaseModel):
@@ -27,25 +27,45 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class DatasetSpec(_Strict):
-    """One data set: anything `extract --data` accepts."""
+class _SpecBacked(_Strict):
+    """A config section whose fields are those of extraction specs (`pipeline.plan`): the same names, types,
+    defaults and help, and the specs' own checks (a ConfigError is a ValueError, reported against the section)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="used in file and run names")
-    data: str = Field(description="image folder, manifest, tar shards, or torchvision:NAME")
-    root: str | None = Field(None, description="torchvision:NAME only: the folder holding its files")
-    test_fraction: float = Field(0.3, gt=0, lt=1)
-    seed: int = 0
-    split: SplitMode = Field("auto", description="auto: the source's own splits when it gives them; stratified: "
-                                                 "always stratified by content")
-    follow_links: bool = Field(False, description="read symbolic links that lead out of the data folder")
+    parts: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="after")
+    def _checked_by_the_specs(self) -> _SpecBacked:
+        values = self.model_dump()
+        for part in self.parts:
+            names = {f.name for f in spec_fields(part)}
+            SPECS[part](**{k: v for k, v in values.items() if k in names})
+        return self
 
 
-class ExtractSpec(_Strict):
-    batch_size: int = Field(64, ge=1)
-    workers: int | None = Field(None, ge=0, description="decode processes per extraction (None: cores - 1)")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    shards: int = Field(1, ge=1, description="split each extraction over this many parallel Dask workers")
-    random_init: bool = Field(False, description="untrained weights (for smoke tests)")
+def _spec_fields(part: str, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    hints = get_type_hints(SPECS[part])
+    return {f.name: (hints[f.name], Field(f.default, description=f.metadata["help"] or None))
+            for f in spec_fields(part) if f.name not in skip}
+
+
+def _model(name: str, doc: str, parts: tuple[str, ...], fields: dict[str, Any]) -> type[_SpecBacked]:
+    model = create_model(name, __base__=_SpecBacked, __module__=__name__, __doc__=doc, **fields)
+    model.parts = parts
+    return model
+
+
+DatasetSpec = _model(
+    "DatasetSpec", "One data set: anything `extract --data` accepts, with its listing options.", ("source",),
+    {"name": (str, Field(pattern=r"^[A-Za-z0-9_.-]+$", description="used in file and run names")),
+     **_spec_fields("source"),
+     "data": (str, Field(description="image folder, manifest, tar shards, or torchvision:NAME"))})
+
+ExtractSpec = _model(
+    "ExtractSpec", "How each backbone extracts: the extraction options that are not per backbone, and shards.",
+    ("model", "decode", "layout", "run"),
+    {**_spec_fields("model", skip=("backbone", "weights", "layer")), **_spec_fields("decode"),
+     **_spec_fields("layout"), **_spec_fields("run", skip=("overwrite", "progress")),
+     "shards": (int, Field(1, ge=1, description="split each extraction over this many parallel Dask workers"))})
 
 
 class ProbeSpec(_Strict):
@@ -153,7 +173,7 @@ def load_run_config(path: str | Path) -> RunConfig:
         if not ds.data.startswith("torchvision:") and not Path(ds.data).is_absolute():
             ds.data = str(base / ds.data)
         if ds.root is not None and not Path(ds.root).is_absolute():
-            ds.root = str(base / ds.root)
+            ds.root = base / ds.root
     if not Path(config.output_dir).is_absolute():
         config.output_dir = str(base / config.output_dir)
     return config

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.backbones import create_backbone
-from pipeline.config import ExtractConfig
+from pipeline.backbones.factory import create_backbone
 from pipeline.demo import write_digits_folder
-from pipeline.extract import extract_to_store
+from pipeline.engine.runner import extract_to_store
+from pipeline.plan import ExtractConfig
 
 TINY_BACKBONE = "timm:test_resnet"
 
@@ -66,7 +66,7 @@ def small_digits_root(tmp_path_factory):
 def digits_store(tmp_path_factory, digits_root, lite0):
     """All 1,797 digits through EfficientNet-Lite0 (the slowest fixture: ~1 min on 2 cores)."""
     out = tmp_path_factory.mktemp("stores") / "digits.h5"
-    extract_to_store(ExtractConfig(data=digits_root, out=out, workers=0, progress=False), backbone=lite0)
+    extract_to_store(ExtractConfig.of(data=digits_root, out=out, workers=0, progress=False), backbone=lite0)
     return out
 
 

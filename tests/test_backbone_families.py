@@ -9,7 +9,7 @@ import timm
 import torch
 import torchvision
 
-from pipeline.backbones import create_backbone, file_sha256, torchvision_weights_file
+from pipeline.backbones.factory import create_backbone, file_sha256, torchvision_weights_file
 from pipeline.errors import PipelineError
 
 # (name, path of the final classifier in the original model, expected feature dimension)
@@ -191,7 +191,7 @@ def test_timm_weights_resolve_from_the_hugging_face_cache(tmp_path):
     (repo / "refs" / "main").write_text("0" * 40)
     state = _original("timm:resnet18").state_dict()
     save_file(state, snapshot / "model.safetensors")
-    code = ("from pipeline.backbones import create_backbone; b = create_backbone('timm:resnet18.a1_in1k'); "
+    code = ("from pipeline.backbones.factory import create_backbone; b = create_backbone('timm:resnet18.a1_in1k'); "
             "print(b.weights, b.random_init)")
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
-from pipeline.backbones import create_backbone, file_sha256
-from pipeline.catalog import BackboneSpec, list_backbones, register_backbone
-from pipeline.devices import resolve_device
+from pipeline.backbones.catalog import BackboneSpec, list_backbones, register_backbone
+from pipeline.backbones.factory import create_backbone, file_sha256
+from pipeline.engine.devices import resolve_device
 from pipeline.errors import PipelineError, UnknownBackboneError
 
 

@@ -16,8 +16,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.config import ExtractConfig
-from pipeline.datasets import (
+from pipeline.engine.decode import (
     ALPHA_BACKGROUND,
     Decoding,
     ImageDataset,
@@ -25,10 +24,11 @@ from pipeline.datasets import (
     decode,
     load_image,
 )
+from pipeline.engine.runner import extract_to_store
 from pipeline.errors import DataError
-from pipeline.extract import extract_to_store
-from pipeline.store import load_store
-from pipeline.store_verify import verify_store
+from pipeline.plan import ExtractConfig
+from pipeline.store.read import load_store
+from pipeline.store.verify import verify_store
 from tests.bad_decoder import CRASH, HANG
 from tests.sources_data import png_header_only
 
@@ -187,7 +187,7 @@ def test_a_decoder_that_crashes_or_hangs_does_not_take_the_run_down(tmp_path):
     (root / "a" / "img_crash.png").write_bytes(CRASH + b"\0" * 64)
     (root / "b" / "img_hang.png").write_bytes(HANG + b"\0" * 64)
     out = tmp_path / "s.h5"
-    result = extract_to_store(ExtractConfig(data=root, out=out, backbone="timm:test_resnet", random_init=True,
+    result = extract_to_store(ExtractConfig.of(data=root, out=out, backbone="timm:test_resnet", random_init=True,
                                             workers=2, batch_size=3, decode_timeout=3.0, progress=False,
                                             image_plugins=("tests.bad_decoder",)))
     assert (result.rows, result.failed) == (12, 2)
@@ -202,7 +202,7 @@ def test_a_missing_plugin_is_an_error_before_any_compute(tmp_path):
 
     root = make_folder(tmp_path / "data", {"a": 2})
     with pytest.raises(DataError, match="image plugin 'no_such_plugin' cannot be loaded"):
-        extract_to_store(ExtractConfig(data=root, out=tmp_path / "s.h5", image_plugins=("no_such_plugin",)))
+        extract_to_store(ExtractConfig.of(data=root, out=tmp_path / "s.h5", image_plugins=("no_such_plugin",)))
 
 
 def test_dataset_reports_failures_without_raising(tmp_path):

@@ -4,9 +4,9 @@ import csv
 
 import pytest
 
-from pipeline.bench import run_bench
 from pipeline.cli import main
-from pipeline.store import read_attrs
+from pipeline.evaluation.bench import run_bench
+from pipeline.store.read import read_attrs
 
 
 @pytest.mark.slow

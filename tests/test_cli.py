@@ -122,7 +122,7 @@ def test_extract_probe_knn_happy_path(tmp_path, capsys, small_digits_root):
 
 
 def test_memory_budget_sizes():
-    from pipeline.cli_types import memory_size
+    from pipeline.cli.types import memory_size
 
     assert memory_size("4GiB") == 4 * 2**30 and memory_size("512MB") == 512 * 10**6 and memory_size("1000") == 1000
     for bad in ("lots", "-1GB", "4 parsecs"):

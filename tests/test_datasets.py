@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets import (
+from pipeline.engine.decode import (
     ALPHA_BACKGROUND,
     ImageDataset,
     collate_batch,

@@ -11,17 +11,13 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
-from pipeline.backbones import create_backbone, resolve_precision
-from pipeline.config import ExtractConfig
+from pipeline.backbones.factory import create_backbone, resolve_precision
+from pipeline.engine.forward import default_workers, features_with_backoff
+from pipeline.engine.runner import extract_to_store
+from pipeline.engine.threads import BackgroundWriter, prefetch
 from pipeline.errors import PipelineError, StoreError
-from pipeline.extract import (
-    BackgroundWriter,
-    default_workers,
-    extract_to_store,
-    features_with_backoff,
-    prefetch,
-)
-from pipeline.store import load_store
+from pipeline.plan import ExtractConfig
+from pipeline.store.read import load_store
 
 
 def _photos(backbone) -> torch.Tensor:
@@ -151,12 +147,12 @@ def test_background_writer_writes_in_order_and_surfaces_its_error():
 
 def test_extraction_defaults_use_the_fast_path_and_record_it(tmp_path, small_digits_root, tiny):
     out = tmp_path / "s.h5"
-    extract_to_store(ExtractConfig(data=small_digits_root, out=out, backbone="timm:test_resnet", random_init=True,
+    extract_to_store(ExtractConfig.of(data=small_digits_root, out=out, backbone="timm:test_resnet", random_init=True,
                                    workers=0, progress=False))
     fast = load_store(out)
     assert fast.attrs["optimization"] == "jit-freeze" and fast.attrs["precision"] == "fp32"
     eager = tmp_path / "e.h5"
-    extract_to_store(ExtractConfig(data=small_digits_root, out=eager, workers=0, progress=False), backbone=tiny)
+    extract_to_store(ExtractConfig.of(data=small_digits_root, out=eager, workers=0, progress=False), backbone=tiny)
     ref = load_store(eager)
     assert list(ref.ids) == list(fast.ids) and ref.attrs["cache_key"] == fast.attrs["cache_key"]
     cos = (ref.features * fast.features).sum(axis=1)

@@ -8,15 +8,16 @@ import timm
 import torch
 from PIL import Image
 
-from pipeline.config import ExtractConfig
+from pipeline.engine.forward import l2_normalize
+from pipeline.engine.runner import extract_to_store
 from pipeline.errors import DataError, StoreError
-from pipeline.extract import extract_to_store, l2_normalize
-from pipeline.store import load_store, partial_path
+from pipeline.plan import ExtractConfig
+from pipeline.store.read import load_store, partial_path
 from tests.helpers import make_folder
 
 
 def _extract(root, out, backbone, **kw):
-    return extract_to_store(ExtractConfig(data=root, out=out, workers=kw.pop("workers", 0), progress=False, **kw),
+    return extract_to_store(ExtractConfig.of(data=root, out=out, workers=kw.pop("workers", 0), progress=False, **kw),
                             backbone=backbone)
 
 

@@ -21,11 +21,12 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.config import ExtractConfig
+from pipeline.engine.forward import NON_FINITE
+from pipeline.engine.runner import extract_to_store
 from pipeline.errors import PipelineError
-from pipeline.extract import NON_FINITE, extract_to_store
-from pipeline.store import load_store
-from pipeline.store_verify import verify_store
+from pipeline.plan import ExtractConfig
+from pipeline.store.read import load_store
+from pipeline.store.verify import verify_store
 from tests.conftest import TINY_BACKBONE
 from tests.helpers import make_folder, write_image
 from tests.sources_data import digit_images, png_bytes, webdataset_members, write_shard
@@ -54,7 +55,7 @@ def _one_line(code, err, *needles):
 def store(tmp_path_factory, small_digits_root):
     """100 digits through the tiny model, with a probe head beside it."""
     out = tmp_path_factory.mktemp("hostile") / "s.h5"
-    extract_to_store(ExtractConfig(data=small_digits_root, out=out, backbone=TINY_BACKBONE, random_init=True,
+    extract_to_store(ExtractConfig.of(data=small_digits_root, out=out, backbone=TINY_BACKBONE, random_init=True,
                                    workers=0, progress=False))
     assert main(["--quiet", "probe", "--store", str(out), "--grid", "1", "--no-report"]) == 0
     return out
@@ -122,7 +123,7 @@ def test_2_weights_that_give_nan_are_one_line_naming_the_weights(tmp_path, capsy
 
 
 def test_2_rows_that_come_out_non_finite_become_failures(tmp_path, small_digits_root, tiny):
-    from pipeline.datasets import load_image
+    from pipeline.engine.decode import load_image
 
     paths = sorted(small_digits_root.rglob("*.png"))
     brightness = {p.relative_to(small_digits_root).as_posix(): float(tiny.transform(load_image(p)).mean())
@@ -135,7 +136,7 @@ def test_2_rows_that_come_out_non_finite_become_failures(tmp_path, small_digits_
 
     broken = dataclasses.replace(tiny, runner=runner)
     out = tmp_path / "s.h5"
-    result = extract_to_store(ExtractConfig(data=small_digits_root, out=out, workers=0, progress=False),
+    result = extract_to_store(ExtractConfig.of(data=small_digits_root, out=out, workers=0, progress=False),
                               backbone=broken)
     fs = load_store(out)
     assert result.failed > 0 and result.rows + result.failed == 100
@@ -152,7 +153,7 @@ def test_2_readers_refuse_stores_with_non_finite_rows(store, tmp_path, capsys):
                  tmp_path / "ix"], ["search", "--store", bad, "--id", "train/0/digit_0000.png"]):
         code, _, err = _run(capsys, *argv)
         _one_line(code, err, "3 row(s) with non-finite features")
-    from pipeline.knn import _check_found
+    from pipeline.evaluation.knn import _check_found
 
     with pytest.raises(PipelineError, match="fewer neighbours"):
         _check_found(np.array([[0, 1], [2, -1]]))
@@ -234,7 +235,7 @@ def test_4_names_never_become_markup(tmp_path, capsys, tiny):
         for i in range(6):
             write_image(root / name / f"img_{i}.png", seed=10 * k + i)
     out = tmp_path / "s`<i>x`|y_*z*.h5"  # the store's name is in the reports' title and text
-    extract_to_store(ExtractConfig(data=root, out=out, workers=0, progress=False), backbone=tiny)
+    extract_to_store(ExtractConfig.of(data=root, out=out, workers=0, progress=False), backbone=tiny)
     assert _run(capsys, "probe", "--store", out, "--grid", "1")[0] == 0
     assert _run(capsys, "knn", "--store", out, "--k", "1")[0] == 0
     for report in (out.with_name(out.name[:-3] + ".probe.md"), out.with_name(out.name[:-3] + ".knn.md")):
@@ -263,7 +264,7 @@ def test_5_a_large_16_bit_image_converts_without_wide_temporaries(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "big.png")
     del pixels
     # the child's own peak (VmHWM): ru_maxrss would carry over the high-water mark of the forking test process
-    code = ("import re, sys; from pipeline.datasets import Decoding, decode; "
+    code = ("import re, sys; from pipeline.engine.decode import Decoding, decode; "
             "image, _ = decode(open(sys.argv[1], 'rb').read(), Decoding()); "
             "peak = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) // 1024; "
             "print(image.mode, image.size[0], peak)")
@@ -280,8 +281,8 @@ def test_5_files_and_members_over_the_byte_limit_are_refused_unread(tmp_path, ti
                                                                      (root / "a" / "big.png").read_bytes()], [0, 1]))
     for data in (root, tmp_path / "s.tar"):
         out = tmp_path / f"{data.name}.h5"
-        result = extract_to_store(ExtractConfig(data=data, out=out, workers=0, progress=False, max_file_bytes=20_000),
-                                  backbone=tiny)
+        config = ExtractConfig.of(data=data, out=out, workers=0, progress=False, max_file_bytes=20_000)
+        result = extract_to_store(config, backbone=tiny)
         failed = load_store(out).failed
         assert result.failed == 1 and "over the limit of 20,000" in next(iter(failed.values()))
         assert json.loads(load_store(out).attrs["decoding"])["max_file_bytes"] == 20_000  # recorded
@@ -357,7 +358,7 @@ def test_7_a_file_name_that_is_not_utf8_becomes_a_row(tmp_path, capsys, tiny):
     with open(raw, "wb") as fh:
         fh.write(png_bytes(digit_images(1)[0][0]))
     out = tmp_path / "s.h5"
-    result = extract_to_store(ExtractConfig(data=root, out=out, workers=0, progress=False), backbone=tiny)
+    result = extract_to_store(ExtractConfig.of(data=root, out=out, workers=0, progress=False), backbone=tiny)
     fs = load_store(out)
     assert result.rows == 9 and "a/caf\\xe9.png" in set(fs.ids) and verify_store(out) == []
     code, printed, _ = _run(capsys, "search", "--store", out, "--id", "a/caf\\xe9.png", "--k", "1", "--json")
@@ -368,7 +369,7 @@ def test_7_a_file_name_that_is_not_utf8_becomes_a_row(tmp_path, capsys, tiny):
 def test_7_class_names_with_dollar_signs_render_as_text(tmp_path, capsys, tiny):
     root = make_folder(tmp_path / "d", {"$x^$": 6, "$\\frac{1}{$": 6, "plain": 6})
     out = tmp_path / "s.h5"
-    extract_to_store(ExtractConfig(data=root, out=out, workers=0, progress=False), backbone=tiny)
+    extract_to_store(ExtractConfig.of(data=root, out=out, workers=0, progress=False), backbone=tiny)
     code, _, err = _run(capsys, "probe", "--store", out, "--grid", "1")
     assert code == 0, err
     assert out.with_name("s.probe.head.safetensors").is_file() and out.with_name("s.probe.json").is_file()
@@ -421,7 +422,7 @@ def test_8_unwritable_output_folders_fail_before_any_compute(store, immutable, c
 def test_8_bad_arguments_are_one_line_before_any_compute(store, tmp_path, capsys, small_digits_root, argv, needle):
     one_class = tmp_path / "one.h5"
     if needle is None:  # few-shot on a store with a single class
-        extract_to_store(ExtractConfig(data=make_folder(tmp_path / "d1", {"only": 8}), out=one_class,
+        extract_to_store(ExtractConfig.of(data=make_folder(tmp_path / "d1", {"only": 8}), out=one_class,
                                        backbone=TINY_BACKBONE, random_init=True, workers=0, progress=False))
         needle = "fewer than two"
     (tmp_path / "DIR").mkdir()
@@ -442,12 +443,12 @@ def test_9_links_out_of_the_data_root_are_not_followed(tmp_path, tiny, caplog):
     (root / "a" / "leak.png").symlink_to(outside / "secret" / "img_000.png")  # a linked file
     (root / "b" / "inside.png").symlink_to(root / "b" / "img_000.png")  # a link that stays inside: fine
     out = tmp_path / "s.h5"
-    result = extract_to_store(ExtractConfig(data=root, out=out, workers=0, progress=False), backbone=tiny)
+    result = extract_to_store(ExtractConfig.of(data=root, out=out, workers=0, progress=False), backbone=tiny)
     fs = load_store(out)
     assert "c" not in fs.class_names and not any(i.startswith("c/") for i in fs.ids)
     assert "b/inside.png" in set(fs.ids) and "outside the data root" in fs.failed["a/leak.png"]
     assert result.rows == 9 and any("lead outside it" in r.message for r in caplog.records)
-    followed = extract_to_store(ExtractConfig(data=root, out=tmp_path / "f.h5", workers=0, progress=False,
+    followed = extract_to_store(ExtractConfig.of(data=root, out=tmp_path / "f.h5", workers=0, progress=False,
                                               follow_links=True), backbone=tiny)
     assert followed.rows == 13
 
@@ -455,7 +456,7 @@ def test_9_links_out_of_the_data_root_are_not_followed(tmp_path, tiny, caplog):
 def test_9_csv_cells_cannot_run_as_formulas(tmp_path, capsys, tiny):
     import csv
 
-    from pipeline.tables import unsafe_cell
+    from pipeline.report.tables import unsafe_cell
     from tests.sources_data import write_manifest
 
     images, _ = digit_images(24)
@@ -465,7 +466,7 @@ def test_9_csv_cells_cannot_run_as_formulas(tmp_path, capsys, tiny):
         rows.append({"path": f"{k}.png", "id": f'=HYPERLINK("http://x/{k}")', "label": "=1+1" if k % 2 else "@SUM"})
     write_manifest(tmp_path / "m.csv", rows)
     store = tmp_path / "s.h5"
-    extract_to_store(ExtractConfig(data=tmp_path / "m.csv", out=store, workers=0, progress=False), backbone=tiny)
+    extract_to_store(ExtractConfig.of(data=tmp_path / "m.csv", out=store, workers=0, progress=False), backbone=tiny)
     assert _run(capsys, "probe", "--store", store, "--grid", "1", "--no-report")[0] == 0
     out = tmp_path / "p.csv"
     code, _, err = _run(capsys, "predict", "--head", tmp_path / "s.probe.head.safetensors", "--store", store,
@@ -483,16 +484,16 @@ def test_9_failure_reasons_carry_no_object_addresses(tmp_path, tiny):
     root = make_folder(tmp_path / "d", {"a": 3})
     (root / "a" / "junk.png").write_bytes(b"not an image at all")
     out = tmp_path / "s.h5"
-    extract_to_store(ExtractConfig(data=root, out=out, workers=0, progress=False), backbone=tiny)
+    extract_to_store(ExtractConfig.of(data=root, out=out, workers=0, progress=False), backbone=tiny)
     reason = load_store(out).failed["a/junk.png"]
     assert "cannot identify image file" in reason and "0x" not in reason
 
 
 def test_9_no_lock_file_is_left_behind_and_the_lock_still_excludes(tmp_path, small_digits_root, tiny):
     out = tmp_path / "s.h5"
-    extract_to_store(ExtractConfig(data=small_digits_root, out=out, workers=0, progress=False), backbone=tiny)
+    extract_to_store(ExtractConfig.of(data=small_digits_root, out=out, workers=0, progress=False), backbone=tiny)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]  # no s.h5.lock, no scratch
-    from pipeline.locks import StoreLock
+    from pipeline.store.lock import StoreLock
 
     counter, inside, overlaps = tmp_path / "counter", [0], []
 

@@ -7,20 +7,20 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.config import ExtractConfig
+from pipeline.engine.runner import extract_to_store
 from pipeline.errors import PipelineError
-from pipeline.extract import extract_to_store
-from pipeline.index import (
+from pipeline.index.build import (
     build_flat_index,
     build_index,
     load_index,
     search,
     update_index,
 )
-from pipeline.index_files import INFOS_FILE
-from pipeline.index_plan import memory_estimate, plan_index
-from pipeline.retrieval import search_store
-from pipeline.store import load_store
+from pipeline.index.files import INFOS_FILE
+from pipeline.index.plan import memory_estimate, plan_index
+from pipeline.index.search import search_store
+from pipeline.plan import ExtractConfig
+from pipeline.store.read import load_store
 from tests.conftest import TINY_BACKBONE
 from tests.helpers import make_folder, write_image
 
@@ -98,7 +98,7 @@ def test_auto_choice_on_a_small_exact_threshold_and_a_tight_budget(digits_store,
 
     # a budget below the raw vectors: product quantisation, whose recall is measured honestly, not promised
     budget = 1_580_000
-    with caplog.at_level(logging.WARNING, logger="pipeline.index"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.index.build"):
         pq = build_index(digits_store, tmp_path / "pq", memory_budget=budget, queries=300)
     assert pq.kind == "ivf-pq" and pq.memory_estimate <= budget
     loaded = load_index(tmp_path / "pq")
@@ -126,7 +126,7 @@ def test_only_some_splits_and_refusals(digits_store, digits_fs, tmp_path):
 def test_new_rows_are_added_and_changed_rows_rebuild(tmp_path):
     root = make_folder(tmp_path / "imgs", {"a": 30, "b": 30})
     store = tmp_path / "s.h5"
-    config = ExtractConfig(data=root, out=store, backbone=TINY_BACKBONE, random_init=True, workers=0,
+    config = ExtractConfig.of(data=root, out=store, backbone=TINY_BACKBONE, random_init=True, workers=0,
                            progress=False)
     extract_to_store(config)
     build_index(store, tmp_path / "ix", kind="hnsw", queries=50)

@@ -7,9 +7,9 @@ import pytest
 
 from pipeline.config import KnnConfig
 from pipeline.errors import PipelineError
-from pipeline.knn import knn_classify, run_knn
-from pipeline.metrics import retrieval_metrics
-from pipeline.store import load_store
+from pipeline.evaluation.knn import knn_classify, run_knn
+from pipeline.evaluation.metrics import retrieval_metrics
+from pipeline.store.read import load_store
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_leave_one_out_without_a_test_split_equals_reference(digits_fs):
 
 
 def test_leave_one_out_can_be_forced_and_exact_duplicates_do_not_hide_self():
-    from pipeline.knn import search_without_self
+    from pipeline.evaluation.knn import search_without_self
 
     bank = np.repeat(np.eye(4, dtype=np.float32), 2, axis=0)  # every vector twice
     sims, idx = search_without_self(bank, 1)

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from pipeline.bench import read_leaderboard, run_bench
 from pipeline.errors import PipelineError
+from pipeline.evaluation.bench import read_leaderboard, run_bench
 from pipeline.outputs import results_stem, sibling, slug, store_stem
 from tests.conftest import TINY_BACKBONE
 

@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from pipeline.cli import main
+from pipeline.__main__ import main
 from pipeline.errors import ConfigError
 from pipeline.run_config import load_run_config
 from tests.conftest import TINY_BACKBONE
@@ -69,7 +69,7 @@ def test_nightly_scenario_first_run_then_incremental(tmp_path, small_digits_root
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from flows.pipeline_flows import _key
-    from pipeline.bench import slug
+    from pipeline.evaluation.bench import slug
 
     images = shutil.copytree(small_digits_root, tmp_path / "images")
     config = _config(tmp_path, "images")
@@ -81,7 +81,7 @@ def test_nightly_scenario_first_run_then_incremental(tmp_path, small_digits_root
     assert (out / "indexes" / store.stem / "index_infos.json").is_file()
     assert (out / "results" / f"{store.stem}.probe.html").is_file()
 
-    from pipeline.store import read_attrs
+    from pipeline.store.read import read_attrs
 
     first_speed = read_attrs(store)["images_per_second"]
     for i in range(10):  # the collection grows overnight
@@ -92,7 +92,7 @@ def test_nightly_scenario_first_run_then_incremental(tmp_path, small_digits_root
     extraction = outcome["datasets"][0]["extraction"][0]
     assert extraction["computed"] == 10 and extraction["kept"] == 100 and extraction["rows"] == 110
     assert read_attrs(store)["images_per_second"] == first_speed  # 10 images say little about throughput
-    from pipeline.index import load_index
+    from pipeline.index.build import load_index
 
     index = load_index(out / "indexes" / store.stem)
     assert index.infos.rows == 110 and index.infos.history[-1] == {**index.infos.history[-1], "action": "added",
@@ -151,13 +151,13 @@ def test_scheduled_deployment_is_created_and_one_run_triggered(tmp_path, small_d
 @pytest.mark.slow
 def test_sharded_extraction_on_two_dask_workers_equals_one_run(tmp_path, small_digits_root, prefect_harness):
     from flows.pipeline_flows import extract_features
-    from pipeline.bench import store_for
-    from pipeline.config import ExtractConfig
-    from pipeline.extract import extract_to_store
+    from pipeline.engine.parts import part_of, part_path
+    from pipeline.engine.runner import extract_to_store
+    from pipeline.evaluation.bench import store_for
+    from pipeline.plan import ExtractConfig
     from pipeline.run_config import DatasetSpec, ExtractSpec
-    from pipeline.shards import part_of, part_path
-    from pipeline.store import load_store, read_attrs
-    from pipeline.store_verify import verify_store
+    from pipeline.store.read import load_store, read_attrs
+    from pipeline.store.verify import verify_store
 
     dataset = DatasetSpec(name="digits", data=str(small_digits_root))
     spec = ExtractSpec(workers=0, random_init=True, shards=2)
@@ -169,7 +169,7 @@ def test_sharded_extraction_on_two_dask_workers_equals_one_run(tmp_path, small_d
     assert all(part_of(i, 2) == k for k, p in enumerate(parts) for i in p.ids)
 
     single = tmp_path / "single.h5"
-    extract_to_store(ExtractConfig(data=small_digits_root, out=single, backbone=TINY_BACKBONE, random_init=True,
+    extract_to_store(ExtractConfig.of(data=small_digits_root, out=single, backbone=TINY_BACKBONE, random_init=True,
                                    workers=0, progress=False))
     a, b = load_store(merged), load_store(single)
     assert list(a.ids) == list(b.ids) and np.array_equal(a.labels, b.labels) and list(a.splits) == list(b.splits)

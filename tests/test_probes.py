@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
 
-from pipeline.config import ExtractConfig, ProbeConfig
+from pipeline.config import ProbeConfig
+from pipeline.engine.runner import extract_to_store
 from pipeline.errors import PipelineError
-from pipeline.extract import extract_to_store
-from pipeline.heads import PROBE_TOL
-from pipeline.predict import load_head, predict_images, predict_store
-from pipeline.probes import (
+from pipeline.evaluation.heads import PROBE_TOL
+from pipeline.evaluation.predict import load_head, predict_images, predict_store
+from pipeline.evaluation.probes import (
     canonical_order,
     few_shot_rows,
     fit_few_shot,
@@ -19,8 +19,9 @@ from pipeline.probes import (
     run_probe,
     stratified_holdout,
 )
-from pipeline.store import load_store
-from pipeline.torch_head import TorchLogisticRegression
+from pipeline.evaluation.torch_head import TorchLogisticRegression
+from pipeline.plan import ExtractConfig
+from pipeline.store.read import load_store
 from tests.conftest import TINY_BACKBONE
 
 SMALL_GRID = (1.0, 100.0)
@@ -209,7 +210,7 @@ def test_saved_head_predicts_a_store_and_new_image_files(probe_run, digits_store
 def test_head_refuses_features_of_another_backbone(probe_run, small_digits_root, tmp_path):
     result, _ = probe_run
     other = tmp_path / "tiny.h5"
-    extract_to_store(ExtractConfig(data=small_digits_root, out=other, backbone=TINY_BACKBONE, random_init=True,
+    extract_to_store(ExtractConfig.of(data=small_digits_root, out=other, backbone=TINY_BACKBONE, random_init=True,
                                    workers=0, progress=False))
     with pytest.raises(PipelineError, match="fitted on backbone 'efficientnet_lite0'"):
         predict_store(load_head(result["head_file"]), other)
@@ -225,7 +226,7 @@ def test_unreadable_head_file_is_a_clear_error(tmp_path):
 
 
 def test_default_grid_is_the_documented_one():
-    from pipeline.heads import HEADS
+    from pipeline.evaluation.heads import HEADS
 
     documented = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)  # README: "C, 1e-2 … 1e4", log-spaced
     assert HEADS["logreg"].grid == documented and HEADS["torch-logreg"].grid == documented
@@ -236,9 +237,9 @@ def test_default_grid_is_the_documented_one():
 @pytest.mark.parametrize("classes", [2, 5])
 def test_saved_heads_score_exactly_as_their_estimators(digits_fs, head, classes, tmp_path):
     """The safetensors head (arrays, no pickle) reproduces its estimator's scores, hence its predictions."""
-    from pipeline.head_file import head_bytes, load_saved_head
-    from pipeline.heads import class_scores, fit_quietly, head_spec
-    from pipeline.probes import head_for
+    from pipeline.evaluation.head_file import head_bytes, load_saved_head
+    from pipeline.evaluation.heads import class_scores, fit_quietly, head_spec
+    from pipeline.evaluation.probes import head_for
 
     rows = np.flatnonzero(digits_fs.labels < classes)
     x, y = digits_fs.features[rows], digits_fs.labels[rows]

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import ExtractConfig, KnnConfig, ProbeConfig
-from pipeline.extract import extract_to_store
-from pipeline.knn import run_knn
-from pipeline.probes import run_probe
-from pipeline.report import write_report
-from pipeline.store import load_store
+from pipeline.config import KnnConfig, ProbeConfig
+from pipeline.engine.runner import extract_to_store
+from pipeline.evaluation.knn import run_knn
+from pipeline.evaluation.probes import run_probe
+from pipeline.plan import ExtractConfig
+from pipeline.report.blocks import write_report
+from pipeline.store.read import load_store
 
 
 def informative(data: bytes) -> bool:
@@ -44,7 +45,7 @@ class _Images(HTMLParser):
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory, small_digits_root, lite0):
     out = tmp_path_factory.mktemp("report") / "small.h5"
-    extract_to_store(ExtractConfig(data=small_digits_root, out=out, workers=0, progress=False), backbone=lite0)
+    extract_to_store(ExtractConfig.of(data=small_digits_root, out=out, workers=0, progress=False), backbone=lite0)
     return out
 
 
@@ -75,11 +76,11 @@ def test_probe_and_knn_reports_render_with_plots(small_store, tmp_path):
 
 def test_neighbour_grid_shows_the_real_images(small_store, tmp_path):
     """The grid's query cell holds the query's own pixels (digits are 8x8, enlarged without smoothing)."""
-    from pipeline.embed import images_for_ids
+    from pipeline.engine.embed import images_for_ids
 
     fs = load_store(small_store)
     some = [str(i) for i in fs.ids[:3]]
-    images = images_for_ids(fs.attrs, some)
+    images = images_for_ids(fs.made, some)
     assert set(images) == set(some)
     root = fs.attrs["data"]
     original = Image.open(f"{root}/{some[0]}").convert("RGB")
@@ -92,7 +93,7 @@ def test_neighbour_grid_shows_the_real_images(small_store, tmp_path):
 def test_report_still_renders_when_the_images_are_gone(small_digits_root, lite0, tmp_path):
     root = shutil.copytree(small_digits_root, tmp_path / "moved")
     store = tmp_path / "s.h5"
-    extract_to_store(ExtractConfig(data=root, out=store, workers=0, progress=False), backbone=lite0)
+    extract_to_store(ExtractConfig.of(data=root, out=store, workers=0, progress=False), backbone=lite0)
     shutil.rmtree(root)
     knn, _ = run_knn(KnnConfig(store=store, out=tmp_path / "s.knn.json", ks=(1,)))
     text = (tmp_path / "s.knn.md").read_text()

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import ExtractConfig
-from pipeline.extract import extract_to_store
-from pipeline.store import load_store, partial_path, shards_dir
-from pipeline.store_verify import verify_store
-from pipeline.store_writer import Listing, StoreWriter
+from pipeline.engine.runner import extract_to_store
+from pipeline.plan import ExtractConfig
+from pipeline.store.read import load_store, partial_path, shards_dir
+from pipeline.store.verify import verify_store
+from pipeline.store.writer import Listing, StoreWriter
 from tests.conftest import TINY_BACKBONE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ CLI = [sys.executable, "-m", "pipeline", "-v", "extract", "--backbone", TINY_BAC
 
 
 def _extract(root, out, tiny, **kwargs):
-    return extract_to_store(ExtractConfig(data=root, out=out, workers=0, batch_size=16, progress=False, **kwargs),
+    return extract_to_store(ExtractConfig.of(data=root, out=out, workers=0, batch_size=16, progress=False, **kwargs),
                             backbone=tiny)
 
 
@@ -206,7 +206,7 @@ FAILING_DISK = textwrap.dedent("""
     import numpy as np
     ATTRS = ATTRS_HERE
     from pipeline.errors import StoreError
-    from pipeline.store_writer import Listing, StoreWriter
+    from pipeline.store.writer import Listing, StoreWriter
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
     resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 20, 3 << 20))
     n, dim = 2000, 1024

@@ -10,13 +10,14 @@ import subprocess
 import numpy as np
 import pytest
 
-from pipeline.config import ExtractConfig, KnnConfig, ProbeConfig
+from pipeline.config import KnnConfig, ProbeConfig
+from pipeline.engine.runner import extract_to_store
 from pipeline.errors import PipelineError
-from pipeline.extract import extract_to_store
-from pipeline.knn import knn_classify
-from pipeline.probes import fit_probe
+from pipeline.evaluation.knn import knn_classify
+from pipeline.evaluation.probes import fit_probe
+from pipeline.plan import ExtractConfig
 from pipeline.sources import open_source
-from pipeline.store import load_store
+from pipeline.store.read import load_store
 from tests.sources_data import digit_images, png_bytes, webdataset_members, write_manifest, write_shard
 
 N = 135
@@ -55,7 +56,7 @@ def test_folder_manifest_shards_and_plain_tar_split_and_score_alike(three_ways, 
     for kind, data in (("folder", root / "folder"), ("manifest", root / "list.csv"), ("tar", root / "shards"),
                        ("plain tar", root / "plain.tar")):
         out = tmp_path / f"{kind.replace(' ', '_')}.h5"
-        extract_to_store(ExtractConfig(data=data, out=out, workers=0, progress=False), backbone=tiny)
+        extract_to_store(ExtractConfig.of(data=data, out=out, workers=0, progress=False), backbone=tiny)
         stores[kind] = load_store(out)
     reference = stores["folder"]
     assert len(reference) == N and set(reference.splits) == {"train", "test"}
@@ -92,14 +93,14 @@ def test_split_stratified_overrides_split_names_and_errors_say_what_to_do(three_
                                                                  [data[k] for k in range(40)],
                                                                  [k % 3 for k in range(40)]))
     named = tmp_path / "named.h5"
-    extract_to_store(ExtractConfig(data=tmp_path / "train-000000.tar", out=named, workers=0, progress=False),
+    extract_to_store(ExtractConfig.of(data=tmp_path / "train-000000.tar", out=named, workers=0, progress=False),
                      backbone=tiny)
     fs = load_store(named)
     assert set(fs.splits) == {"train"}  # the shard's name says train
     with pytest.raises(PipelineError, match=r"no labelled test split; name shards .*--split stratified"):
         fit_probe(fs, grid=(1.0,))
     overridden = tmp_path / "overridden.h5"
-    extract_to_store(ExtractConfig(data=tmp_path / "train-000000.tar", out=overridden, workers=0, progress=False,
+    extract_to_store(ExtractConfig.of(data=tmp_path / "train-000000.tar", out=overridden, workers=0, progress=False,
                                    split="stratified"), backbone=tiny)
     fs = load_store(overridden)
     assert set(fs.splits) == {"train", "test"} and "overriding the shards" in fs.attrs["split_source"]
@@ -111,7 +112,8 @@ def test_a_labelled_looking_source_without_labels_warns_and_says_how(three_ways,
     write_shard(tmp_path / "flat.tar", [(f"k{k:03d}.png", data[k]) for k in range(20)])  # no .cls, no folders
     out = tmp_path / "flat.h5"
     with caplog.at_level(logging.WARNING, logger="pipeline"):
-        extract_to_store(ExtractConfig(data=tmp_path / "flat.tar", out=out, workers=0, progress=False), backbone=tiny)
+        extract_to_store(ExtractConfig.of(data=tmp_path / "flat.tar", out=out, workers=0, progress=False),
+                         backbone=tiny)
     assert any("none of the 20 images has a label" in r.message and "KEY.cls" in r.message for r in caplog.records)
     fs = load_store(out)
     with pytest.raises(PipelineError, match=r"no labelled rows.*KEY\.cls"):
@@ -125,14 +127,14 @@ def test_a_labelled_looking_source_without_labels_warns_and_says_how(three_ways,
 
 def test_probe_and_knn_configs_run_on_each_kind(three_ways, tmp_path, tiny):
     """The commands' own entry points (run_probe / run_knn) agree across kinds too, results files included."""
-    from pipeline.knn import run_knn
-    from pipeline.probes import run_probe
+    from pipeline.evaluation.knn import run_knn
+    from pipeline.evaluation.probes import run_probe
 
     root, _ = three_ways
     results = {}
     for kind, data in (("folder", root / "folder"), ("tar", root / "shards")):
         out = tmp_path / f"{kind}.h5"
-        extract_to_store(ExtractConfig(data=data, out=out, workers=0, progress=False), backbone=tiny)
+        extract_to_store(ExtractConfig.of(data=data, out=out, workers=0, progress=False), backbone=tiny)
         probe, _ = run_probe(ProbeConfig(store=out, grid=(1.0,), report=False))
         knn, _ = run_knn(KnnConfig(store=out, ks=(5,), report=False))
         results[kind] = (probe["test_top1"], knn["by_k"]["5"]["majority"]["top1"])

@@ -12,15 +12,15 @@ import pytest
 import torchvision.datasets as tvd
 
 from pipeline.cli import main
-from pipeline.config import ExtractConfig
+from pipeline.engine.runner import extract_to_store
 from pipeline.errors import DataError
-from pipeline.extract import extract_to_store
+from pipeline.plan import ExtractConfig
 from pipeline.sources import open_source
 from pipeline.sources.base import ListOptions
 from pipeline.sources.tar import expand_braces, tar_shards
 from pipeline.sources.torchvision import scan_torchvision
-from pipeline.store import load_store
-from pipeline.store_verify import verify_store
+from pipeline.store.read import load_store
+from pipeline.store.verify import verify_store
 from tests.helpers import make_folder
 from tests.sources_data import (
     digit_images,
@@ -55,8 +55,8 @@ def same_images(tmp_path_factory):
 
 
 def _extract(data, out: Path, tiny, **kwargs):
-    config = ExtractConfig(data=data, out=out, workers=kwargs.pop("workers", 0), batch_size=kwargs.pop("batch_size", 8),
-                           progress=False, **kwargs)
+    config = ExtractConfig.of(data=data, out=out, workers=kwargs.pop("workers", 0),
+                              batch_size=kwargs.pop("batch_size", 8), progress=False, **kwargs)
     return extract_to_store(config, backbone=tiny)
 
 
@@ -138,7 +138,7 @@ def test_bad_manifests_are_errors_before_any_compute(tmp_path, rows, message):
         (tmp_path / name).write_bytes(png_bytes(digit_images(1)[0][0]))
     manifest = write_manifest(tmp_path / "m.csv", rows)
     with pytest.raises(DataError, match=message):
-        extract_to_store(ExtractConfig(data=manifest, out=tmp_path / "s.h5", progress=False))
+        extract_to_store(ExtractConfig.of(data=manifest, out=tmp_path / "s.h5", progress=False))
     assert not (tmp_path / "s.h5").exists() and not (tmp_path / "s.h5.partial").exists()
 
 
@@ -254,7 +254,7 @@ def test_cifar_from_its_pickled_batches(tmp_path, tiny, base):
     _, labels = digit_images(n_train + n_test, size=32)
     assert [s.label for s in source.samples] == labels.tolist()
     out = tmp_path / "c.h5"
-    config = ExtractConfig(data=source.description, out=out, workers=0, batch_size=16, progress=False)
+    config = ExtractConfig.of(data=source.description, out=out, workers=0, batch_size=16, progress=False)
     result = extract_to_store(config, backbone=tiny, source=source)
     assert result.rows == n_train + n_test and verify_store(out) == []
 

@@ -43,11 +43,11 @@ def catalogue_env(tmp_path_factory):
 
 
 def test_help_store_info_and_backbones_import_no_heavy_library(catalogue_env, small_digits_root, tmp_path):
-    from pipeline.config import ExtractConfig
-    from pipeline.extract import extract_to_store
+    from pipeline.engine.runner import extract_to_store
+    from pipeline.plan import ExtractConfig
 
     store = tmp_path / "s.h5"
-    extract_to_store(ExtractConfig(data=small_digits_root, out=store, backbone="timm:test_resnet", random_init=True,
+    extract_to_store(ExtractConfig.of(data=small_digits_root, out=store, backbone="timm:test_resnet", random_init=True,
                                    workers=0, progress=False))
     for argv in (["--help"], ["extract", "--help"], ["store", "info", str(store)], ["store", "verify", str(store)],
                  ["backbones"], ["backbones", "timm:resnet18*"]):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import StoreError
-from pipeline.store import (
+from pipeline.store.read import (
     SCHEMA_VERSION,
     is_current,
     iter_store,
@@ -15,8 +15,8 @@ from pipeline.store import (
     partial_path,
     shards_dir,
 )
-from pipeline.store_verify import store_info, verify_store
-from pipeline.store_writer import Listing, StoreWriter
+from pipeline.store.verify import store_info, verify_store
+from pipeline.store.writer import Listing, StoreWriter
 
 DIM = 8
 ATTRS = {"backbone": "b", "weights": "w", "preprocessing": "{}", "class_names": '["a", "b"]', "cache_key": "k",
@@ -208,7 +208,7 @@ def test_changed_stamp_with_same_content_is_kept_when_a_hasher_is_given(tmp_path
     for k in range(4):
         paths.append(images / f"{k}.bin")
         paths[-1].write_bytes(bytes([k]) * 50)
-    from pipeline.datasets import content_hash, file_stamp
+    from pipeline.engine.decode import content_hash, file_stamp
 
     def hash_file(path):
         return content_hash(path.read_bytes())

@@ -89,7 +89,7 @@ def test_a_relative_shard_pattern_keeps_its_images_for_reports_and_search(tmp_pa
                     webdataset_members([f"s{shard}/{k:03d}" for k in rows], [png_bytes(images[k]) for k in rows],
                                        [int(labels[k]) for k in rows]))
     _cli(a, "extract", "--data", "shards/data-{000000..000001}.tar", "--out", "stores/wds.h5", *TINY)
-    from pipeline.store import read_attrs
+    from pipeline.store.read import read_attrs
 
     attrs = read_attrs(a / "stores" / "wds.h5")
     assert attrs["data"] == str((a / "shards").resolve() / "data-{000000..000001}.tar")
@@ -98,9 +98,10 @@ def test_a_relative_shard_pattern_keeps_its_images_for_reports_and_search(tmp_pa
     report = (a / "stores" / "wds.knn.md").read_text()
     assert "could not be found" not in report and "neighbours.png" in report
     result = json.loads((a / "stores" / "wds.knn.json").read_text())
-    from pipeline.embed import images_for_ids
+    from pipeline.engine.embed import images_for_ids
+    from pipeline.plan import Provenance
 
-    shown = images_for_ids(attrs, [e["id"] for e in result["examples"]])
+    shown = images_for_ids(Provenance.from_attrs(attrs), [e["id"] for e in result["examples"]])
     assert len(shown) == len(result["examples"]) > 0  # every query of the grid has its picture
 
     hits = json.loads(_cli(b, "search", "--store", "../a/stores/wds.h5", "--id", "s0/000", "--k", "2",

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.datasets import (
+from pipeline.engine.decode import (
     DEFAULT_MAX_FILE_BYTES,
     SPLITS,
     FileReader,

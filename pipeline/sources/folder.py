@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.datasets import IMAGE_EXTENSIONS, SPLITS, FileReader, Refused, content_hash, file_stamp, read_file
+from pipeline.engine.decode import IMAGE_EXTENSIONS, SPLITS, FileReader, Refused, content_hash, file_stamp, read_file
 from pipeline.errors import DataError
 from pipeline.sources.base import (
     DATA_HINT,

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.datasets import SPLITS, FileReader, content_hash, file_stamp, read_file
+from pipeline.engine.decode import SPLITS, FileReader, content_hash, file_stamp, read_file
 from pipeline.errors import DataError
 from pipeline.sources.base import (
     DATA_HINT,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.datasets import SPLITS, check_file_size, content_hash
+from pipeline.engine.decode import SPLITS, check_file_size, content_hash
 from pipeline.errors import DataError
 from pipeline.sources.base import (
     DATA_HINT,

@@ -16,11 +16,11 @@ import numpy as np
 
 from pipeline.config import KnnConfig
 from pipeline.errors import PipelineError
-from pipeline.index import build_flat_index, search
-from pipeline.metrics import classification_metrics, retrieval_metrics
+from pipeline.evaluation.metrics import classification_metrics, retrieval_metrics
+from pipeline.index.build import build_flat_index, search
 from pipeline.outputs import check_output, owned_json, results_stem
 from pipeline.sources.hints import how_to
-from pipeline.store import FeatureSet, load_store
+from pipeline.store.read import FeatureSet, load_store
 
 
 def vote_scores(neighbour_labels: np.ndarray, neighbour_sims: np.ndarray, *, n_classes: int,
@@ -151,9 +151,9 @@ def _examples(fs: FeatureSet, bank: np.ndarray, queries: np.ndarray, idx: np.nda
 
 def run_knn(config: KnnConfig) -> tuple[dict[str, Any], Path]:
     """Load a store, run kNN classification and retrieval, save the results JSON and the report."""
-    from pipeline.probes import default_results_path
-    from pipeline.render import check_report_outputs, write_report_blocks
-    from pipeline.report import report_blocks, save_json, title_for
+    from pipeline.evaluation.probes import default_results_path
+    from pipeline.report.blocks import report_blocks, save_json, title_for
+    from pipeline.report.render import check_report_outputs, write_report_blocks
 
     fs = load_store(config.store)
     out = Path(config.out) if config.out else default_results_path(Path(config.store), "knn")

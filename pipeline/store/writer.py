@@ -32,8 +32,8 @@ import numpy as np
 
 from pipeline.config import COMPRESSIONS, FEATURE_DTYPES
 from pipeline.errors import StoreError
-from pipeline.locks import LockTimeout, StoreLock
-from pipeline.store import (
+from pipeline.store.lock import LockTimeout, StoreLock
+from pipeline.store.read import (
     HASH_DTYPE,
     SCHEMA_VERSION,
     STR_DTYPE,

@@ -22,7 +22,7 @@ import timm
 import torch
 from timm.data import create_transform, resolve_data_config
 
-from pipeline.catalog import (
+from pipeline.backbones.catalog import (
     TIMM_PREFIX,
     TV_PREFIX,
     hf_weights_file,
@@ -32,7 +32,7 @@ from pipeline.catalog import (
     registered,
 )
 from pipeline.config import PRECISIONS
-from pipeline.devices import resolve_device
+from pipeline.engine.devices import resolve_device
 from pipeline.errors import PipelineError, UnknownBackboneError
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ import faiss
 import numpy as np
 
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.index_files import (
+from pipeline.index.files import (
     IndexInfos,
     check_index_out,
     check_rows,
@@ -35,14 +35,14 @@ from pipeline.index_files import (
     set_search_param,
     store_record,
 )
-from pipeline.index_plan import (
+from pipeline.index.plan import (
     DEFAULT_MEMORY_BUDGET,
     EXACT_MAX_ROWS,
     IndexPlan,
     memory_estimate,
     plan_index,
 )
-from pipeline.store import iter_store, read_attrs, read_columns
+from pipeline.store.read import iter_store, read_attrs, read_columns
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ import faiss
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.index_plan import INDEX_KINDS
+from pipeline.index.plan import INDEX_KINDS
 from pipeline.outputs import check_writable_dir
-from pipeline.store import read_attrs, read_columns, read_features
+from pipeline.store.read import read_attrs, read_columns, read_features
 
 INDEX_FILE, ROWS_FILE, INFOS_FILE = "index.faiss", "rows.npz", "index_infos.json"
 CHECK_ROWS = 64  # index rows compared with the store on each use

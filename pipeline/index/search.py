@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.engine.decode import Decoding
 from pipeline.errors import PipelineError
-from pipeline.index import build_flat_index, search
-from pipeline.index_files import check_rows, index_store, load_index
-from pipeline.store import iter_store, read_attrs, read_columns
+from pipeline.index.build import build_flat_index, search
+from pipeline.index.files import check_rows, index_store, load_index
+from pipeline.plan import Provenance
+from pipeline.store.read import iter_store, read_columns
 
 
 def features_for_ids(store: str | Path, ids: list[str]) -> np.ndarray:
@@ -51,7 +52,7 @@ def search_store(*, index: str | Path | None = None, store: str | Path | None = 
     if loaded is not None:
         store = index_store(loaded, store)
         check_rows(loaded, store)
-    attrs = read_attrs(store)
+    made = Provenance.from_store(store)
     columns = read_columns(store, "ids", "labels", "splits")
     if loaded is not None:
         faiss_index, row_ids = loaded.index, loaded.ids
@@ -61,22 +62,22 @@ def search_store(*, index: str | Path | None = None, store: str | Path | None = 
 
     queries, names = [], []
     if images:
-        from pipeline.embed import backbone_for, embed_files
+        from pipeline.engine.embed import backbone_for, embed_files
 
-        backbone = backbone_for(attrs, device=device, weights_path=weights_path)
-        queries.append(embed_files(images, backbone))
+        backbone = backbone_for(made, device=device, weights_path=weights_path)
+        queries.append(embed_files(images, backbone, decoding=Decoding.from_attrs(made.decoding)))
         names += [str(p) for p in images]
     if ids:
         queries.append(features_for_ids(store, list(ids)))
         names += list(ids)
     sims, idx = search(faiss_index, np.concatenate(queries), min(k, faiss_index.ntotal))
 
-    from pipeline.embed import paths_for_ids
+    from pipeline.engine.embed import paths_for_ids
 
     position = {i: n for n, i in enumerate(columns["ids"])}
-    class_names = json.loads(attrs["class_names"])
+    class_names = made.class_names
     hit_ids = {row_ids[j] for j in idx.reshape(-1) if j >= 0}
-    paths = paths_for_ids(attrs, hit_ids)
+    paths = paths_for_ids(made, hit_ids)
     results = []
     for name, row_sims, row_idx in zip(names, sims, idx, strict=True):
         hits = []

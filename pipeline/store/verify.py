@@ -1,7 +1,7 @@
 """Inspecting and verifying a feature store: `store info` and `store verify`.
 
 Both read files that may come from someone else or be damaged, so neither may crash: every problem becomes a line.
-`verify_store` runs the checks the readers run (`pipeline.store`), then the ones only a full pass can make.
+`verify_store` runs the checks the readers run (`pipeline.store.read`), then the ones only a full pass can make.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import StoreError
-from pipeline.store import (
+from pipeline.store.read import (
     NORM_TOLERANCE,
     _check_complete,
     _open_checked,

@@ -38,7 +38,7 @@ CATALOGUE_FORMAT = 1
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """A registered backbone: `load(random_init)` returns a `pipeline.backbones.Loaded`."""
+    """A registered backbone: `load(random_init)` returns a `pipeline.backbones.factory.Loaded`."""
 
     name: str
     description: str
@@ -89,7 +89,7 @@ def _lite_present(n: int) -> bool:
 
 
 def _load_lite(n: int, random_init: bool) -> Any:
-    from pipeline.backbones import load_packaged_lite
+    from pipeline.backbones.factory import load_packaged_lite
 
     return load_packaged_lite(n, random_init)
 

@@ -3,7 +3,7 @@
 Protocol (the reference one for linear-probe benchmarks): L2-regularised multinomial logistic regression (L-BFGS);
 C is chosen on a validation set only (the store's `val` split, or a fixed stratified slice of train), the head is refit
 on train+val with that C, and the test split is evaluated exactly once. Test data never influences a choice. The
-other heads (`pipeline.heads`) follow the same protocol with their own hyper-parameter.
+other heads (`pipeline.evaluation.heads`) follow the same protocol with their own hyper-parameter.
 """
 
 from __future__ import annotations
@@ -16,13 +16,20 @@ import numpy as np
 
 from pipeline.config import ProbeConfig
 from pipeline.errors import PipelineError
-from pipeline.head_file import FEATURE_SPACE, HEAD_SUFFIX, SavedHead, export_head, head_bytes, load_saved_head
-from pipeline.heads import HeadSpec, class_scores, fit_quietly, head_spec
-from pipeline.metrics import classification_metrics
+from pipeline.evaluation.head_file import (
+    FEATURE_SPACE,
+    HEAD_SUFFIX,
+    SavedHead,
+    export_head,
+    head_bytes,
+    load_saved_head,
+)
+from pipeline.evaluation.heads import HeadSpec, class_scores, fit_quietly, head_spec
+from pipeline.evaluation.metrics import classification_metrics
 from pipeline.outputs import check_output, owned_json, results_stem, sibling, store_stem, write_atomic
 from pipeline.sources.hints import how_to
 from pipeline.splits import holdout_mask
-from pipeline.store import FeatureSet, load_store
+from pipeline.store.read import FeatureSet, load_store
 
 
 def stratified_holdout(labels: np.ndarray, keys: list[str], *, fraction: float, seed: int) -> np.ndarray:
@@ -203,14 +210,14 @@ def default_results_path(store: Path, kind: str) -> Path:
 def _check_device(head: str, device: str) -> None:
     """The torch head's device exists (checked before any fit, not found missing half way)."""
     if head == "torch-logreg":
-        from pipeline.devices import resolve_device
+        from pipeline.engine.devices import resolve_device
 
         resolve_device(device)
 
 
 def probe_outputs(config: ProbeConfig) -> dict[str, Path]:
     """Every file `run_probe` will write, checked before any compute (see `pipeline.outputs.check_output`)."""
-    from pipeline.render import check_report_outputs
+    from pipeline.report.render import check_report_outputs
 
     out = Path(config.out) if config.out else default_results_path(Path(config.store), "probe")
     stem = results_stem(out)
@@ -235,8 +242,8 @@ def _owned_head(path: Path) -> bool:
 def run_probe(config: ProbeConfig) -> tuple[dict[str, Any], Path]:
     """Load a store, run the probe protocol (or the few-shot probes), save the results JSON, the fitted head and the
     report beside it. Every output is checked before the fit, and written only once everything is computed."""
-    from pipeline.render import write_report_blocks
-    from pipeline.report import report_blocks, save_json, title_for
+    from pipeline.report.blocks import report_blocks, save_json, title_for
+    from pipeline.report.render import write_report_blocks
 
     fs = load_store(config.store)
     _check_device(config.head, config.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 
 def int_at_least(minimum: int):
@@ -45,29 +46,25 @@ def finite_float(low: float, high: float = math.inf, *, low_open: bool = False, 
     return parse
 
 
-def byte_size(text: str) -> int:
-    """argparse type for sizes such as 1GiB or 500MB (0: no limit)."""
-    from pipeline.index_plan import parse_memory_size
-
+def byte_size(text: str) -> int | None:
+    """argparse type for sizes such as 1GiB or 500MB (0: no limit, None)."""
     if text.strip() == "0":
-        return 0
-    try:
-        return parse_memory_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        return None
+    return memory_size(text)
 
 
 def batch_size(text: str) -> int | None:
     return None if text == "auto" else positive_int(text)
 
 
-def max_pixels(text: str) -> int:
-    return non_negative_int(text.replace(",", "").replace("_", ""))
+def max_pixels(text: str) -> int | None:
+    """A pixel count, with , or _ as digit separators (0: no limit, None)."""
+    return non_negative_int(text.replace(",", "").replace("_", "")) or None
 
 
 def memory_size(text: str) -> int:
-    """argparse type for `pipeline.index_plan.parse_memory_size`."""
-    from pipeline.index_plan import parse_memory_size
+    """argparse type for `pipeline.index.plan.parse_memory_size`."""
+    from pipeline.index.plan import parse_memory_size
 
     try:
         return parse_memory_size(text)
@@ -95,3 +92,19 @@ def names(text: str) -> list[str]:
     if not names:
         raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
     return names
+
+
+def integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+# The parsers a spec field names with `parse=` (see `pipeline.plan.option`).
+PARSERS = {
+    "path": Path, "int": integer, "positive_int": positive_int, "non_negative_int": non_negative_int,
+    "open_unit": finite_float(0, 1, low_open=True, high_open=True), "positive_float": finite_float(0, low_open=True),
+    "non_negative_float": finite_float(0), "max_pixels": max_pixels, "byte_size": byte_size,
+    "batch_size": batch_size,
+}

@@ -13,11 +13,12 @@ import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from pipeline.config import DINOV2_TEMPERATURE, ExtractConfig, KnnConfig, ProbeConfig
+from pipeline.config import DINOV2_TEMPERATURE, KnnConfig, ProbeConfig
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.outputs import check_output, owned_text, sibling, slug, store_stem, write_atomic
-from pipeline.render import LEGACY_MD, MD_MARK, Value, markdown_table, md_inline
-from pipeline.tables import csv_text, unsafe_cell
+from pipeline.plan import ExtractConfig
+from pipeline.report.render import LEGACY_MD, MD_MARK, Value, markdown_table, md_inline
+from pipeline.report.tables import csv_text, unsafe_cell
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def results_for(out_dir: str | Path, store: Path, kind: str) -> Path:
 
 def fill_row(row: LeaderboardRow, *, probe: dict | None, knn: dict | None, k: int) -> LeaderboardRow:
     """A leaderboard row's figures from its store and its probe / kNN results (either may be absent)."""
-    from pipeline.store import read_attrs
+    from pipeline.store.read import read_attrs
 
     attrs = read_attrs(row.store)
     row.dim, row.images_per_second = int(attrs["feature_dim"]), attrs.get("images_per_second")
@@ -85,7 +86,7 @@ def check_bench_args(backbones: list[str], *, k: int, extract: dict | None) -> N
         raise ConfigError(f"--backbones names a backbone twice: {backbones}")
     if k < 1:
         raise ConfigError(f"--k must be >= 1, got {k}")
-    ExtractConfig(data="", out=Path("x.h5"), **(extract or {}))  # validates batch size, workers, ...
+    ExtractConfig.of(data="", out=Path("x.h5"), **(extract or {}))  # validates batch size, workers, ...
 
 
 def run_bench(data: str | Path, backbones: list[str], out_dir: str | Path, *, extract: dict | None = None,
@@ -95,9 +96,9 @@ def run_bench(data: str | Path, backbones: list[str], out_dir: str | Path, *, ex
 
     A backbone that fails (weights unavailable, say) gets a row with its error and the others still run.
     """
-    from pipeline.extract import extract_to_store
-    from pipeline.knn import run_knn
-    from pipeline.probes import run_probe
+    from pipeline.engine.runner import extract_to_store
+    from pipeline.evaluation.knn import run_knn
+    from pipeline.evaluation.probes import run_probe
 
     check_bench_args(backbones, k=k, extract=extract)
     out_dir = Path(out_dir).resolve()
@@ -109,7 +110,7 @@ def run_bench(data: str | Path, backbones: list[str], out_dir: str | Path, *, ex
         store = store_for(out_dir, name, backbone)
         row = LeaderboardRow(backbone, store=str(store))
         try:
-            extraction = extract_to_store(ExtractConfig(data=data, out=store, backbone=backbone, progress=progress,
+            extraction = extract_to_store(ExtractConfig.of(data=data, out=store, backbone=backbone, progress=progress,
                                                         **(extract or {})))
             row.cached = extraction.skipped
             probe, _ = run_probe(ProbeConfig(store=store, out=results_for(out_dir, store, "probe"), head=head))
@@ -175,7 +176,7 @@ LEADERBOARD_HEADER = ("rank", "backbone", "probe top-1 %", "kNN top-1 %", "probe
 
 
 def _leaderboard_cells(rows: list[LeaderboardRow]) -> list[tuple[str, ...]]:
-    from pipeline.report import pct
+    from pipeline.report.blocks import pct
 
     table = []
     for rank, r in enumerate(rows, 1):
@@ -193,7 +194,7 @@ def leaderboard_markdown(rows: list[LeaderboardRow], *, title: str) -> str:
 
 def leaderboard_text(rows: list[LeaderboardRow], *, title: str) -> str:
     """The leaderboard for the console."""
-    from pipeline.report import text_table
+    from pipeline.report.blocks import text_table
 
     return f"Leaderboard: {title}\n" + text_table(LEADERBOARD_HEADER, _leaderboard_cells(rows), align="rlrrrrrll")
 

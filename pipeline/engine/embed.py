@@ -3,51 +3,49 @@ the images behind a store's ids (its source re-opened), for `predict`, `search` 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.backbones import PRE_LOGITS, Backbone, create_backbone
-from pipeline.datasets import MAX_ASPECT, Decoding, decode, read_file
+from pipeline.backbones.factory import PRE_LOGITS, Backbone, create_backbone
+from pipeline.engine.decode import Decoding, decode, load_plugins, read_file
+from pipeline.engine.forward import l2_normalize
+from pipeline.engine.resolve import decoding_policy
 from pipeline.errors import PipelineError
-from pipeline.extract import l2_normalize
+from pipeline.plan import Provenance
 from pipeline.sources import open_source
 from pipeline.sources.base import ListOptions, Source, printable
 
 log = logging.getLogger(__name__)
 
 
-def backbone_for(attrs: dict[str, Any], *, device: str = "auto", weights_path: str | Path | None = None) -> Backbone:
+def backbone_for(made: Provenance, *, device: str = "auto", weights_path: str | Path | None = None) -> Backbone:
     """The backbone that produced a store (or a head's features), checked to give the same features: same name,
-    weights, layer and preprocessing. A store made from a local checkpoint needs that checkpoint again."""
-    layer = attrs.get("layer") or PRE_LOGITS
-    backbone = create_backbone(attrs["backbone"], device=device, random_init=bool(attrs.get("random_init", False)),
-                               weights_path=weights_path, layer=None if layer == PRE_LOGITS else layer.split(":")[0],
-                               precision="auto")
-    if backbone.weights != attrs["weights"]:
-        raise PipelineError(f"the features come from {attrs['backbone']} weights {attrs['weights']!r}, but here that "
-                            f"name gives {backbone.weights!r}; pass --weights with the checkpoint used to extract them")
-    if json.loads(backbone.preprocessing_json()) != json.loads(attrs["preprocessing"]):
-        raise PipelineError(f"{attrs['backbone']} preprocesses differently here than when the features were "
-                            "extracted (timm/torchvision version change?); re-extract the store")
+    weights, layer and preprocessing, at the precision the store recorded. A store made from a local checkpoint
+    needs that checkpoint again."""
+    layer = made.layer or PRE_LOGITS
+    backbone = create_backbone(made.backbone, device=device, random_init=made.random_init, weights_path=weights_path,
+                               layer=None if layer == PRE_LOGITS else layer.split(":")[0],
+                               precision=made.precision or "auto")
+    if backbone.weights != made.weights:
+        raise PipelineError(f"the features come from {made.backbone} weights {made.weights!r}, but here that name "
+                            f"gives {backbone.weights!r}; pass --weights with the checkpoint used to extract them")
+    if backbone.data_config != made.preprocessing:
+        raise PipelineError(f"{made.backbone} preprocesses differently here than when the features were extracted "
+                            "(timm/torchvision version change?); re-extract the store")
     return backbone
 
 
-def decoding_for(backbone: Backbone) -> Decoding:
-    """The decoding policy extraction uses for this backbone (the aspect guard only for centre crops)."""
-    centre = backbone.data_config.get("crop_mode", "center") == "center"
-    return Decoding(max_aspect=MAX_ASPECT if centre else None)
-
-
-def embed_files(paths: Iterable[str | Path], backbone: Backbone, *, batch_size: int = 32) -> np.ndarray:
-    """L2-normalised features [n, dim] of image files, in order. An unreadable file is an error naming it."""
-    decoding = decoding_for(backbone)
+def embed_files(paths: Iterable[str | Path], backbone: Backbone, *, decoding: Decoding | None = None,
+                batch_size: int = 32) -> np.ndarray:
+    """L2-normalised features [n, dim] of image files, in order, decoded as the store's images were (`decoding`,
+    default: this backbone's policy). An unreadable file is an error naming it."""
+    decoding = decoding or decoding_policy(backbone.data_config)
+    load_plugins(decoding.plugins)
     tensors = []
     for path in paths:
         try:
@@ -62,27 +60,23 @@ def embed_files(paths: Iterable[str | Path], backbone: Backbone, *, batch_size: 
     return np.concatenate(out).astype(np.float32)
 
 
-def source_for(attrs: dict[str, Any]) -> Source:
+def source_for(made: Provenance) -> Source:
     """Re-open the image source a store was extracted from (its recorded absolute `data` and listing options) to
     find its images; no split is decided (that would read every file again)."""
-    data = attrs.get("data") or attrs.get("data_root")
+    data = made.data or made.data_root
     if not data:
         raise PipelineError("the store does not record its image source")
-    try:
-        options = json.loads(attrs.get("data_options", "{}"))
-    except ValueError:
-        options = {}
-    options = options if isinstance(options, dict) else {}
+    options = made.data_options if isinstance(made.data_options, dict) else {}
     return open_source(data, ListOptions(split="none", root=options.get("root"),
                                          follow_links=bool(options.get("follow_links", False)),
                                          max_file_bytes=options.get("max_file_bytes") or None))
 
 
-def images_for_ids(attrs: dict[str, Any], ids: Iterable[str], *, size: int = 96) -> dict[str, Image.Image]:
+def images_for_ids(made: Provenance, ids: Iterable[str], *, size: int = 96) -> dict[str, Image.Image]:
     """Thumbnails (RGB, longest side `size`) of the images behind some ids of a store; ids whose image cannot be
     found or read are left out (the caller says so), since results stand without their pictures."""
     wanted = list(dict.fromkeys(ids))
-    source = source_for(attrs)
+    source = source_for(made)
     position = {s.id: i for i, s in enumerate(source.samples)}
     decoding = Decoding(max_aspect=None)
     out = {}
@@ -103,10 +97,10 @@ def images_for_ids(attrs: dict[str, Any], ids: Iterable[str], *, size: int = 96)
     return out
 
 
-def paths_for_ids(attrs: dict[str, Any], ids: Iterable[str]) -> dict[str, str]:
+def paths_for_ids(made: Provenance, ids: Iterable[str]) -> dict[str, str]:
     """Where each id's image lives (the file; for tar shards `shard.tar:key`), as far as the source still lists it."""
     try:
-        source = source_for(attrs)
+        source = source_for(made)
     except PipelineError as exc:
         log.warning("image paths unavailable: %s", exc)
         return {}

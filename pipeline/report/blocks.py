@@ -1,8 +1,8 @@
 """Results as JSON, a console table, and reports people read: markdown plus a self-contained HTML page with plots.
 
-A report is built once as a list of blocks (headings, paragraphs, tables, figures; `pipeline.render`) and rendered
-twice: markdown with the figures as PNG files in `STEM.plots/`, and HTML with the same PNGs embedded, so the page can
-be mailed or attached to a Prefect artifact alone. Every name that comes from the user's data is a `Value`.
+A report is built once as a list of blocks (headings, paragraphs, tables, figures; `pipeline.report.render`) and
+rendered twice: markdown with the figures as PNG files in `STEM.plots/`, and HTML with the same PNGs embedded, so the
+page can be mailed or attached to a Prefect artifact alone. Every name that comes from the user's data is a `Value`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.outputs import write_atomic
-from pipeline.render import Block, Text, Value, check_report_outputs, write_report_blocks
+from pipeline.report.render import Block, Text, Value, check_report_outputs, write_report_blocks
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +90,26 @@ def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]], *, align: s
 # -- report blocks --------------------------------------------------------------------------------------------------
 
 def title_for(fs: Any) -> Text:
-    return ("Evaluation of ", Value(fs.attrs["backbone"]), " on ", Value(Path(fs.path).name))
+    return ("Evaluation of ", Value(fs.made.backbone), " on ", Value(Path(fs.path).name))
 
 
 def _features_blocks(fs: Any, extraction: dict[str, Any] | None) -> list[Block]:
-    a = fs.attrs
+    made = fs.made
     counts = ", ".join(f"{s} {int(fs.mask(s).sum())}" for s in fs.split_names())
     lines: list[Text] = [
         ("store ", Value(str(Path(fs.path).resolve()))),
-        ("backbone ", Value(a["backbone"]), f" ({a['feature_dim']}-d, layer ", Value(str(a.get("layer"))),
-         ", L2-normalised), weights ", Value(a["weights"])),
+        ("backbone ", Value(made.backbone), f" ({made.feature_dim}-d, layer ", Value(made.layer),
+         ", L2-normalised), weights ", Value(made.weights)),
         f"{len(fs)} rows ({counts}), {len(fs.class_names)} classes, {len(fs.failed)} failed images"]
     if extraction and not extraction.get("skipped"):
         lines.append(f"this run computed {extraction['computed']} images at {extraction['images_per_second']:.1f} "
                      "img/s")
     return [Block("h2", "Features"), *[Block("p", ("- ", *((line,) if isinstance(line, str) else line)))
                                        for line in lines]]
+
+
 def _probe_blocks(fs: Any, probe: dict[str, Any]) -> list[Block]:
-    from pipeline.plots import confusion_png, per_class_png
+    from pipeline.report.plots import confusion_png, per_class_png
 
     blocks = [Block("h2", "Probe"), Block("p", probe["protocol"] + ".")]
     if "by_shots" in probe:
@@ -131,7 +133,7 @@ def _probe_blocks(fs: Any, probe: dict[str, Any]) -> list[Block]:
 
 
 def _knn_blocks(fs: Any, knn: dict[str, Any]) -> list[Block]:
-    from pipeline.plots import confusion_png, neighbours_png
+    from pipeline.report.plots import confusion_png, neighbours_png
 
     blocks = [Block("h2", "kNN and retrieval"), Block("p", knn["protocol"] + f"; {knn['n_queries']} queries, "
                                                            f"{knn['n_bank']} rows searched.")]
@@ -147,11 +149,11 @@ def _knn_blocks(fs: Any, knn: dict[str, Any]) -> list[Block]:
                                           title=f"kNN k={best_k} {best_vote}: confusion"), name="knn_confusion"))
     examples = knn.get("examples") or []
     if examples:
-        from pipeline.embed import images_for_ids
+        from pipeline.engine.embed import images_for_ids
 
         wanted = [e["id"] for e in examples] + [h["id"] for e in examples for h in e["hits"]]
         try:
-            images = images_for_ids(fs.attrs, wanted)
+            images = images_for_ids(fs.made, wanted)
         except Exception as exc:  # noqa: BLE001 - the results stand without their pictures; the report says why
             log.warning("nearest-neighbour images unavailable: %s", exc)
             images = {}
@@ -165,7 +167,7 @@ def _knn_blocks(fs: Any, knn: dict[str, Any]) -> list[Block]:
 
 def report_blocks(fs: Any, *, title: Text, probe: dict[str, Any] | None = None, knn: dict[str, Any] | None = None,
                   extraction: dict[str, Any] | None = None) -> list[Block]:
-    from pipeline.plots import projection_png
+    from pipeline.report.plots import projection_png
 
     blocks = [Block("h1", title), *_features_blocks(fs, extraction)]
     if probe or knn:

@@ -6,23 +6,26 @@ import argparse
 import json
 from pathlib import Path
 
-from pipeline.cli_types import finite_float, memory_size, names, non_negative_int, number_list, positive_int
+from pipeline.cli import Command
+from pipeline.cli.types import finite_float, memory_size, names, number_list, positive_int
 from pipeline.config import DEFAULT_KS, DINOV2_KS, DINOV2_TEMPERATURE, KnnConfig, ProbeConfig
 from pipeline.errors import PipelineError
 
 OVERWRITE_HELP = "replace output files that exist and were not written by this command"
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    from pipeline.heads import HEADS
-    from pipeline.index_plan import DEFAULT_MEMORY_BUDGET, INDEX_KINDS
+def _heads() -> dict:
+    from pipeline.evaluation.heads import HEADS
 
-    p = sub.add_parser("probe", help="a head on a store's features: hyper-parameter chosen on validation, refit, "
-                                     "tested once; or few-shot probes")
+    return HEADS
+
+
+def add_probe(p: argparse.ArgumentParser) -> None:
+    heads = _heads()
     p.add_argument("--store", required=True, type=Path)
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: STORE.probe.json beside the store)")
-    p.add_argument("--head", choices=list(HEADS), default="logreg",
-                   help="; ".join(f"{s.name}: {s.description}" for s in HEADS.values()))
+    p.add_argument("--head", choices=list(heads), default="logreg",
+                   help="; ".join(f"{s.name}: {s.description}" for s in heads.values()))
     p.add_argument("--grid", "--C", dest="grid", type=number_list(float, "0.1,1,10"), default=None,
                    help="values of the head's hyper-parameter (C, or alpha for ridge/mlp) to choose from")
     p.add_argument("--val-fraction", type=finite_float(0, 1, low_open=True, high_open=True), default=0.2,
@@ -36,7 +39,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-report", action="store_true", help="only the JSON (no markdown/HTML report)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
-    p = sub.add_parser("predict", help="apply a saved probe head to image files or to a store")
+
+def add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", required=True, type=Path, help="a .head.safetensors written by probe")
     p.add_argument("images", nargs="*", type=Path, help="image files to classify")
     p.add_argument("--store", type=Path, default=None, help="classify every row of this store instead")
@@ -46,7 +50,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", type=Path, default=None, help="the checkpoint, for heads on --weights features")
 
-    p = sub.add_parser("knn", help="kNN classification and retrieval metrics on an exact FAISS index")
+
+def add_knn(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, type=Path)
     p.add_argument("--preset", choices=("dinov2",), default=None,
                    help=f"dinov2: k in {{{','.join(map(str, DINOV2_KS))}}}, T={DINOV2_TEMPERATURE}")
@@ -60,9 +65,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
-    p = sub.add_parser("index", help="build, update or inspect a FAISS index for a store")
-    index_sub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
-    q = index_sub.add_parser("build", help="choose the type by rows and memory budget, build, tune, save")
+
+def add_index(p: argparse.ArgumentParser) -> None:
+    from pipeline.index.plan import DEFAULT_MEMORY_BUDGET, INDEX_KINDS
+
+    actions = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    q = actions.add_parser("build", help="choose the type by rows and memory budget, build, tune, save")
     q.add_argument("--store", required=True, type=Path)
     q.add_argument("--out", required=True, type=Path, help="the index folder to write")
     q.add_argument("--type", dest="kind", choices=INDEX_KINDS, default="auto")
@@ -73,13 +81,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--splits", type=names, default=None, help="only these splits (default: all rows)")
     q.add_argument("--queries", type=positive_int, default=1000, help="rows sampled to measure recall (default 1000)")
     q.add_argument("--overwrite", action="store_true", help="replace an index folder of another store at --out")
-    q = index_sub.add_parser("add", help="add the store's new rows (rebuilds when indexed rows changed)")
+    q = actions.add_parser("add", help="add the store's new rows (rebuilds when indexed rows changed)")
     q.add_argument("index", type=Path)
     q.add_argument("--store", type=Path, default=None, help="default: the store the index was built from")
-    q = index_sub.add_parser("info", help="print index_infos.json")
+    q = actions.add_parser("info", help="print index_infos.json")
     q.add_argument("index", type=Path)
 
-    p = sub.add_parser("search", help="nearest images to query image files or ids")
+
+def add_search(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", type=Path, default=None, help="an index folder (default: exact search of --store)")
     p.add_argument("--store", type=Path, default=None, help="the store (default: the index's)")
     p.add_argument("--image", dest="images", type=Path, nargs="+", default=[], help="query image files")
@@ -89,22 +98,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", type=Path, default=None, help="the checkpoint, for stores made with --weights")
 
-    p = sub.add_parser("bench", help="backbones x one data set -> leaderboard CSV + markdown (stores cached)")
+
+BENCH_EXTRACT = ("batch_size", "workers", "device", "random_init")  # extraction options bench passes on
+
+
+def add_bench(p: argparse.ArgumentParser) -> None:
+    from pipeline.cli.extract import add_spec_arguments
+
     p.add_argument("--data", required=True, help="as for extract")
     p.add_argument("--backbones", required=True, type=names, help="comma-separated backbone names")
     p.add_argument("--out-dir", type=Path, default=Path("data/bench"))
-    p.add_argument("--head", choices=list(HEADS), default="logreg")
+    p.add_argument("--head", choices=list(_heads()), default="logreg")
     p.add_argument("--k", type=positive_int, default=20, help="kNN k for the leaderboard (weighted vote, T=0.07)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--workers", type=non_negative_int, default=None)
-    p.add_argument("--device", default="auto")
     p.add_argument("--reset-leaderboard", action="store_true",
                    help="start the leaderboard afresh (by default rows of backbones not in this run are kept)")
+    add_spec_arguments(p, only=BENCH_EXTRACT)
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
-    from pipeline.probes import run_probe
-    from pipeline.report import format_table
+    from pipeline.evaluation.probes import run_probe
+    from pipeline.report.blocks import format_table
 
     result, out = run_probe(ProbeConfig(store=args.store, out=args.out, head=args.head, grid=args.grid,
                                         val_fraction=args.val_fraction, seed=args.seed, shots=args.shots,
@@ -117,9 +130,9 @@ def cmd_probe(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from pipeline.evaluation.predict import load_head, predict_images, predict_store
     from pipeline.outputs import check_output, owned_text, write_atomic
-    from pipeline.predict import load_head, predict_images, predict_store
-    from pipeline.tables import csv_text
+    from pipeline.report.tables import csv_text
 
     if bool(args.images) == bool(args.store):
         raise PipelineError("give image files or --store (one of them)")
@@ -141,9 +154,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_knn(args: argparse.Namespace) -> None:
-    from pipeline.knn import run_knn
-    from pipeline.render import markdown_table
-    from pipeline.report import format_table
+    from pipeline.evaluation.knn import run_knn
+    from pipeline.report.blocks import format_table
+    from pipeline.report.render import markdown_table
 
     ks = args.ks or (DINOV2_KS if args.preset == "dinov2" else DEFAULT_KS)
     temperature = args.temperature if args.temperature is not None else DINOV2_TEMPERATURE
@@ -162,8 +175,8 @@ def cmd_knn(args: argparse.Namespace) -> None:
 def cmd_index(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
-    from pipeline.index import build_index, update_index
-    from pipeline.index_files import load_index
+    from pipeline.index.build import build_index, update_index
+    from pipeline.index.files import load_index
 
     if args.index_command == "info":
         print(json.dumps(asdict(load_index(args.index).infos), indent=2))
@@ -183,7 +196,7 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from pipeline.retrieval import search_store
+    from pipeline.index.search import search_store
 
     hits = search_store(index=args.index, store=args.store, images=args.images, ids=args.ids, k=args.k,
                         device=args.device, weights_path=args.weights)
@@ -197,19 +210,23 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import run_bench
+    from pipeline.evaluation.bench import bench_title, data_name, leaderboard_text, run_bench
 
+    extract = {name: getattr(args, name) for name in BENCH_EXTRACT}
     rows, csv_path, md_path = run_bench(args.data, args.backbones, args.out_dir, head=args.head, k=args.k,
-                                        extract={"batch_size": args.batch_size, "workers": args.workers,
-                                                 "device": args.device}, progress=not args.quiet,
-                                        reset=args.reset_leaderboard)
-    from pipeline.bench import bench_title, data_name, leaderboard_text
-
+                                        extract=extract, progress=not args.quiet, reset=args.reset_leaderboard)
     print(leaderboard_text(rows, title=bench_title(data_name(args.data), args.head, args.k, DINOV2_TEMPERATURE)))
     print(f"leaderboard: {csv_path}  {md_path}")
     failed = [r for r in rows if r.error]
     return 1 if failed else 0
 
 
-COMMANDS = {"probe": cmd_probe, "predict": cmd_predict, "knn": cmd_knn, "index": cmd_index, "search": cmd_search,
-            "bench": cmd_bench}
+COMMANDS = [
+    Command("probe", "a head on a store's features: hyper-parameter chosen on validation, refit, tested once; or "
+                     "few-shot probes", add_probe, cmd_probe),
+    Command("predict", "apply a saved probe head to image files or to a store", add_predict, cmd_predict),
+    Command("knn", "kNN classification and retrieval metrics on an exact FAISS index", add_knn, cmd_knn),
+    Command("index", "build, update or inspect a FAISS index for a store", add_index, cmd_index),
+    Command("search", "nearest images to query image files or ids", add_search, cmd_search),
+    Command("bench", "backbones x one data set -> leaderboard CSV + markdown (stores cached)", add_bench, cmd_bench),
+]

@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import StoreError
+from pipeline.plan import Provenance
 
 log = logging.getLogger(__name__)
 
@@ -236,12 +237,18 @@ class FeatureSet:
     def provenance(self) -> dict[str, Any]:
         """Which store, backbone and weights a result was computed from, for results files (the store's absolute
         path, so that the results can be read from anywhere)."""
+        made = self.made
         return {"store": str(Path(self.path).resolve()), "store_id": self.attrs.get("store_id", ""),
-                "backbone": self.attrs["backbone"], "weights": self.attrs["weights"],
-                "cache_key": self.attrs["cache_key"], "class_names": self.class_names}
+                "backbone": made.backbone, "weights": made.weights, "cache_key": made.cache_key,
+                "class_names": self.class_names}
 
     def split_names(self) -> list[str]:
         return [s for s in SPLITS if (self.splits == s).any()]
+
+    @property
+    def made(self) -> Provenance:
+        """How the features were made (see `pipeline.plan.Provenance`)."""
+        return Provenance.from_attrs(self.attrs)
 
     def row_keys(self) -> list[str]:
         """Each row's content hash (its id when unknown): what order-independent choices rank rows by."""

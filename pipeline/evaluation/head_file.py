@@ -45,7 +45,7 @@ class SavedHead:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def scores(self, x: np.ndarray) -> np.ndarray:
-        """[n, n_classes] scores, the same as `pipeline.heads.class_scores` of the estimator it came from."""
+        """[n, n_classes] scores, the same as `pipeline.evaluation.heads.class_scores` of the estimator it came from."""
         z = np.asarray(x, dtype=np.float64)
         for i, (weight, bias) in enumerate(self.layers):
             z = z @ weight + bias

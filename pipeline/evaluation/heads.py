@@ -1,8 +1,9 @@
 """Lightweight heads for cached features, and the one hyper-parameter each sweeps.
 
 The reference head is scikit-learn's L2 logistic regression (L-BFGS); `torch-logreg` solves the same objective in
-torch (`pipeline.torch_head`); the others are scikit-learn estimators used directly. scikit-learn and torch are
-imported only when a head is made, so that the registry (the CLI's and the config's choices) costs nothing to import.
+torch (`pipeline.evaluation.torch_head`); the others are scikit-learn estimators used directly. scikit-learn and
+torch are imported only when a head is made, so that the registry (the CLI's and the config's choices) costs nothing
+to import.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _logreg(C: float, *, max_iter: int, seed: int, device: str) -> Any:
 
 
 def _torch_logreg(C: float, *, max_iter: int, seed: int, device: str) -> Any:
-    from pipeline.torch_head import TorchLogisticRegression
+    from pipeline.evaluation.torch_head import TorchLogisticRegression
 
     return TorchLogisticRegression(C=C, max_iter=max_iter, device=device)
 

@@ -1,5 +1,6 @@
-"""Applying a saved probe head (`pipeline.head_file`) to a store's rows or to new image files, after checking that the
-features are in the head's feature space (same backbone, weights, layer, preprocessing and dimension)."""
+"""Applying a saved probe head (`pipeline.evaluation.head_file`) to a store's rows or to new image files, after
+checking that the features are in the head's feature space (same backbone, weights, layer, preprocessing and
+dimension)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.head_file import FEATURE_SPACE, SavedHead, load_saved_head
-from pipeline.store import load_store
+from pipeline.evaluation.head_file import FEATURE_SPACE, SavedHead, load_saved_head
+from pipeline.plan import Provenance
+from pipeline.store.read import load_store
 
 
 def load_head(path: str | Path) -> SavedHead:
-    """Load and check a head written by `probe` (never unpickled: see `pipeline.head_file`)."""
+    """Load and check a head written by `probe` (never unpickled: see `pipeline.evaluation.head_file`)."""
     return load_saved_head(path)
 
 
@@ -46,8 +48,8 @@ def predict_store(head: SavedHead, store: str | Path, *, top: int = 1) -> list[d
 def predict_images(head: SavedHead, paths: list[str | Path], *, top: int = 1, device: str = "auto",
                    weights_path: str | Path | None = None) -> list[dict[str, Any]]:
     """Apply a saved head to image files, embedded by the backbone the head's features came from."""
-    from pipeline.embed import backbone_for, embed_files
+    from pipeline.engine.embed import backbone_for, embed_files
 
-    backbone = backbone_for(head.meta, device=device, weights_path=weights_path)
+    backbone = backbone_for(Provenance.from_attrs(head.meta), device=device, weights_path=weights_path)
     predictions = predict_features(head, embed_files(paths, backbone), top=top)
     return [{"id": str(p), "predictions": pred} for p, pred in zip(paths, predictions, strict=True)]

@@ -1,0 +1,176 @@
+"""An extraction resolved once: the source listed, the backbone built, the decoding policy, the cache key, the data
+fingerprint and the store's provenance, computed in one place (`resolve_plan`) for the runner, sharded runs and
+the up-to-date check alike."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.backbones.factory import Backbone, create_backbone
+from pipeline.engine.decode import MAX_ASPECT, Decoding, load_plugins
+from pipeline.errors import PipelineError, StoreError
+from pipeline.outputs import check_writable_dir
+from pipeline.plan import DecodeSpec, ExtractConfig, Provenance
+from pipeline.sources import open_source
+from pipeline.sources.base import ListOptions, Source
+from pipeline.store.read import (
+    cache_key,
+    check_target,
+    is_current,
+    known_hashes,
+    layout_attrs,
+    library_versions,
+    read_attrs,
+    read_columns,
+)
+from pipeline.store.writer import Listing
+
+
+def absolute_data(data: str | Path) -> str:
+    """`--data` as recorded: absolute (a shard pattern keeps its braces and globs), so that the store finds its
+    images again from any working directory; `torchvision:NAME` as given."""
+    text = str(data)
+    return text if text.startswith("torchvision:") else os.path.abspath(os.path.expanduser(text))
+
+
+def list_options(config: ExtractConfig, *, known: bool = True) -> ListOptions:
+    """How to list the source; with `known`, content hashes already recorded in the store at `config.out` are reused
+    for the stratified split, so only new or changed files are read to place them."""
+    s = config.source
+    return ListOptions(test_fraction=s.test_fraction, seed=s.seed, split=s.split, root=s.root, download=s.download,
+                       follow_links=s.follow_links, max_file_bytes=config.decode.max_file_bytes,
+                       known=known_hashes(Path(config.out)) if known else None)
+
+
+def data_options(config: ExtractConfig) -> dict[str, Any]:
+    """How to open the source again (for search results and report image grids)."""
+    s = config.source
+    return {"root": str(Path(s.root).resolve()) if s.root else None, "test_fraction": s.test_fraction,
+            "seed": s.seed, "split": s.split, "follow_links": s.follow_links,
+            "max_file_bytes": config.decode.max_file_bytes}
+
+
+def decoding_policy(data_config: dict, decode: DecodeSpec | None = None) -> Decoding:
+    """The one derivation of how files become this backbone's input: the limits, the plugins, and the aspect guard
+    (only for resize-shorter-side + centre-crop transforms, which only see the middle anyway)."""
+    decode = decode or DecodeSpec()
+    centre = data_config.get("crop_mode", "center") == "center"
+    return Decoding(max_pixels=decode.max_pixels, plugins=tuple(decode.image_plugins),
+                    max_aspect=MAX_ASPECT if centre else None, max_file_bytes=decode.max_file_bytes)
+
+
+def source_listing(source: Source) -> Listing:
+    """What the store must hold for this source: every sample with its stamp, and how to hash its content."""
+    samples = source.samples
+    return Listing(ids=[s.id for s in samples], labels=np.array([s.label for s in samples], dtype=np.int64),
+                   splits=[s.split for s in samples], stamps=source.stamps(), hasher=source.content_hash)
+
+
+def data_fingerprint(source: Source, listing: Listing, decoding: Decoding) -> str:
+    """Hash of the listing (ids, labels, splits, stamps), the class names and the decoding policy: changes when any
+    input changes (a new decoding policy retries the images that failed under the old one)."""
+    digest = hashlib.sha256(json.dumps(list(source.class_names)).encode())
+    digest.update(json.dumps(decoding.as_attrs(), sort_keys=True).encode())
+    for i, (size, mtime) in enumerate(listing.stamps):
+        digest.update(f"{listing.ids[i]}\0{listing.labels[i]}\0{listing.splits[i]}\0{size}\0{mtime}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+def backbone_key(backbone: Backbone, feature_dtype: str) -> str:
+    return cache_key(backbone=backbone.name, weights=backbone.weights, preprocessing=backbone.preprocessing_json(),
+                     layer=backbone.layer, feature_dtype=feature_dtype, precision=backbone.precision)
+
+
+def check_output_path(out: Path) -> None:
+    """Before any compute: `--out` is a file path whose folder can be written (with room for `.partial`/`.lock`)."""
+    if out.is_dir():
+        raise StoreError(f"--out {out} is a folder; give the store's file path, e.g. {out / 'features.h5'}")
+    check_writable_dir(out.parent, what="--out", path=out)
+
+
+def check_same_dataset(out: Path, data: str, ids: list[str], *, overwrite: bool) -> None:
+    """Refuse to turn a store of one data set into a store of another: when `--data` is not the recorded source and
+    fewer than half of the store's images are in it, that is another data set, not the same one moved."""
+    if overwrite or not data or not out.is_file():
+        return
+    try:
+        recorded = read_attrs(out).get("data", "")
+        stored = read_columns(out, "ids")["ids"] if recorded and recorded != data else None
+    except PipelineError:
+        return
+    if stored is None or not len(stored):
+        return
+    shared = len(set(stored.tolist()) & set(ids))
+    if shared < len(stored) / 2:
+        raise StoreError(f"{out} holds features of {recorded} ({len(stored)} images, {shared} of them in --data "
+                         f"{data}); choose another --out for this data set, or pass --overwrite to replace it")
+
+
+@dataclass
+class Plan:
+    """Everything an extraction computed before any image went through the model."""
+
+    config: ExtractConfig
+    source: Source
+    backbone: Backbone
+    decoding: Decoding
+    listing: Listing
+    key: str
+    fingerprint: str
+    data: str  # the source as recorded ("" when the source was passed in)
+    optimize: bool  # trace the backbone for CPU before computing (only a backbone built here)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    def layout(self) -> dict[str, Any]:
+        return layout_attrs(shard_rows=self.config.layout.shard_rows, compression=self.config.layout.compression)
+
+    def is_current(self) -> bool:
+        run = self.config.run
+        return not run.overwrite and not run.check_content and is_current(
+            self.out, key=self.key, fingerprint=self.fingerprint, layout=self.layout(), data=self.data)
+
+    def check_target(self) -> None:
+        """The store at `out` may be updated by this run (same configuration and data set, or --overwrite)."""
+        check_target(self.out, key=self.key, overwrite=self.config.run.overwrite)
+        check_same_dataset(self.out, self.data, self.listing.ids, overwrite=self.config.run.overwrite)
+
+    def provenance(self, backbone: Backbone) -> Provenance:
+        source, b = self.source, backbone
+        return Provenance(
+            backbone=b.name, weights=b.weights, random_init=b.random_init, layer=b.layer,
+            preprocessing=b.data_config, precision=b.precision, optimization=b.optimization, feature_dim=b.dim,
+            cache_key=self.key, class_names=list(source.class_names), decoding=self.decoding.as_attrs(),
+            data=self.data, data_options=data_options(self.config) if self.data else {},
+            data_root=str(source.root.resolve()), source=source.kind, source_description=source.description,
+            split_source=source.split_source, label_source=source.label_source, num_images=len(source),
+            data_fingerprint=self.fingerprint, versions=library_versions())
+
+
+def resolve_plan(config: ExtractConfig, *, backbone: Backbone | None = None, source: Source | None = None) -> Plan:
+    """List the source (or take `source`), build the backbone (or take `backbone`), and derive the decoding policy,
+    cache key and fingerprint. Problems of the input are errors here, before any compute."""
+    check_output_path(Path(config.out))
+    given = source is not None
+    source = source if given else open_source(config.source.data, list_options(config))
+    load_plugins(config.decode.image_plugins)  # a missing plugin is an error now, not a failure for every image
+    built = backbone is None
+    if built:
+        m = config.model
+        backbone = create_backbone(m.backbone, device=config.run.device, random_init=m.random_init,
+                                   weights_path=m.weights, layer=m.layer, precision=m.precision, compile=m.compile)
+    decoding = decoding_policy(backbone.data_config, config.decode)
+    listing = source_listing(source)
+    return Plan(config=config, source=source, backbone=backbone, decoding=decoding, listing=listing,
+                key=backbone_key(backbone, config.layout.feature_dtype),
+                fingerprint=data_fingerprint(source, listing, decoding),
+                data="" if given else absolute_data(config.source.data), optimize=built and config.model.optimize)
