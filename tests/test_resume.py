@@ -20,8 +20,9 @@ from PIL import Image
 from pipeline.engine.runner import extract_to_store
 from pipeline.plan import ExtractConfig
 from pipeline.store.read import load_store, partial_path, shards_dir
+from pipeline.store.reuse import Listing
 from pipeline.store.verify import verify_store
-from pipeline.store.writer import Listing, StoreWriter
+from pipeline.store.writer import StoreWriter
 from tests.conftest import TINY_BACKBONE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,7 +207,8 @@ FAILING_DISK = textwrap.dedent("""
     import numpy as np
     ATTRS = ATTRS_HERE
     from pipeline.errors import StoreError
-    from pipeline.store.writer import Listing, StoreWriter
+    from pipeline.store.reuse import Listing
+from pipeline.store.writer import StoreWriter
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
     resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 20, 3 << 20))
     n, dim = 2000, 1024

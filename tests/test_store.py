@@ -15,8 +15,9 @@ from pipeline.store.read import (
     partial_path,
     shards_dir,
 )
+from pipeline.store.reuse import Listing
 from pipeline.store.verify import store_info, verify_store
-from pipeline.store.writer import Listing, StoreWriter
+from pipeline.store.writer import StoreWriter
 
 DIM = 8
 ATTRS = {"backbone": "b", "weights": "w", "preprocessing": "{}", "class_names": '["a", "b"]', "cache_key": "k",
@@ -257,7 +258,7 @@ def test_sharded_resume_keeps_complete_shards_and_loses_at_most_the_shard_in_pro
     assert len(list(shards_dir(path).glob("*.h5"))) == 3 and not path.exists()
     w = _write_all(path, _listing(ids), shard_rows=8)
     assert w.resumed == 21 and w.computed == 9
-    assert len(w._kept_shards) == 2  # the two complete shards are kept as files; the partial one was copied
+    assert len(w.layout.kept_shards) == 2  # the two complete shards are kept as files; the partial one was copied
     fs = load_store(path)
     assert sorted(fs.ids) == ids and verify_store(path) == []
     np.testing.assert_array_equal(fs.features, _features_for(fs.ids))
@@ -270,7 +271,7 @@ def test_sharded_incremental_rewrites_only_touched_shards(tmp_path):
     _write_all(path, _listing(ids), shard_rows=8)
     first = {p.name: p.stat().st_mtime_ns for p in shards_dir(path).glob("*.h5")}
     w = _write_all(path, _listing([i for i in ids if i != "i20"] + ["new"]), shard_rows=8)
-    assert (w.kept, w.computed) == (23, 1) and len(w._kept_shards) == 2
+    assert (w.kept, w.computed) == (23, 1) and len(w.layout.kept_shards) == 2
     now = {p.name: p.stat().st_mtime_ns for p in shards_dir(path).glob("*.h5")}
     assert len(set(first) & set(now)) == 2 and all(first[n] == now[n] for n in set(first) & set(now))
     assert "i20" not in set(load_store(path).ids) and verify_store(path) == []

@@ -40,7 +40,8 @@ from pipeline.store.read import (
     read_failed,
     read_features,
 )
-from pipeline.store.writer import Listing, StoreWriter
+from pipeline.store.reuse import Listing
+from pipeline.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
 

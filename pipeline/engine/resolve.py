@@ -30,7 +30,7 @@ from pipeline.store.read import (
     read_attrs,
     read_columns,
 )
-from pipeline.store.writer import Listing
+from pipeline.store.reuse import Listing
 
 
 def absolute_data(data: str | Path) -> str:
