@@ -208,11 +208,11 @@ def knn_task(store: str, out: str, spec: KnnSpec) -> dict:
 def index_task(store: str, out: str, spec: IndexSpec) -> dict:
     """Add the store's new rows to its index (or build it the first time, or when the store was replaced)."""
     from pipeline.index.build import build_index, update_index
-    from pipeline.index.files import index_store, load_index
+    from pipeline.index.files import load_index, store_of
     from pipeline.index.plan import parse_memory_size
 
     try:
-        current = index_store(load_index(out), store) is not None
+        current = store_of(load_index(out), store) is not None
     except PipelineError:
         current = False
     if current:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,26 +27,26 @@ from pipeline.index.files import (
     IndexInfos,
     check_index_out,
     check_rows,
-    index_store,
     load_index,
     save_index,
-    search_param_name,
     set_search_param,
+    store_of,
     store_record,
 )
 from pipeline.index.plan import (
     DEFAULT_MEMORY_BUDGET,
     EXACT_MAX_ROWS,
     IndexPlan,
+    index_kind,
     memory_estimate,
     plan_index,
+    sizes_of,
 )
 from pipeline.store.read import iter_store, read_attrs, read_columns
 
 log = logging.getLogger(__name__)
 
 TUNE_K = 10
-EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 def build_flat_index(features: np.ndarray) -> faiss.IndexFlatIP:
@@ -128,10 +127,10 @@ def tune_index(index: faiss.Index, kind: str, nlist: int, queries: np.ndarray, q
         return {"value": value, "recall_at_10": round(recall_at_k(found, exact, query_rows), 4),
                 "ms_per_query": round(ms, 4)}
 
-    name = search_param_name(kind)
+    name = index_kind(kind).search_param
     if name is None:
         return {"param": None, **measure(None), "tried": []}
-    values = EF_SEARCH if name == "efSearch" else tuple(2**i for i in range(int(math.log2(nlist)) + 1))
+    values = index_kind(kind).search_values(nlist)
     tried, chosen = [], None
     for value in values:
         tried.append(measure(value))
@@ -230,7 +229,7 @@ def update_index(path: str | Path, *, store: str | Path | None = None, queries: 
     """
     loaded = load_index(path)
     infos = loaded.infos
-    store = index_store(loaded, store)
+    store = store_of(loaded, store)
     check_rows(loaded, store)
     infos.store_relative = store_record(store, Path(path))["store_relative"]
     splits = tuple(infos.splits) if infos.splits else None
@@ -249,7 +248,7 @@ def update_index(path: str | Path, *, store: str | Path | None = None, queries: 
     if not len(new):
         log.info("%s is up to date with %s (%d rows)", path, store, infos.rows)
         return infos
-    plan = IndexPlan(infos.kind, infos.factory, infos.memory_estimate, infos.reason, **_plan_sizes(infos))
+    plan = IndexPlan(infos.kind, infos.factory, infos.memory_estimate, infos.reason, **sizes_of(infos.factory))
     start = time.perf_counter()
     for _, feats in _blocks(store, new, block_rows):
         loaded.index.add(feats)
@@ -273,13 +272,3 @@ def update_index(path: str | Path, *, store: str | Path | None = None, queries: 
     save_index(Path(path), loaded.index, new_ids, new_hashes, infos)
     return infos
 
-
-def _plan_sizes(infos: IndexInfos) -> dict[str, int]:
-    """nlist and PQ bytes back from a factory string such as IVF256,PQ64x8."""
-    sizes = {"nlist": 0, "pq_m": 0}
-    for part in infos.factory.split(","):
-        if part.startswith("IVF"):
-            sizes["nlist"] = int(part[3:])
-        if part.startswith("PQ"):
-            sizes["pq_m"] = int(part[2:].split("x")[0])
-    return sizes

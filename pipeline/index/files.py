@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.index.plan import INDEX_KINDS
+from pipeline.index.plan import INDEX_KINDS, KINDS
 from pipeline.outputs import check_writable_dir
 from pipeline.store.read import read_attrs, read_columns, read_features
 
@@ -79,12 +79,8 @@ class LoadedIndex:
     path: Path
 
 
-def search_param_name(kind: str) -> str | None:
-    return {"hnsw": "efSearch", "ivf-flat": "nprobe", "ivf-pq": "nprobe"}.get(kind)
-
-
 def set_search_param(index: faiss.Index, kind: str, value: int) -> None:
-    name = search_param_name(kind)
+    name = KINDS[kind].search_param if kind in KINDS else None
     if name:
         faiss.ParameterSpace().set_index_parameter(index, name, int(value))
 
@@ -164,7 +160,7 @@ def _same_store(infos: IndexInfos, store: Path, attrs: dict[str, Any], index_pat
     return any(p.exists() and os.path.samefile(p, store) for p in recorded)
 
 
-def index_store(loaded: LoadedIndex, store: str | Path | None = None) -> Path:
+def store_of(loaded: LoadedIndex, store: str | Path | None = None) -> Path:
     """The store of an index: the one it recorded (found by its absolute path, or relative to the index folder when
     both moved together), or `store` when given, which must be that same store (identity and cache key)."""
     infos = loaded.infos

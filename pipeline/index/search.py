@@ -10,7 +10,7 @@ import numpy as np
 from pipeline.engine.decode import Decoding
 from pipeline.errors import PipelineError
 from pipeline.index.build import build_flat_index, search
-from pipeline.index.files import check_rows, index_store, load_index
+from pipeline.index.files import check_rows, load_index, store_of
 from pipeline.plan import Provenance
 from pipeline.store.read import iter_store, read_columns
 
@@ -50,7 +50,7 @@ def search_store(*, index: str | Path | None = None, store: str | Path | None = 
     if loaded is None and store is None:
         raise PipelineError("give --index or --store (the store to search)")
     if loaded is not None:
-        store = index_store(loaded, store)
+        store = store_of(loaded, store)
         check_rows(loaded, store)
     made = Provenance.from_store(store)
     columns = read_columns(store, "ids", "labels", "splits")
