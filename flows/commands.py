@@ -41,7 +41,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 
 def _run_run(args: argparse.Namespace) -> None:
-    from pipeline.evaluation.bench import leaderboard_text, read_leaderboard
+    from pipeline.report.leaderboard import leaderboard_text, read_leaderboard
     from pipeline.run_config import load_run_config
 
     config = load_run_config(args.config)

@@ -10,8 +10,8 @@ from prefect.artifacts import create_link_artifact
 from flows.pipeline_flows import _key, benchmark
 from flows.tasks import prepare_digits, report
 from pipeline.config import DEFAULT_BACKBONE, DEFAULT_KS
-from pipeline.evaluation.bench import store_for
 from pipeline.outputs import store_stem
+from pipeline.recipe import store_for
 from pipeline.run_config import DatasetSpec, ExtractSpec, IndexSpec, KnnSpec, ProbeSpec
 
 

@@ -1,5 +1,8 @@
 """The scheduled pipeline as Prefect flows: recipes of `pipeline` calls, configured by one YAML file.
 
+They run the library's recipe (`pipeline.recipe`) with Prefect tasks and subflows as its steps, so each step shows in
+the UI, and add only what is Prefect's: artifacts, retries on I/O errors, the run's final state.
+
 - `extract_features`: a data set x backbones, one task per backbone; each store's cache key makes a rerun a no-op
   and an incremental run compute only new images. With `extract.shards > 1` each extraction is split into parts run
   by a Dask task runner (one worker per part, or per GPU) and merged into one store.
@@ -30,18 +33,10 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from pipeline.config import KnnConfig, ProbeConfig
+from pipeline import recipe
 from pipeline.errors import PipelineError
-from pipeline.evaluation.bench import (
-    LeaderboardRow,
-    fill_row,
-    leaderboard_markdown,
-    results_for,
-    store_for,
-    write_leaderboard,
-)
 from pipeline.outputs import slug, store_stem
-from pipeline.plan import ExtractConfig
+from pipeline.report.leaderboard import leaderboard_markdown
 from pipeline.run_config import DatasetSpec, ExtractSpec, IndexSpec, KnnSpec, ProbeSpec, RunConfig
 
 DEFAULT_EXTRACT, DEFAULT_PROBE, DEFAULT_KNN, DEFAULT_INDEX = ExtractSpec(), ProbeSpec(), KnnSpec(), IndexSpec()
@@ -90,26 +85,14 @@ def _pipeline_run_name() -> str:
     return f"{_param('config', 'name')}-{when.strftime('%Y%m%d-%H%M')}"
 
 
-def _extract_config(dataset: DatasetSpec, backbone: str, out: Path, spec: ExtractSpec) -> ExtractConfig:
-    """The one extraction spec, from the config's data set and extract sections (their fields are the spec's)."""
-    return ExtractConfig.of(out=out, backbone=backbone, **dataset.model_dump(exclude={"name"}),
-                            **spec.model_dump(exclude={"shards"}),
-                            progress=sys.stderr.isatty() and os.environ.get("PREFECT_LOGGING_LEVEL") != "WARNING")
-
-
-def _summary(result: Any) -> dict:
-    summary = dataclasses.asdict(result)
-    summary["failures"] = summary["failures"][:20]
-    summary["summary"] = result.summary()
-    return summary
+def _progress() -> bool:
+    return sys.stderr.isatty() and os.environ.get("PREFECT_LOGGING_LEVEL") != "WARNING"
 
 
 @task(name="extract", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE,
       task_run_name="extract-{backbone}")
-def extract_store(dataset: DatasetSpec, backbone: str, out: str, spec: ExtractSpec) -> dict:
+def extract_store(dataset: DatasetSpec, backbone: str, output_dir: str, spec: ExtractSpec) -> dict:
     """One backbone over one data set into its store, with a progress artifact while it runs."""
-    from pipeline.engine.runner import extract_to_store
-
     artifact = create_progress_artifact(0.0, key=_key("progress", dataset.name, slug(backbone)),
                                         description=f"extracting {dataset.name} with {backbone}")
     context = contextvars.copy_context()  # the callback runs in the writer thread: give it this run's context
@@ -121,24 +104,26 @@ def extract_store(dataset: DatasetSpec, backbone: str, out: str, spec: ExtractSp
             last[0] = percent
             context.run(update_progress_artifact, artifact, percent)
 
-    result = extract_to_store(_extract_config(dataset, backbone, Path(out), spec), on_progress=on_progress)
+    summary = recipe.extract_one(dataset, backbone, output_dir, spec, progress=_progress(), on_progress=on_progress)
     update_progress_artifact(artifact, 100.0)
-    return _summary(result)
+    return summary
 
 
 @task(name="extract-part", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE,
       task_run_name="extract-{backbone}-part-{part}")
-def extract_part_task(dataset: DatasetSpec, backbone: str, out: str, spec: ExtractSpec, part: int) -> dict:
+def extract_part_task(dataset: DatasetSpec, backbone: str, output_dir: str, spec: ExtractSpec, part: int) -> dict:
     from pipeline.engine.parts import extract_part
 
-    return _summary(extract_part(_extract_config(dataset, backbone, Path(out), spec), part, spec.shards))
+    config = recipe.extract_config(dataset, backbone, output_dir, spec, progress=_progress())
+    return recipe.summarize(extract_part(config, part, spec.shards))
 
 
 @task(name="merge-parts", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE)
-def merge_task(dataset: DatasetSpec, backbone: str, out: str, spec: ExtractSpec, parts: list[dict]) -> dict:
+def merge_task(dataset: DatasetSpec, backbone: str, output_dir: str, spec: ExtractSpec, parts: list[dict]) -> dict:
     from pipeline.engine.parts import merge_parts
 
-    merged = _summary(merge_parts(_extract_config(dataset, backbone, Path(out), spec), spec.shards))
+    config = recipe.extract_config(dataset, backbone, output_dir, spec, progress=False)
+    merged = recipe.summarize(merge_parts(config, spec.shards))
     merged["computed"] = sum(p["computed"] for p in parts)
     merged["skipped"] = all(p["skipped"] for p in parts) and merged["skipped"]
     return merged
@@ -156,137 +141,85 @@ def dask_runner(workers: int) -> Any:
 
 
 @flow(name="extract-sharded", flow_run_name="extract-sharded-{backbone}")
-def extract_sharded(dataset: DatasetSpec, backbone: str, out: str, spec: ExtractSpec) -> dict:
-    """The parts of one extraction in parallel on the flow's task runner, then merged into `out`."""
-    futures = [extract_part_task.submit(dataset, backbone, out, spec, k) for k in range(spec.shards)]
+def extract_sharded(dataset: DatasetSpec, backbone: str, output_dir: str, spec: ExtractSpec) -> dict:
+    """The parts of one extraction in parallel on the flow's task runner, then merged into its store."""
+    futures = [extract_part_task.submit(dataset, backbone, output_dir, spec, k) for k in range(spec.shards)]
     parts = [f.result() for f in futures]
-    return merge_task(dataset, backbone, out, spec, parts)
+    return merge_task(dataset, backbone, output_dir, spec, parts)
+
+
+def _extract_backbone(dataset: DatasetSpec, backbone: str, output_dir: str, spec: ExtractSpec) -> dict:
+    if spec.shards > 1:
+        return extract_sharded.with_options(task_runner=dask_runner(spec.shards))(dataset, backbone, output_dir, spec)
+    return extract_store(dataset, backbone, output_dir, spec)
 
 
 @flow(name="extract-features", flow_run_name=_extract_run_name)
 def extract_features(dataset: DatasetSpec, backbones: list[str], output_dir: str,
                      extract: ExtractSpec = DEFAULT_EXTRACT) -> list[dict]:
     """Each backbone over the data set into its own store; computes only what the stores do not hold yet."""
-    logger = get_run_logger()
-    summaries = []
-    for backbone in backbones:
-        out = str(store_for(output_dir, dataset.name, backbone))
-        try:
-            if extract.shards > 1:
-                sharded = extract_sharded.with_options(task_runner=dask_runner(extract.shards))
-                summary = sharded(dataset, backbone, out, extract)
-            else:
-                summary = extract_store(dataset, backbone, out, extract)
-        except PipelineError as exc:  # one backbone's problem (weights missing, say) must not stop the others
-            logger.error("%s: %s", backbone, exc)
-            summary = {"store": out, "backbone": backbone, "skipped": False, "computed": 0, "error": str(exc),
-                       "summary": f"{backbone} failed: {exc}"}
-        logger.info(summary["summary"])
-        summaries.append(summary)
-    return summaries
+    return recipe.extract_all(dataset, backbones, output_dir, extract, one=_extract_backbone,
+                              logger=get_run_logger())
 
 
-@task(name="probe", cache_policy=NO_CACHE)
-def probe_task(store: str, out: str, spec: ProbeSpec) -> dict:
-    from pipeline.evaluation.probes import run_probe
-
-    result, _ = run_probe(ProbeConfig(store=Path(store), out=Path(out), head=spec.head,
-                                      grid=tuple(spec.grid) if spec.grid else None))
-    return result
-
-
-@task(name="knn", cache_policy=NO_CACHE)
-def knn_task(store: str, out: str, spec: KnnSpec) -> dict:
-    from pipeline.evaluation.knn import run_knn
-
-    result, _ = run_knn(KnnConfig(store=Path(store), out=Path(out), ks=tuple(spec.ks), temperature=spec.temperature))
-    result.pop("examples", None)
-    return result
-
-
-@task(name="index", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE)
-def index_task(store: str, out: str, spec: IndexSpec) -> dict:
-    """Add the store's new rows to its index (or build it the first time, or when the store was replaced)."""
-    from pipeline.index.build import build_index, update_index
-    from pipeline.index.files import load_index, store_of
-    from pipeline.index.plan import parse_memory_size
-
-    try:
-        current = store_of(load_index(out), store) is not None
-    except PipelineError:
-        current = False
-    if current:
-        infos = update_index(out, store=store)
-    else:
-        infos = build_index(store, out, kind=spec.kind, memory_budget=parse_memory_size(spec.memory_budget),
-                            target_recall=spec.target_recall, overwrite=True)  # the run owns its index folder
-    return dataclasses.asdict(infos) | {"path": out}
+probe_task = task(name="probe", cache_policy=NO_CACHE)(recipe.probe_store)
+knn_task = task(name="knn", cache_policy=NO_CACHE)(recipe.knn_store)
+index_task = task(name="index", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_io,
+                  cache_policy=NO_CACHE)(recipe.index_store)
+TASK_STEPS = recipe.EvaluationSteps(probe=probe_task, knn=knn_task, index=index_task)
 
 
 def _evaluate_run_name() -> str:
     return f"evaluate-{store_stem(str(flow_run.parameters.get('store')))}"
 
 
-@flow(name="evaluate", flow_run_name=_evaluate_run_name)
-def evaluate(store: str, results_dir: str, probe: ProbeSpec = DEFAULT_PROBE, knn: KnnSpec = DEFAULT_KNN,
-             index: IndexSpec = DEFAULT_INDEX) -> dict:
-    """Probe, kNN and index on one store; the results table and links to the reports as artifacts."""
+def _results_artifacts(name: str, outcome: dict) -> None:
+    """The results table and index line as a markdown artifact, and a link to each HTML report."""
     from pipeline.report.blocks import HEADER, results_rows
     from pipeline.report.render import Value, markdown_table, md_inline
 
-    output_dir = Path(results_dir).parent
-    name = store_stem(store)
-    probe_result = probe_task(store, str(results_for(output_dir, Path(store), "probe")), probe) \
-        if probe.enabled else None
-    knn_result = knn_task(store, str(results_for(output_dir, Path(store), "knn")), knn) if knn.enabled else None
-    index_result = index_task(store, str(output_dir / "indexes" / name), index) if index.enabled else None
-    lines = [f"# {md_inline(Value(name))}", "", markdown_table(HEADER, results_rows(probe_result, knn_result)), ""]
-    if index_result:
-        lines.append(md_inline((f"Index: {index_result['factory']} over {index_result['rows']} rows, recall@10 "
-                                f"{index_result['recall_at_10']:.4f} (", Value(index_result["path"]), ").")))
+    lines = [f"# {md_inline(Value(name))}", "", markdown_table(HEADER, results_rows(outcome["probe"], outcome["knn"])),
+             ""]
+    if index := outcome["index"]:
+        lines.append(md_inline((f"Index: {index['factory']} over {index['rows']} rows, recall@10 "
+                                f"{index['recall_at_10']:.4f} (", Value(index["path"]), ").")))
     create_markdown_artifact("\n".join(lines), key=_key("results", name), description=f"results for {name}")
-    for result in (probe_result, knn_result):
+    for result in (outcome["probe"], outcome["knn"]):
         for report in (result or {}).get("report", []):
             if report.endswith(".html"):
                 create_link_artifact(Path(report).resolve().as_uri(), link_text=Path(report).name,
                                      key=_key("report", Path(report).stem))
-    return {"store": store, "probe": probe_result, "knn": knn_result, "index": index_result}
+
+
+@flow(name="evaluate", flow_run_name=_evaluate_run_name)
+def evaluate(store: str, output_dir: str, probe: ProbeSpec = DEFAULT_PROBE, knn: KnnSpec = DEFAULT_KNN,
+             index: IndexSpec = DEFAULT_INDEX) -> dict:
+    """Probe, kNN and index on one store (one task each); the results table and links to the reports as
+    artifacts."""
+    outcome = recipe.evaluate_store(store, output_dir, probe, knn, index, steps=TASK_STEPS)
+    _results_artifacts(store_stem(store), outcome)
+    return outcome
 
 
 @flow(name="benchmark", flow_run_name=_benchmark_run_name)
 def benchmark(dataset: DatasetSpec, backbones: list[str], output_dir: str, extract: ExtractSpec = DEFAULT_EXTRACT,
               probe: ProbeSpec = DEFAULT_PROBE, knn: KnnSpec = DEFAULT_KNN, index: IndexSpec = DEFAULT_INDEX,
               reset_leaderboard: bool = False) -> dict:
-    """Backbones x one data set: extract (incrementally), evaluate each store, publish the leaderboard."""
-    logger = get_run_logger()
-    summaries = extract_features(dataset, backbones, output_dir, extract)
-    rows, evaluations = [], []
-    k = max(knn.ks)
-    for backbone, summary in zip(backbones, summaries, strict=True):
-        row = LeaderboardRow(backbone, cached=summary["skipped"], store=summary["store"],
-                             error=summary.get("error", ""))
-        if not row.error:
-            try:
-                evaluation = evaluate(summary["store"], str(Path(output_dir) / "results"), probe, knn, index)
-                fill_row(row, probe=evaluation["probe"], knn=evaluation["knn"], k=k)
-                evaluations.append(evaluation)
-            except PipelineError as exc:
-                row.error = str(exc)
-                logger.error("%s: %s", backbone, exc)
-        rows.append(row)
-    title = f"{dataset.name}: {probe.head} probe, kNN k={k} weighted (T={knn.temperature:g})"
-    rows, csv_path, md_path = write_leaderboard(rows, Path(output_dir) / f"leaderboard_{dataset.name}", title=title,
-                                                reset=reset_leaderboard)
+    """The library's recipe (`pipeline.recipe.benchmark`) with a subflow for each step, then the leaderboard as
+    table and markdown artifacts. A failed backbone fails the run, after the leaderboard is published."""
+    outcome = recipe.benchmark(dataset, backbones, output_dir, extract=extract, probe=probe, knn=knn, index=index,
+                               reset=reset_leaderboard,
+                               steps=recipe.Steps(extract_all=extract_features, evaluate=evaluate))
+    rows, title = outcome["rows"], outcome["title"]
     table = [dataclasses.asdict(r) for r in rows]
     create_table_artifact(table, key=_key("leaderboard", dataset.name), description=title)
     create_markdown_artifact(leaderboard_markdown(rows, title=title), key=_key("leaderboard-md", dataset.name))
-    logger.info("leaderboard: %s", md_path)
+    get_run_logger().info("leaderboard: %s", outcome["leaderboard_md"])
     failed = [r for r in rows if r.error]
     if failed:  # the leaderboard is published; the run still ends failed, so the schedule's owner hears of it
         raise PipelineError(f"{len(failed)} of {len(rows)} backbones failed on {dataset.name}: "
                             + "; ".join(f"{r.backbone}: {r.error}" for r in failed))
-    return {"dataset": dataset.name, "leaderboard_csv": str(csv_path), "leaderboard_md": str(md_path),
-            "rows": table, "extraction": summaries, "evaluations": evaluations}
+    return {**outcome, "rows": table}
 
 
 @flow(name="run-pipeline", flow_run_name=_pipeline_run_name)

@@ -56,7 +56,7 @@ def _model(name: str, doc: str, parts: tuple[str, ...], fields: dict[str, Any]) 
 
 DatasetSpec = _model(
     "DatasetSpec", "One data set: anything `extract --data` accepts, with its listing options.", ("source",),
-    {"name": (str, Field(pattern=r"^[A-Za-z0-9_.-]+$", description="used in file and run names")),
+    {"name": (str, Field(pattern=r"^[A-Za-z0-9_.%-]+$", description="used in file and run names")),
      **_spec_fields("source"),
      "data": (str, Field(description="image folder, manifest, tar shards, or torchvision:NAME"))})
 

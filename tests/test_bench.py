@@ -5,7 +5,7 @@ import csv
 import pytest
 
 from pipeline.cli import main
-from pipeline.evaluation.bench import run_bench
+from pipeline.recipe import run_bench
 from pipeline.store.read import read_attrs
 
 

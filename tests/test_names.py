@@ -9,8 +9,9 @@ import shutil
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.evaluation.bench import read_leaderboard, run_bench
 from pipeline.outputs import results_stem, sibling, slug, store_stem
+from pipeline.recipe import run_bench
+from pipeline.report.leaderboard import read_leaderboard
 from tests.conftest import TINY_BACKBONE
 
 TAGGED = f"{TINY_BACKBONE}.r160_in1k"  # `Path.with_suffix` would turn both into the same name

@@ -69,7 +69,7 @@ def test_nightly_scenario_first_run_then_incremental(tmp_path, small_digits_root
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from flows.pipeline_flows import _key
-    from pipeline.evaluation.bench import slug
+    from pipeline.outputs import slug
 
     images = shutil.copytree(small_digits_root, tmp_path / "images")
     config = _config(tmp_path, "images")
@@ -153,8 +153,8 @@ def test_sharded_extraction_on_two_dask_workers_equals_one_run(tmp_path, small_d
     from flows.pipeline_flows import extract_features
     from pipeline.engine.parts import part_of, part_path
     from pipeline.engine.runner import extract_to_store
-    from pipeline.evaluation.bench import store_for
     from pipeline.plan import ExtractConfig
+    from pipeline.recipe import store_for
     from pipeline.run_config import DatasetSpec, ExtractSpec
     from pipeline.store.read import load_store, read_attrs
     from pipeline.store.verify import verify_store

@@ -46,7 +46,7 @@ def test_flows_survive_the_runners_pickling_into_a_spawned_process(tmp_path):
     cases = [(run_pipeline, {"config": config.model_dump()}),
              (benchmark, {"dataset": dataset, "backbones": ["a"], "output_dir": str(tmp_path)}),
              (extract_features, {"dataset": dataset, "backbones": ["a"], "output_dir": str(tmp_path)}),
-             (evaluate, {"store": "s.h5", "results_dir": str(tmp_path)}),
+             (evaluate, {"store": "s.h5", "output_dir": str(tmp_path)}),
              (demo_flow, {"data_dir": str(tmp_path)})]
     context = multiprocessing.get_context("spawn")
     for flow_, parameters in cases:

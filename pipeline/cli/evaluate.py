@@ -210,12 +210,14 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.evaluation.bench import bench_title, data_name, leaderboard_text, run_bench
+    from pipeline.recipe import data_name, leaderboard_title, run_bench
+    from pipeline.report.leaderboard import leaderboard_text
 
     extract = {name: getattr(args, name) for name in BENCH_EXTRACT}
     rows, csv_path, md_path = run_bench(args.data, args.backbones, args.out_dir, head=args.head, k=args.k,
                                         extract=extract, progress=not args.quiet, reset=args.reset_leaderboard)
-    print(leaderboard_text(rows, title=bench_title(data_name(args.data), args.head, args.k, DINOV2_TEMPERATURE)))
+    title = leaderboard_title(data_name(args.data), args.head, args.k, DINOV2_TEMPERATURE)
+    print(leaderboard_text(rows, title=title))
     print(f"leaderboard: {csv_path}  {md_path}")
     failed = [r for r in rows if r.error]
     return 1 if failed else 0

@@ -272,3 +272,17 @@ def update_index(path: str | Path, *, store: str | Path | None = None, queries: 
     save_index(Path(path), loaded.index, new_ids, new_hashes, infos)
     return infos
 
+
+
+def refresh_index(store: str | Path, out: str | Path, *, kind: str = "auto",
+                  memory_budget: int = DEFAULT_MEMORY_BUDGET, target_recall: float = 0.95) -> IndexInfos:
+    """The index folder `out` brought up to date with `store`: new rows added when it is an index of that store,
+    otherwise built afresh (the first time, or when the store was replaced); for output folders a run owns."""
+    try:
+        current = store_of(load_index(out), store) is not None
+    except PipelineError:
+        current = False
+    if current:
+        return update_index(out, store=store)
+    return build_index(store, out, kind=kind, memory_budget=memory_budget, target_recall=target_recall,
+                       overwrite=True)

@@ -1,26 +1,18 @@
-"""`bench`: several backbones x one data set -> a leaderboard (probe top-1, kNN top-1, feature dim, images/s).
-
-Stores are cached per (data set, backbone) under OUT/stores, so a rerun only extracts what changed; the throughput
-of a cached store is the one recorded when it was computed. The leaderboard keeps the rows of backbones that were not
-part of this run, with the date they were computed, unless asked to start afresh (`reset`).
-"""
+"""Leaderboards: one row per backbone on a data set (probe top-1, kNN top-1, balanced accuracy, dim, images/s, the
+date the figures were computed), as CSV and markdown files that accumulate across runs: rows of backbones that were
+not part of a run are kept with their date, unless the board is reset."""
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
-import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from pipeline.config import DINOV2_TEMPERATURE, KnnConfig, ProbeConfig
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.outputs import check_output, owned_text, sibling, slug, store_stem, write_atomic
-from pipeline.plan import ExtractConfig
+from pipeline.errors import PipelineError
+from pipeline.outputs import check_output, owned_text, sibling, write_atomic
 from pipeline.report.render import LEGACY_MD, MD_MARK, Value, markdown_table, md_inline
 from pipeline.report.tables import csv_text, unsafe_cell
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,21 +36,6 @@ def today() -> str:
     return dt.datetime.now(dt.timezone.utc).date().isoformat()
 
 
-def data_name(data: str | Path) -> str:
-    """The data set's name in file names: its folder or file name (every character kept, see `slug`)."""
-    return slug(Path(str(data).rstrip("/")).name or "data")
-
-
-def store_for(out_dir: str | Path, data_name: str, backbone: str) -> Path:
-    """Where a data set's store for a backbone is cached under a bench or run output folder."""
-    return Path(out_dir).resolve() / "stores" / f"{data_name}__{slug(backbone)}.h5"
-
-
-def results_for(out_dir: str | Path, store: Path, kind: str) -> Path:
-    """Results of one store under an output folder: OUT/results/STORE.KIND.json."""
-    return Path(out_dir).resolve() / "results" / f"{store_stem(store)}.{kind}.json"
-
-
 def fill_row(row: LeaderboardRow, *, probe: dict | None, knn: dict | None, k: int) -> LeaderboardRow:
     """A leaderboard row's figures from its store and its probe / kNN results (either may be absent)."""
     from pipeline.store.read import read_attrs
@@ -77,59 +54,6 @@ def ranked(rows: list[LeaderboardRow]) -> list[LeaderboardRow]:
     """Best probe first (then kNN); failed backbones last."""
     return sorted(rows, key=lambda r: (r.probe_top1 is None, -(r.probe_top1 or 0.0), -(r.knn_top1 or 0.0)))
 
-
-def check_bench_args(backbones: list[str], *, k: int, extract: dict | None) -> None:
-    """Everything that can be checked before the first extraction."""
-    if not backbones:
-        raise PipelineError("no backbones given; pass --backbones NAME[,NAME...]")
-    if len(set(backbones)) != len(backbones):
-        raise ConfigError(f"--backbones names a backbone twice: {backbones}")
-    if k < 1:
-        raise ConfigError(f"--k must be >= 1, got {k}")
-    ExtractConfig.of(data="", out=Path("x.h5"), **(extract or {}))  # validates batch size, workers, ...
-
-
-def run_bench(data: str | Path, backbones: list[str], out_dir: str | Path, *, extract: dict | None = None,
-              head: str = "logreg", k: int = 20, temperature: float = DINOV2_TEMPERATURE,
-              progress: bool = True, reset: bool = False) -> tuple[list[LeaderboardRow], Path, Path]:
-    """Extract (or reuse), probe and kNN-classify `data` with each backbone; write leaderboard CSV and markdown.
-
-    A backbone that fails (weights unavailable, say) gets a row with its error and the others still run.
-    """
-    from pipeline.engine.runner import extract_to_store
-    from pipeline.evaluation.knn import run_knn
-    from pipeline.evaluation.probes import run_probe
-
-    check_bench_args(backbones, k=k, extract=extract)
-    out_dir = Path(out_dir).resolve()
-    name = data_name(data)
-    stem = out_dir / f"leaderboard_{name}"
-    check_leaderboard(stem)
-    rows = []
-    for backbone in backbones:
-        store = store_for(out_dir, name, backbone)
-        row = LeaderboardRow(backbone, store=str(store))
-        try:
-            extraction = extract_to_store(ExtractConfig.of(data=data, out=store, backbone=backbone, progress=progress,
-                                                        **(extract or {})))
-            row.cached = extraction.skipped
-            probe, _ = run_probe(ProbeConfig(store=store, out=results_for(out_dir, store, "probe"), head=head))
-            knn, _ = run_knn(KnnConfig(store=store, out=results_for(out_dir, store, "knn"), ks=(k,),
-                                       temperature=temperature))
-            fill_row(row, probe=probe, knn=knn, k=k)
-        except PipelineError as exc:
-            log.error("%s: %s", backbone, exc)
-            row.error, row.date = str(exc), today()
-        rows.append(row)
-    rows, csv_path, md_path = write_leaderboard(rows, stem, title=bench_title(name, head, k, temperature), reset=reset)
-    return rows, csv_path, md_path
-
-
-def bench_title(name: str, head: str, k: int, temperature: float) -> str:
-    return f"{name}: {head} probe, kNN k={k} weighted (T={temperature:g})"
-
-
-# -- the leaderboard files -------------------------------------------------------------------------------------------
 
 def _owned_csv(path: Path) -> bool:
     try:
@@ -188,6 +112,7 @@ def _leaderboard_cells(rows: list[LeaderboardRow]) -> list[tuple[str, ...]]:
 
 
 def leaderboard_markdown(rows: list[LeaderboardRow], *, title: str) -> str:
+    """The leaderboard as markdown (every cell literal text)."""
     body = markdown_table(LEADERBOARD_HEADER, _leaderboard_cells(rows), align="rlrrrrrll")
     return f"{MD_MARK}\n\n# Leaderboard: {md_inline(Value(title))}\n\n{body}\n"
 
@@ -204,6 +129,8 @@ def write_leaderboard(rows: list[LeaderboardRow], stem: Path, *, title: str, res
     """Write the leaderboard CSV and markdown: this run's rows, plus (unless `reset`) the earlier rows of backbones
     not in this run, kept with their dates. Returns the ranked rows written."""
     csv_path, md_path = check_leaderboard(stem, overwrite=overwrite)
+    for row in rows:
+        row.date = row.date or today()
     here = {r.backbone for r in rows}
     kept = [] if reset else [r for r in read_leaderboard(csv_path) if r.backbone not in here]
     rows = ranked([*rows, *kept])

@@ -1,0 +1,218 @@
+"""The benchmark recipe, written once: one data set x backbones → stores (incrementally) → evaluations (probe, kNN,
+index) → leaderboard, and where each file of it goes under an output folder.
+
+`bench`, the demo and the Prefect flows all run `benchmark`. The steps are injectable (`Steps`): the library runs
+them as plain calls; a flow passes its tasks and subflows (same signatures), so that the UI shows each step, and
+adds only what is Prefect's (artifacts, the run's final state).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import DINOV2_TEMPERATURE
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.outputs import slug, store_stem
+from pipeline.plan import ExtractConfig
+from pipeline.report.leaderboard import LeaderboardRow, check_leaderboard, fill_row, write_leaderboard
+from pipeline.run_config import DatasetSpec, ExtractSpec, IndexSpec, KnnSpec, ProbeSpec
+
+log = logging.getLogger(__name__)
+
+
+# -- where things go under an output folder --------------------------------------------------------------------------
+
+def data_name(data: str | Path) -> str:
+    """The data set's name in file names: its folder or file name (every character kept, see `slug`)."""
+    return slug(Path(str(data).rstrip("/")).name or "data")
+
+
+def store_for(output_dir: str | Path, name: str, backbone: str) -> Path:
+    """Where a data set's store for a backbone is cached: OUT/stores/NAME__BACKBONE.h5."""
+    return Path(output_dir).resolve() / "stores" / f"{name}__{slug(backbone)}.h5"
+
+
+def results_for(output_dir: str | Path, store: str | Path, kind: str) -> Path:
+    """Results of one store: OUT/results/STORE.KIND.json."""
+    return Path(output_dir).resolve() / "results" / f"{store_stem(store)}.{kind}.json"
+
+
+def index_for(output_dir: str | Path, store: str | Path) -> Path:
+    """The index folder of one store: OUT/indexes/STORE."""
+    return Path(output_dir).resolve() / "indexes" / store_stem(store)
+
+
+def leaderboard_stem(output_dir: str | Path, name: str) -> Path:
+    return Path(output_dir).resolve() / f"leaderboard_{name}"
+
+
+def leaderboard_title(name: str, head: str, k: int, temperature: float) -> str:
+    return f"{name}: {head} probe, kNN k={k} weighted (T={temperature:g})"
+
+
+def extract_config(dataset: DatasetSpec, backbone: str, output_dir: str | Path, spec: ExtractSpec, *,
+                   progress: bool = True) -> ExtractConfig:
+    """The one extraction spec, from a data set and extract section (their fields are the spec's)."""
+    return ExtractConfig.of(out=store_for(output_dir, dataset.name, backbone), backbone=backbone, progress=progress,
+                            **dataset.model_dump(exclude={"name"}), **spec.model_dump(exclude={"shards"}))
+
+
+# -- the steps, as plain library calls -------------------------------------------------------------------------------
+
+def extract_one(dataset: DatasetSpec, backbone: str, output_dir: str, spec: ExtractSpec, *, progress: bool = True,
+                on_progress: Callable[[int, int], None] | None = None) -> dict:
+    """One backbone over the data set into its store; a summary small enough for a Prefect task to return."""
+    from pipeline.engine.runner import extract_to_store
+
+    config = extract_config(dataset, backbone, output_dir, spec, progress=progress)
+    return summarize(extract_to_store(config, on_progress=on_progress))
+
+
+def summarize(result: Any) -> dict:
+    import dataclasses
+
+    summary = dataclasses.asdict(result)
+    summary["failures"] = summary["failures"][:20]
+    summary["summary"] = result.summary()
+    return summary
+
+
+def failed_extraction(store: str | Path, backbone: str, exc: Exception) -> dict:
+    return {"store": str(store), "backbone": backbone, "skipped": False, "computed": 0, "error": str(exc),
+            "summary": f"{backbone} failed: {exc}"}
+
+
+def extract_all(dataset: DatasetSpec, backbones: list[str], output_dir: str, spec: ExtractSpec, *,
+                progress: bool = True, one: Callable[..., dict] | None = None,
+                logger: logging.Logger | logging.LoggerAdapter = log) -> list[dict]:
+    """Each backbone in turn (`one` extracts one: `extract_one` by default, a flow's task or subflow); one
+    backbone's problem (weights missing, say) does not stop the others."""
+    summaries = []
+    for backbone in backbones:
+        try:
+            summary = (one(dataset, backbone, output_dir, spec) if one else
+                       extract_one(dataset, backbone, output_dir, spec, progress=progress))
+        except PipelineError as exc:
+            logger.error("%s: %s", backbone, exc)
+            summary = failed_extraction(store_for(output_dir, dataset.name, backbone), backbone, exc)
+        logger.info(summary["summary"])
+        summaries.append(summary)
+    return summaries
+
+
+def probe_store(store: str, output_dir: str, spec: ProbeSpec) -> dict:
+    from pipeline.config import ProbeConfig
+    from pipeline.evaluation.probes import run_probe
+
+    result, _ = run_probe(ProbeConfig(store=Path(store), out=results_for(output_dir, store, "probe"), head=spec.head,
+                                      grid=tuple(spec.grid) if spec.grid else None))
+    return result
+
+
+def knn_store(store: str, output_dir: str, spec: KnnSpec) -> dict:
+    from pipeline.config import KnnConfig
+    from pipeline.evaluation.knn import run_knn
+
+    result, _ = run_knn(KnnConfig(store=Path(store), out=results_for(output_dir, store, "knn"), ks=tuple(spec.ks),
+                                  temperature=spec.temperature))
+    result.pop("examples", None)  # for the report's image grid only: not worth passing around
+    return result
+
+
+def index_store(store: str, output_dir: str, spec: IndexSpec) -> dict:
+    """Add the store's new rows to its index, or build it (the first time, or when the store was replaced)."""
+    import dataclasses
+
+    from pipeline.index.build import refresh_index
+    from pipeline.index.plan import parse_memory_size
+
+    out = index_for(output_dir, store)
+    infos = refresh_index(store, out, kind=spec.kind, memory_budget=parse_memory_size(spec.memory_budget),
+                          target_recall=spec.target_recall)
+    return dataclasses.asdict(infos) | {"path": str(out)}
+
+
+@dataclass(frozen=True)
+class EvaluationSteps:
+    probe: Callable[[str, str, ProbeSpec], dict] = probe_store
+    knn: Callable[[str, str, KnnSpec], dict] = knn_store
+    index: Callable[[str, str, IndexSpec], dict] = index_store
+
+
+def evaluate_store(store: str, output_dir: str, probe: ProbeSpec, knn: KnnSpec, index: IndexSpec, *,
+                   steps: EvaluationSteps = EvaluationSteps()) -> dict:
+    """Probe, kNN and index one store (each when enabled)."""
+    return {"store": store,
+            "probe": steps.probe(store, output_dir, probe) if probe.enabled else None,
+            "knn": steps.knn(store, output_dir, knn) if knn.enabled else None,
+            "index": steps.index(store, output_dir, index) if index.enabled else None}
+
+
+@dataclass(frozen=True)
+class Steps:
+    """How `benchmark` runs its two steps (a flow passes a subflow for each)."""
+
+    extract_all: Callable[..., list[dict]] = extract_all
+    evaluate: Callable[..., dict] = evaluate_store
+
+
+def check_backbones(backbones: list[str]) -> None:
+    if not backbones:
+        raise PipelineError("no backbones given; pass --backbones NAME[,NAME...]")
+    if len(set(backbones)) != len(backbones):
+        raise ConfigError(f"backbones are named twice: {backbones}")
+
+
+def benchmark(dataset: DatasetSpec, backbones: list[str], output_dir: str | Path, *, extract: ExtractSpec,
+              probe: ProbeSpec, knn: KnnSpec, index: IndexSpec, reset: bool = False,
+              steps: Steps = Steps()) -> dict:
+    """Backbones x one data set: extract (incrementally), evaluate each store, write the leaderboard. A backbone
+    that fails gets a row with its error and the others still run; everything is checked before the first step."""
+    check_backbones(backbones)
+    output_dir = str(Path(output_dir).resolve())
+    stem = leaderboard_stem(output_dir, dataset.name)
+    check_leaderboard(stem)
+    summaries = steps.extract_all(dataset, backbones, output_dir, extract)
+    rows, evaluations, k = [], [], max(knn.ks)
+    for backbone, summary in zip(backbones, summaries, strict=True):
+        row = LeaderboardRow(backbone, cached=summary["skipped"], store=summary["store"],
+                             error=summary.get("error", ""))
+        if not row.error:
+            try:
+                evaluation = steps.evaluate(summary["store"], output_dir, probe, knn, index)
+                fill_row(row, probe=evaluation["probe"], knn=evaluation["knn"], k=k)
+                evaluations.append(evaluation)
+            except PipelineError as exc:
+                log.error("%s: %s", backbone, exc)
+                row.error = str(exc)
+        rows.append(row)
+    title = leaderboard_title(dataset.name, probe.head, k, knn.temperature)
+    rows, csv_path, md_path = write_leaderboard(rows, stem, title=title, reset=reset)
+    return {"dataset": dataset.name, "title": title, "rows": rows, "leaderboard_csv": str(csv_path),
+            "leaderboard_md": str(md_path), "extraction": summaries, "evaluations": evaluations}
+
+
+def run_bench(data: str | Path, backbones: list[str], output_dir: str | Path, *, extract: dict | None = None,
+              head: str = "logreg", k: int = 20, temperature: float = DINOV2_TEMPERATURE, progress: bool = True,
+              reset: bool = False) -> tuple[list[LeaderboardRow], Path, Path]:
+    """`bench`: the recipe on one data set given by path, with the probe and one kNN k, no index; returns the
+    ranked leaderboard rows and its two files."""
+    from functools import partial
+
+    from pydantic import ValidationError
+
+    from pipeline.run_config import validation_message
+
+    try:
+        dataset = DatasetSpec(name=data_name(data), data=str(data))
+        specs = {"extract": ExtractSpec(**(extract or {})), "probe": ProbeSpec(head=head),
+                 "knn": KnnSpec(ks=[k], temperature=temperature), "index": IndexSpec(enabled=False)}
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc, "bench")) from None
+    outcome = benchmark(dataset, backbones, output_dir, reset=reset,
+                        steps=Steps(extract_all=partial(extract_all, progress=progress)), **specs)
+    return outcome["rows"], Path(outcome["leaderboard_csv"]), Path(outcome["leaderboard_md"])
