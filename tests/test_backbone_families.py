@@ -8,9 +8,12 @@ import pytest
 import timm
 import torch
 import torchvision
+from PIL import Image
 
-from pipeline.backbones.factory import create_backbone, file_sha256, torchvision_weights_file
-from pipeline.errors import PipelineError
+from pipeline.backbones.factory import create_backbone
+from pipeline.backbones.families import torchvision_weights_file
+from pipeline.backbones.weights import file_sha256
+from pipeline.errors import PipelineError, UnknownBackboneError
 
 # (name, path of the final classifier in the original model, expected feature dimension)
 FAMILIES = [
@@ -198,3 +201,21 @@ def test_timm_weights_resolve_from_the_hugging_face_cache(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [f"timm:timm/resnet18.a1_in1k:sha256:{file_sha256(snapshot / 'model.safetensors')}",
                                   "False"]
+
+
+def test_a_new_backbone_family_is_one_entry(monkeypatch):
+    """The family registry is the only place that names families: add one, and its names build, pool the input
+    of their final Linear, and are refused as registered names."""
+    from pipeline.backbones import catalog
+
+    family = catalog.Family("tiny:", "tests.helpers:load_tiny_family", "no listing")
+    monkeypatch.setattr(catalog, "FAMILIES", (*catalog.FAMILIES, family))
+    backbone = create_backbone("tiny:24")
+    assert backbone.dim == 24 and backbone.weights == "tiny-24"
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    features = backbone.features(backbone.transform(image)[None])
+    assert features.shape == (1, 24)
+    with pytest.raises(ValueError, match="family prefix"):
+        catalog.register_backbone(catalog.BackboneSpec("tiny:x", "", lambda r: None, lambda: False))
+    with pytest.raises(UnknownBackboneError, match="tiny:<model>"):
+        create_backbone("tinyy:24")

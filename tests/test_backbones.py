@@ -12,7 +12,8 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 
 from pipeline.backbones.catalog import BackboneSpec, list_backbones, register_backbone
-from pipeline.backbones.factory import create_backbone, file_sha256
+from pipeline.backbones.factory import create_backbone
+from pipeline.backbones.weights import file_sha256
 from pipeline.engine.devices import resolve_device
 from pipeline.errors import PipelineError, UnknownBackboneError
 

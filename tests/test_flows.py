@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 ENTRY_POINT = ROOT / "pipeline" / "__main__.py"  # the application: it adds the flows' commands to the library's
-DYNAMIC = {"pipeline/engine/decode.py": "the user's --image-plugin modules"}  # import_module of a variable
+DYNAMIC = {"pipeline/engine/decode.py": "the user's --image-plugin modules",  # import_module of a variable
+           "pipeline/backbones/catalog.py": "the loaders named in FAMILIES (checked below)"}
 
 
 def _imports(path: Path) -> list[str]:
@@ -42,6 +43,9 @@ def test_pipeline_never_imports_prefect_or_flows():
     offenders = [f"{p.relative_to(ROOT)}: {n}" for p in (ROOT / "pipeline").rglob("*.py") if p != ENTRY_POINT
                  for n in _imports(p) if n.split(".")[0] in ("prefect", "flows")]
     assert offenders == []
+    from pipeline.backbones.catalog import FAMILIES
+
+    assert FAMILIES and all(f.loader.startswith("pipeline.backbones.") for f in FAMILIES)
     assert [n for n in _imports(ENTRY_POINT) if n.split(".")[0] == "flows"] == ["flows.commands"]
     code = ("import sys, pipeline.cli, pipeline.engine.runner, pipeline.evaluation.probes, pipeline.index.build, "
             "pipeline.report.blocks, pipeline.demo, pipeline.cli.evaluate, flows.commands; "

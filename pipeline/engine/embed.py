@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.backbones.factory import PRE_LOGITS, Backbone, create_backbone
+from pipeline.backbones.factory import create_backbone
+from pipeline.backbones.model import PRE_LOGITS, Backbone
 from pipeline.engine.decode import Decoding, decode, load_plugins, read_file
 from pipeline.engine.forward import l2_normalize
 from pipeline.engine.resolve import decoding_policy

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from pipeline.backbones.factory import Backbone
+from pipeline.backbones.model import Backbone
 from pipeline.engine.decode import Batch
 from pipeline.errors import DataError, PipelineError
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backbones.factory import Backbone, create_backbone
+from pipeline.backbones.factory import create_backbone
+from pipeline.backbones.model import Backbone
 from pipeline.engine.decode import MAX_ASPECT, Decoding, load_plugins
 from pipeline.errors import PipelineError, StoreError
 from pipeline.outputs import check_writable_dir

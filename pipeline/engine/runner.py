@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipeline.backbones.factory import Backbone
+from pipeline.backbones.model import Backbone
 from pipeline.engine.decode import ImageDataset
 from pipeline.engine.forward import ALL_ZERO, NON_FINITE, default_batch_size, default_workers, extract_features
 from pipeline.engine.resolve import Plan, resolve_plan
