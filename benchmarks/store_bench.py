@@ -34,7 +34,7 @@ WRITE_CHILD = textwrap.dedent("""
     import json, sys, time
     import numpy as np
     from pipeline.store.reuse import Listing
-from pipeline.store.writer import StoreWriter
+    from pipeline.store.writer import StoreWriter
     out, n, dim, dtype, compression, shard_rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], \\
         sys.argv[5], (int(sys.argv[6]) or None)
     listing = Listing(ids=[f"img/{k:09d}.jpg" for k in range(n)], labels=np.zeros(n, dtype=np.int64),

@@ -12,7 +12,8 @@ from pipeline.engine.forward import l2_normalize
 from pipeline.engine.runner import extract_to_store
 from pipeline.errors import DataError, StoreError
 from pipeline.plan import ExtractConfig
-from pipeline.store.read import load_store, partial_path
+from pipeline.store.read import load_store
+from pipeline.store.schema import partial_path
 from tests.helpers import make_folder
 
 

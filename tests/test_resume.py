@@ -19,8 +19,9 @@ from PIL import Image
 
 from pipeline.engine.runner import extract_to_store
 from pipeline.plan import ExtractConfig
-from pipeline.store.read import load_store, partial_path, shards_dir
+from pipeline.store.read import load_store
 from pipeline.store.reuse import Listing
+from pipeline.store.schema import partial_path, shards_dir
 from pipeline.store.verify import verify_store
 from pipeline.store.writer import StoreWriter
 from tests.conftest import TINY_BACKBONE
@@ -208,7 +209,7 @@ FAILING_DISK = textwrap.dedent("""
     ATTRS = ATTRS_HERE
     from pipeline.errors import StoreError
     from pipeline.store.reuse import Listing
-from pipeline.store.writer import StoreWriter
+    from pipeline.store.writer import StoreWriter
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
     resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 20, 3 << 20))
     n, dim = 2000, 1024

@@ -7,15 +7,9 @@ import numpy as np
 import pytest
 
 from pipeline.errors import StoreError
-from pipeline.store.read import (
-    SCHEMA_VERSION,
-    is_current,
-    iter_store,
-    load_store,
-    partial_path,
-    shards_dir,
-)
+from pipeline.store.read import is_current, iter_store, load_store
 from pipeline.store.reuse import Listing
+from pipeline.store.schema import SCHEMA_VERSION, partial_path, shards_dir
 from pipeline.store.verify import store_info, verify_store
 from pipeline.store.writer import StoreWriter
 

@@ -31,16 +31,9 @@ from pipeline.outputs import store_stem
 from pipeline.plan import ExtractConfig, Provenance
 from pipeline.sources import open_source
 from pipeline.sources.base import Source
-from pipeline.store.read import (
-    check_target,
-    is_current,
-    layout_attrs,
-    read_attrs,
-    read_columns,
-    read_failed,
-    read_features,
-)
+from pipeline.store.read import check_target, is_current, read_attrs, read_columns, read_failed, read_features
 from pipeline.store.reuse import Listing
+from pipeline.store.schema import layout_attrs
 from pipeline.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)

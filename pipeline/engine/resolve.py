@@ -21,17 +21,9 @@ from pipeline.outputs import check_writable_dir
 from pipeline.plan import DecodeSpec, ExtractConfig, Provenance
 from pipeline.sources import open_source
 from pipeline.sources.base import ListOptions, Source
-from pipeline.store.read import (
-    cache_key,
-    check_target,
-    is_current,
-    known_hashes,
-    layout_attrs,
-    library_versions,
-    read_attrs,
-    read_columns,
-)
+from pipeline.store.read import check_target, is_current, known_hashes, read_attrs, read_columns
 from pipeline.store.reuse import Listing
+from pipeline.store.schema import cache_key, layout_attrs, library_versions
 
 
 def absolute_data(data: str | Path) -> str:

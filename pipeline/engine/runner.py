@@ -24,7 +24,8 @@ from pipeline.engine.workers import supervised_batches
 from pipeline.errors import DataError, PipelineError
 from pipeline.plan import ExtractConfig
 from pipeline.sources.base import Source
-from pipeline.store.read import partial_path, read_attrs
+from pipeline.store.read import read_attrs
+from pipeline.store.schema import partial_path
 from pipeline.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)

@@ -116,30 +116,22 @@ def _root_stamp(root: str | None) -> tuple[int, int]:
     return size, newest
 
 
-
-def scan_torchvision(name: str | type, options: ListOptions = DEFAULT_OPTIONS) -> Source:
-    """List a `torchvision.datasets` class (by name, or the class itself) over a local root.
-
-    Splits come from the constructor: `train=True/False` gives train/test, `split=` is tried with train, val and
-    test; a class with neither is one set, split stratified. Ids are `split/index`. Files are fetched only with
-    `download=True` (and a network); otherwise they must already be under `root`.
-    """
-    cls = _dataset_class(name.removeprefix("torchvision:")) if isinstance(name, str) else name
-    root, download = options.root, options.download
-    params = inspect.signature(cls).parameters
-    if "root" in params and root is None:
-        raise DataError(f"torchvision:{cls.__name__} needs --root DIR (the folder that holds or will hold its files)")
-    root_text = None if root is None else str(Path(root))
+def _split_candidates(params: Any) -> list[tuple[str, dict]]:
+    """(split, constructor arguments) to try: `train=True/False`, or `split=` with the usual names, or one set."""
     if "train" in params:
-        candidates = [("train", {"train": True}), ("test", {"train": False})]
-    elif "split" in params:
-        candidates = [(s, {"split": v}) for s, values in (("train", ("train", "trainval")), ("val", ("val", "valid")),
-                                                            ("test", ("test",))) for v in values]
-    else:
-        candidates = [("", {})]
+        return [("train", {"train": True}), ("test", {"train": False})]
+    if "split" in params:
+        return [(s, {"split": v}) for s, values in (("train", ("train", "trainval")), ("val", ("val", "valid")),
+                                                      ("test", ("test",))) for v in values]
+    return [("", {})]
+
+
+def _construct_splits(cls: type, root_text: str | None, download: bool) -> dict[str, tuple[dict, Any]]:
+    """Each split the class can build over the root: {split: (constructor arguments, dataset)}."""
+    params = inspect.signature(cls).parameters
     found: dict[str, tuple[dict, Any]] = {}
     problems = []
-    for split, kwargs in candidates:
+    for split, kwargs in _split_candidates(params):
         if split in found:
             continue
         args = {**kwargs, **({"download": True} if download and "download" in params else {})}
@@ -155,20 +147,41 @@ def scan_torchvision(name: str | type, options: ListOptions = DEFAULT_OPTIONS) -
         hint = "check --root and the network" if download else \
             "point --root at the folder that holds its files, or pass --download to fetch them (needs a network)"
         raise DataError(f"torchvision:{cls.__name__} could not be loaded from {root_text} ({what}); {hint}")
+    return found
+
+
+def _rows(found: dict[str, tuple[dict, Any]]) -> tuple[tuple[str, ...], list, list, list, list]:
+    """(the datasets' class names, ids, label names, splits, locators) of every item of every split."""
     class_names: tuple[str, ...] = ()
     ids, names, splits, locators = [], [], [], []
     for split, (_, dataset) in found.items():
         n = len(dataset)
         width = max(5, len(str(n - 1)))
-        targets = _targets(dataset)
         classes = getattr(dataset, "classes", None)
         if classes and not class_names:
             class_names = tuple(str(c) for c in classes)
-        for index, target in enumerate(targets):
+        for index, target in enumerate(_targets(dataset)):
             ids.append(f"{split or 'all'}/{index:0{width}d}")
             names.append(None if target is None else label_text(target))
             splits.append(split)
             locators.append((split, index))
+    return class_names, ids, names, splits, locators
+
+
+def scan_torchvision(name: str | type, options: ListOptions = DEFAULT_OPTIONS) -> Source:
+    """List a `torchvision.datasets` class (by name, or the class itself) over a local root.
+
+    Splits come from the constructor: `train=True/False` gives train/test, `split=` is tried with train, val and
+    test; a class with neither is one set, split stratified. Ids are `split/index`. Files are fetched only with
+    `download=True` (and a network); otherwise they must already be under `root`.
+    """
+    cls = _dataset_class(name.removeprefix("torchvision:")) if isinstance(name, str) else name
+    root = options.root
+    if "root" in inspect.signature(cls).parameters and root is None:
+        raise DataError(f"torchvision:{cls.__name__} needs --root DIR (the folder that holds or will hold its files)")
+    root_text = None if root is None else str(Path(root))
+    found = _construct_splits(cls, root_text, options.download)
+    class_names, ids, names, splits, locators = _rows(found)
     if class_names and all(v is None or (re.fullmatch(r"\d+", v) and int(v) < len(class_names)) for v in names):
         labels = [UNLABELLED if v is None else int(v) for v in names]  # targets index the dataset's own classes
     else:

@@ -17,8 +17,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.store.read import SCHEMA_VERSION, partial_path, shards_dir
 from pipeline.store.reuse import Listing, ReusePlanner
+from pipeline.store.schema import SCHEMA_VERSION, partial_path, shards_dir
 from pipeline.store.segment import COLUMNS, Segment, read_index
 
 log = logging.getLogger(__name__)

@@ -1,26 +1,12 @@
-"""The HDF5 feature store (schema v2): reading, streaming, inspecting and verifying. Writing is in `store_writer`.
-
-A store is one entry file. Row-aligned datasets: `features` [N, D] (float32 or float16, rows L2-normalised),
-`ids` [N] UTF-8, `labels` [N] int64 (-1: unlabelled), `splits` [N] UTF-8, and `files/size`, `files/mtime_ns`,
-`files/hash` (each image's size, modification time and content hash, so that incremental runs know what changed).
-`failed/ids` and `failed/reasons` hold the images that could not be read. Attributes say what produced the bytes
-(`backbone`, `weights`, `preprocessing`, `cache_key`, ...) and whether the store is `complete`.
-
-Layouts (attribute `layout`):
-- `single`: everything in the entry file.
-- `sharded`: `features` is an HDF5 virtual dataset over fixed-size shard files in `<entry>.shards/`; every other
-  dataset is in the entry. Each shard holds its rows' features, ids and file stamps, so it can be reused alone.
-
-A store is written as `<entry>.partial` and renamed into place only once complete, so a file at the final name is
-always whole; readers refuse anything else with a message that says what to do.
+"""Reading the HDF5 feature store (format: `pipeline.store.schema`): loading, streaming, columns, attributes and
+the checks every reader makes (complete, schema, shards, row-aligned datasets, unit-norm finite rows), each refusal
+saying what to do. Writing is in `pipeline.store.writer`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import platform
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,74 +17,18 @@ import numpy as np
 
 from pipeline.errors import StoreError
 from pipeline.plan import Provenance
+from pipeline.store.schema import (
+    NORM_TOLERANCE,
+    ROW_DATASETS,
+    SCHEMA_VERSION,
+    SPLITS,
+    attrs_to_dict,
+    partial_path,
+    shard_list,
+    shards_dir,
+)
 
 log = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 2
-STR_DTYPE = h5py.string_dtype("utf-8")
-HASH_DTYPE = "S32"  # hex BLAKE2b-128
-ROW_DATASETS = ("ids", "labels", "splits", "files/size", "files/mtime_ns", "files/hash")
-SPLITS = ("train", "val", "test")
-# Unit-norm tolerance per storage dtype: float16 keeps ~11 bits of mantissa.
-NORM_TOLERANCE = {"float32": 1e-4, "float16": 2e-3}
-
-
-def cache_key(*, backbone: str, weights: str, preprocessing: str, layer: str, feature_dtype: str = "float32",
-              precision: str = "fp32") -> str:
-    """Hash of everything that changes the stored feature bytes for a given image (the compute precision too)."""
-    payload = json.dumps(
-        {"schema_version": SCHEMA_VERSION, "backbone": backbone, "weights": weights, "preprocessing": preprocessing,
-         "layer": layer, "feature_dtype": feature_dtype, "precision": precision},
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:32]
-
-
-def layout_attrs(*, shard_rows: int | None, compression: str) -> dict[str, Any]:
-    """The attributes that say how a store is laid out (not part of the cache key: they do not change the bytes)."""
-    return {"layout": "single" if shard_rows is None else "sharded", "shard_rows": shard_rows or 0,
-            "compression": compression}
-
-
-def partial_path(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
-
-
-def lock_path(path: Path) -> Path:
-    return path.with_name(path.name + ".lock")
-
-
-def shards_dir(path: Path) -> Path:
-    return path.with_name(path.name + ".shards")
-
-
-def library_versions() -> dict[str, str]:
-    import PIL
-    import timm
-    import torch
-    import torchvision
-
-    return {
-        "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "timm": timm.__version__, "numpy": np.__version__, "h5py": h5py.__version__, "pillow": PIL.__version__,
-    }
-
-
-def attrs_to_dict(attrs: h5py.AttributeManager) -> dict[str, Any]:
-    out = {}
-    for key, value in attrs.items():
-        if isinstance(value, bytes):
-            value = value.decode()
-        elif isinstance(value, np.generic):
-            value = value.item()
-        out[key] = value
-    return out
-
-
-def shard_list(attrs: dict[str, Any]) -> list[dict[str, Any]]:
-    """The shards of a sharded store, in row order: [{"file": name, "rows": n}, ...] (empty for `single`)."""
-    return json.loads(attrs.get("shards", "[]"))
-
 
 def _open_checked(path: Path) -> h5py.File:
     if not path.exists():

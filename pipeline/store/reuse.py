@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import StoreError
-from pipeline.store.read import SCHEMA_VERSION, attrs_to_dict, partial_path, shard_list, shards_dir
+from pipeline.store.schema import SCHEMA_VERSION, attrs_to_dict, partial_path, shard_list, shards_dir
 from pipeline.store.segment import COLUMNS, open_segment
 
 

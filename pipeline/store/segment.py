@@ -14,7 +14,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.store.read import HASH_DTYPE, SCHEMA_VERSION, STR_DTYPE, attrs_to_dict
+from pipeline.store.schema import HASH_DTYPE, SCHEMA_VERSION, STR_DTYPE, attrs_to_dict
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: fast sequential writes and chunk-aligned reads (see NOTES)

@@ -14,17 +14,8 @@ import h5py
 import numpy as np
 
 from pipeline.errors import StoreError
-from pipeline.store.read import (
-    NORM_TOLERANCE,
-    _check_complete,
-    _open_checked,
-    _read_failed,
-    attrs_to_dict,
-    partial_path,
-    row_problems,
-    shard_list,
-    shards_dir,
-)
+from pipeline.store.read import _check_complete, _open_checked, _read_failed, row_problems
+from pipeline.store.schema import NORM_TOLERANCE, attrs_to_dict, partial_path, shard_list, shards_dir
 
 PROVENANCE = ("backbone", "weights", "preprocessing", "cache_key")  # what embed, predict and search rely on
 

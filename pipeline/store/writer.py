@@ -25,8 +25,8 @@ from pipeline.config import COMPRESSIONS, FEATURE_DTYPES
 from pipeline.errors import StoreError
 from pipeline.store.layouts import LAYOUTS, Layout
 from pipeline.store.lock import LockTimeout, StoreLock
-from pipeline.store.read import STR_DTYPE, layout_attrs, lock_path, partial_path
 from pipeline.store.reuse import Listing, ReusePlanner
+from pipeline.store.schema import STR_DTYPE, layout_attrs, lock_path, partial_path
 from pipeline.store.segment import COPY_BYTES, as_hashes, read_index, short_error
 
 log = logging.getLogger(__name__)
