@@ -266,6 +266,23 @@ class Reader(Protocol):
     def read(self, locator: Any, max_bytes: int | None = None) -> bytes | Image.Image: ...
 
 
+class PerProcessReader:
+    """A reader that opens what it reads (file handles, dataset objects) lazily in each process: only the `kept`
+    attributes are pickled, and `fresh()` starts the per-process state, at construction and after unpickling."""
+
+    kept: tuple[str, ...] = ()
+
+    def fresh(self) -> None:
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict:
+        return {name: self.__dict__[name] for name in self.kept}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.fresh()
+
+
 def failure_reason(exc: BaseException) -> str:
     """An exception as a stable, one-line failure reason: no object addresses (they differ run to run), bounded."""
     text = f"{type(exc).__name__}: {exc}".strip()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Iterable, Sequence
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -23,12 +24,12 @@ def unsafe_cell(text: str) -> str:
     return text[1:] if text.startswith("'") and text[1:].startswith(_FORMULA_START) else text
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+    """A plain decimal number such as -0.5 or 1e-3 (what a spreadsheet reads as a number, not a formula)."""
+    return _NUMBER.fullmatch(text) is not None
 
 
 def csv_text(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

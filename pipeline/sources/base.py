@@ -26,6 +26,7 @@ from pipeline.engine.decode import (
     SPLITS,
     FileReader,
     Reader,
+    content_hash,
     file_stamp,
     raw_hash,
 )
@@ -133,6 +134,24 @@ def known_key(options: ListOptions, sample_id: str, stamp: tuple[int, int]) -> s
     return found[2] if found is not None and (found[0], found[1]) == tuple(stamp) and found[2] else None
 
 
+def content_keys(options: ListOptions, ids: list[str], stamps: list, read: Callable[[int], bytes]) -> Callable[[int],
+                                                                                                               str]:
+    """`key_of(i)` for `finish`: sample i's content hash, as recorded by the store being updated when its stamp is
+    unchanged, else of the bytes `read(i)` returns ("" for a sample that cannot be read, or is refused with a
+    ValueError)."""
+
+    def key_of(i: int) -> str:
+        known = known_key(options, ids[i], stamps[i])
+        if known is not None:
+            return known
+        try:
+            return content_hash(read(i))
+        except (OSError, ValueError):
+            return ""
+
+    return key_of
+
+
 # -- labels ---------------------------------------------------------------------------------------------------------
 
 def class_index(values: list[str | None]) -> tuple[tuple[str, ...], list[int]]:
@@ -159,6 +178,14 @@ def label_text(value: Any) -> str | None:
     """A label as text; missing, empty and negative integers (the usual -1) mean unlabelled."""
     text = cell(value)
     return None if text is None or re.fullmatch(r"-\d+", text) else text
+
+
+def split_cell(value: Any, where: str, fix: str = "") -> str | None:
+    """A split given by the source (`cell` text), which must be one of SPLITS; None where it gives none."""
+    split = cell(value)
+    if split is not None and split not in SPLITS:
+        raise DataError(f"{where} has split {value!r}; valid splits are {', '.join(SPLITS)}{fix}")
+    return split
 
 
 # -- checks of the whole ---------------------------------------------------------------------------------------------

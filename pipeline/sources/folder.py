@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.engine.decode import IMAGE_EXTENSIONS, SPLITS, FileReader, Refused, content_hash, file_stamp, read_file
+from pipeline.engine.decode import IMAGE_EXTENSIONS, SPLITS, FileReader, Refused, file_stamp, read_file
 from pipeline.errors import DataError
 from pipeline.sources.base import (
     DATA_HINT,
@@ -20,8 +20,8 @@ from pipeline.sources.base import (
     ListOptions,
     Source,
     class_index,
+    content_keys,
     finish,
-    known_key,
     printable,
 )
 
@@ -129,15 +129,13 @@ def scan_image_folder(root: str | Path, options: ListOptions = DEFAULT_OPTIONS) 
         warnings.append(f"{len(walk.skipped)} linked folder(s) under {root} lead outside it and were not read (e.g. "
                         f"{walk.skipped[0]}); pass --follow-links to trust them")
 
-    def key_of(i: int) -> str:
+    def read(i: int) -> bytes:
         path, refused = found[i][0], found[i][1]
-        known = known_key(options, ids[i], stamps[i])
-        if known is not None or refused is not None:
-            return known or ""
-        try:
-            return content_hash(read_file(path, options.max_file_bytes))
-        except (OSError, ValueError):
-            return ""
+        if refused is not None:
+            raise ValueError(refused)  # a link out of the root: never read
+        return read_file(path, options.max_file_bytes)
+
+    key_of = content_keys(options, ids, stamps, read)
 
     return finish("folder", root, ids, [p for p, *_ in found], class_names, labels, [s for *_, s in found],
                   options=options, hinted_by="folders", key_of=key_of, reader=FileReader(),

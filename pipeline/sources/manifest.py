@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.engine.decode import SPLITS, FileReader, content_hash, file_stamp, read_file
+from pipeline.engine.decode import FileReader, file_stamp, read_file
 from pipeline.errors import DataError
 from pipeline.sources.base import (
     DATA_HINT,
@@ -19,9 +19,10 @@ from pipeline.sources.base import (
     cell,
     check_unique,
     class_index,
+    content_keys,
     finish,
-    known_key,
     label_text,
+    split_cell,
 )
 
 MANIFEST_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -90,11 +91,8 @@ def scan_manifest(path: str | Path, options: ListOptions = DEFAULT_OPTIONS) -> S
         files.append(Path(text) if Path(text).is_absolute() else base / text)
         ids.append(cell(row.get("id")) or Path(text).as_posix())
         names.append(label_text(row.get("label")))
-        split = cell(row.get("split"))
-        if split is not None and split not in SPLITS:
-            raise DataError(f"{path} row {number} has split {row.get('split')!r}; valid splits are "
-                            f"{', '.join(SPLITS)} (give every row one, or drop the column to split automatically)")
-        splits.append(split)
+        splits.append(split_cell(row.get("split"), f"{path} row {number}",
+                                 " (give every row one, or drop the column to split automatically)"))
     missing = [(n, f) for n, f in enumerate(files, 1) if not os.path.lexists(f)]
     if missing:
         n, f = missing[0]
@@ -104,15 +102,7 @@ def scan_manifest(path: str | Path, options: ListOptions = DEFAULT_OPTIONS) -> S
     class_names, labels = class_index(names)
     stamps = [file_stamp(f) for f in files]
 
-    def key_of(i: int) -> str:
-        known = known_key(options, ids[i], stamps[i])
-        if known is not None:
-            return known
-        try:
-            return content_hash(read_file(files[i], options.max_file_bytes))
-        except (OSError, ValueError):
-            return ""
-
+    key_of = content_keys(options, ids, stamps, lambda i: read_file(files[i], options.max_file_bytes))
     return finish("manifest", path, ids, files, class_names, labels, splits, options=options, hinted_by="manifest",
                   key_of=key_of, reader=FileReader(), description=str(path), stamps=stamps,
                   label_source="label column" if class_names else "")

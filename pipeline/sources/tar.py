@@ -18,20 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.engine.decode import SPLITS, check_file_size, content_hash
+from pipeline.engine.decode import SPLITS, PerProcessReader, check_file_size
 from pipeline.errors import DataError
 from pipeline.sources.base import (
     DATA_HINT,
     DEFAULT_OPTIONS,
     ListOptions,
     Source,
-    cell,
     check_unique,
     class_index,
+    content_keys,
     finish,
-    known_key,
     label_text,
     printable,
+    split_cell,
 )
 
 # Which member of a key is the image when several are, and which carry the label.
@@ -49,19 +49,18 @@ class TarMember:
     problem: str = ""
 
 
-class TarReader:
+class TarReader(PerProcessReader):
     """Reads members in place (no unpacking): one positional read per image, after checking the member's size.
     File handles are opened lazily per process and never pickled."""
 
+    kept = ("shards",)
+
     def __init__(self, shards: tuple[Path, ...]) -> None:
         self.shards = shards
+        self.fresh()
+
+    def fresh(self) -> None:
         self._fds: dict[int, int] = {}
-
-    def __getstate__(self) -> dict:
-        return {"shards": self.shards}
-
-    def __setstate__(self, state: dict) -> None:
-        self.shards, self._fds = state["shards"], {}
 
     def read(self, locator: TarMember, max_bytes: int | None = None) -> bytes:
         if locator.problem:
@@ -145,8 +144,8 @@ def _tar_groups(shard: Path) -> dict[str, dict[str, tarfile.TarInfo]]:
     return groups
 
 
-def _tar_meta(fh: Any, members: dict[str, tarfile.TarInfo]) -> tuple[str | None, str | None]:
-    """(label, split) of one key from its `.cls` or `.json` member (`fh`: the shard, open for reading)."""
+def _tar_meta(fh: Any, members: dict[str, tarfile.TarInfo]) -> tuple[str | None, Any]:
+    """(label, split as given) of one key from its `.cls` or `.json` member (`fh`: the shard, open for reading)."""
     def text(ext: str) -> str:
         fh.seek(members[ext].offset_data)
         return fh.read(min(members[ext].size, 1 << 20)).decode("utf-8", errors="replace")
@@ -159,7 +158,7 @@ def _tar_meta(fh: Any, members: dict[str, tarfile.TarInfo]) -> tuple[str | None,
             meta = None
         if isinstance(meta, dict):
             label = label_text(next((meta[k] for k in ("label", "cls", "class") if k in meta), None))
-            split = cell(meta.get("split"))
+            split = meta.get("split")
     for ext in LABEL_EXTS:
         if ext in members:
             label = label_text(text(ext))
@@ -196,8 +195,7 @@ def _list_shards(shards: list[Path]) -> dict[str, list]:
         with open(shard, "rb") as fh:
             metas = [_tar_meta(fh, group) for group in groups.values()]
         for (key, group), (label, split) in zip(groups.items(), metas, strict=True):
-            if split is not None and split not in SPLITS:
-                raise DataError(f"{shard}: key {key!r} has split {split!r}; valid splits are {', '.join(SPLITS)}")
+            split = split_cell(split, f"{shard}: key {key!r}")
             image_ext = next((e for e in IMAGE_EXTS if e in group), None)
             if image_ext is None:
                 found = ", ".join(sorted(group))
@@ -232,15 +230,8 @@ def scan_tar_shards(shards: list[Path], options: ListOptions = DEFAULT_OPTIONS) 
     class_names, labels = class_index(names)
     reader = TarReader(tuple(shards))
 
-    def key_of(i: int) -> str:
-        known = known_key(options, ids[i], rows["stamps"][i])
-        if known is not None:
-            return known
-        try:
-            return content_hash(reader.read(rows["members"][i], options.max_file_bytes))
-        except (OSError, ValueError):
-            return ""
-
+    key_of = content_keys(options, ids, rows["stamps"], lambda i: reader.read(rows["members"][i],
+                                                                               options.max_file_bytes))
     description = str(shards[0]) if len(shards) == 1 else f"{shards[0]} .. {shards[-1].name} ({len(shards)} shards)"
     return finish("tar", shards[0].parent, ids, [shards[m.shard] for m in rows["members"]], class_names, labels,
                   hints, options=options, hinted_by="shards", key_of=key_of, reader=reader, description=description,

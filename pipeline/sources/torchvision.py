@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.engine.decode import PerProcessReader
 from pipeline.errors import DataError
 from pipeline.sources.base import DEFAULT_OPTIONS, UNLABELLED, ListOptions, Source, class_index, finish, label_text
 
@@ -31,18 +32,17 @@ class TorchvisionSpec:
     splits: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]  # (split, constructor keyword arguments)
 
 
-class TorchvisionReader:
+class TorchvisionReader(PerProcessReader):
     """Locators are (split, index); each process constructs the datasets once, lazily (never downloading)."""
+
+    kept = ("spec",)
 
     def __init__(self, spec: TorchvisionSpec) -> None:
         self.spec = spec
+        self.fresh()
+
+    def fresh(self) -> None:
         self._datasets: dict[str, Any] = {}
-
-    def __getstate__(self) -> dict:
-        return {"spec": self.spec}
-
-    def __setstate__(self, state: dict) -> None:
-        self.spec, self._datasets = state["spec"], {}
 
     def dataset(self, split: str) -> Any:
         if split not in self._datasets:
