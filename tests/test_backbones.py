@@ -142,3 +142,18 @@ def test_cuda_features_match_cpu(lite0):
     x = torch.randn(4, *lite0.data_config["input_size"])
     cos = torch.nn.functional.cosine_similarity(gpu.features(x).cpu(), lite0.features(x), dim=1)
     assert float(cos.min()) > 0.999
+
+
+def test_global_pool_averages_over_space_or_tokens():
+    """backbones/model: an intermediate layer's output pooled to [N, C] for each layout a network produces."""
+    from pipeline.backbones.model import global_pool
+
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    assert torch.equal(global_pool(x), x.mean(dim=(2, 3)))  # NCHW
+    nhwc = x.permute(0, 2, 3, 1)
+    assert torch.equal(global_pool(nhwc, channels_last_tokens=True), x.mean(dim=(2, 3)))  # NHWC, same numbers
+    tokens = x.flatten(2).transpose(1, 2)  # [N, L, C]
+    assert torch.allclose(global_pool(tokens), x.mean(dim=(2, 3)))
+    assert torch.equal(global_pool(x[:, :, 0, 0]), x[:, :, 0, 0])  # already pooled
+    with pytest.raises(PipelineError, match="cannot pool"):
+        global_pool(x[..., None])

@@ -165,3 +165,66 @@ def test_default_workers_fit_the_machine_and_always_isolate_decoding(monkeypatch
     # one core is left to the model; never 0 (decoder crashes stay out of this process); at most 16
     monkeypatch.setattr("os.cpu_count", lambda: cores)
     assert default_workers() == workers
+
+
+def _decode_dataset(tmp_path, n: int = 12, bad: tuple[int, ...] = ()):
+    from torchvision.transforms import v2
+
+    from pipeline.engine.decode import ImageDataset
+    from tests.helpers import write_image
+
+    paths = []
+    for i in range(n):
+        path = tmp_path / f"im{i:02d}.png"
+        if i in bad:
+            path.write_bytes(b"not an image")
+        else:
+            write_image(path, seed=i)
+        paths.append(path)
+    transform = v2.Compose([v2.PILToTensor(), v2.Resize((16, 16)), v2.ToDtype(torch.float32, scale=True)])
+    return ImageDataset(paths, transform)
+
+
+def test_the_loader_adapter_sees_and_stops_the_dataloaders_workers(tmp_path):
+    """engine/loader.py is the one place that touches DataLoader privates (checked against the pinned torch): if a
+    new torch moves them, this fails instead of the supervision silently losing sight of its workers."""
+    from pipeline.engine.loader import make_loader, shutdown, worker_processes
+
+    iterator = iter(make_loader(_decode_dataset(tmp_path), batch_size=4, workers=2, pin_memory=False))
+    first = next(iterator)
+    processes = worker_processes(iterator)
+    assert list(first.indices) == [0, 1, 2, 3]
+    assert len(processes) == 2 and all(p.is_alive() for p in processes)
+    shutdown(iterator)
+    assert not any(p.is_alive() for p in processes)
+    assert worker_processes(iter(make_loader(_decode_dataset(tmp_path), batch_size=4, workers=0,
+                                             pin_memory=False))) == []
+
+
+def test_supervised_batches_give_every_index_once_in_order_with_failures_recorded(tmp_path):
+    from pipeline.engine.threads import prefetch
+    from pipeline.engine.workers import supervised_batches
+
+    dataset = _decode_dataset(tmp_path, n=10, bad=(3, 7))
+    for workers in (0, 2):
+        batches = list(prefetch(supervised_batches(dataset, batch_size=4, workers=workers, timeout=30.0), depth=2))
+        decoded = [int(i) for b in batches for i in b.indices]
+        failed = {i: reason for b in batches for i, reason in b.failures}
+        assert sorted(decoded + list(failed)) == list(range(10)), workers
+        assert decoded == sorted(decoded) and set(failed) == {3, 7}
+        assert all("cannot identify image file" in r or "UnidentifiedImageError" in r for r in failed.values())
+        assert all(b.images.shape[1:] == (3, 16, 16) for b in batches if b.images is not None)
+
+
+def test_the_plan_resolved_once_is_what_the_store_records(tmp_path, small_digits_root):
+    from pipeline.engine.resolve import resolve_plan
+    from pipeline.store.read import read_attrs
+
+    config = ExtractConfig.of(data=small_digits_root, out=tmp_path / "s.h5", backbone="timm:test_resnet",
+                              random_init=True, workers=0, progress=False)
+    plan = resolve_plan(config)
+    extract_to_store(config, backbone=plan.backbone, source=plan.source)
+    attrs = read_attrs(config.out)
+    assert (attrs["cache_key"], attrs["data_fingerprint"]) == (plan.key, plan.fingerprint)
+    assert resolve_plan(config.replace(feature_dtype="float16")).key != plan.key  # the bytes change: so does the key
+    assert resolve_plan(config.replace(compression="lzf")).key == plan.key  # the layout does not change the bytes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import shutil
 from html.parser import HTMLParser
 
@@ -100,3 +101,31 @@ def test_report_still_renders_when_the_images_are_gone(small_digits_root, lite0,
     assert "the images could not be found" in text
     assert informative((tmp_path / "s.knn.plots" / "neighbours.png").read_bytes())
     assert knn["by_k"]["1"]["majority"]["top1"] == pytest.approx(31 / 50, abs=0.021)  # measured: 31 of 50 right
+
+
+def test_markdown_tables_keep_every_cell_literal_under_a_real_renderer():
+    """render.markdown_table / md_inline: user text such as names with markup stays text in python-markdown."""
+    import markdown
+
+    from pipeline.report.render import Value, markdown_table, md_inline
+
+    names = ["*bold*", "<b>x</b>", "a|b", "- item", "1. first", "[l](http://x)", "snake_case_name", "`code`"]
+    html = markdown.markdown(markdown_table(("name", "n"), [(n, "1") for n in names]), extensions=["tables"])
+    assert html.count("<tr>") == len(names) + 1  # the header and one row per name: no cell split a row
+    for tag in ("<em>", "<strong>", "<b>", "<a ", "<li>", "<code>"):
+        assert tag not in html, tag
+    cells = re.findall(r"<td>(.*?)</td>", html)  # the name column (the number column has a style)
+    unescaped = [c.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&").replace("&#124;", "|")
+                 for c in cells]
+    assert unescaped == names
+    assert "<em>" in markdown.markdown(md_inline(("*ours* ", Value("*theirs*")))).split("theirs")[0]
+
+
+def test_plots_decode_and_take_class_names_as_plain_text():
+    """plots: a confusion matrix and per-class bars are real PNGs; a `$` name that is not valid TeX still draws."""
+    from pipeline.report.plots import confusion_png, per_class_png
+
+    names = ["cat", "$\\frac{$", "dog_1"]
+    png = confusion_png([[5, 1, 0], [2, 3, 1], [0, 0, 6]], names, title="confusion of $x")
+    assert informative(png)
+    assert informative(per_class_png(dict(zip(names, (0.8, 0.5, 1.0), strict=True)), title="per class"))

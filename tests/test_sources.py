@@ -293,3 +293,23 @@ def test_store_records_the_source(same_images, tmp_path, tiny):
     assert attrs["source"] == "manifest" and attrs["source_description"].endswith("list.csv")
     decoding = json.loads(attrs["decoding"])
     assert decoding["max_pixels"] > 0 and decoding["alpha_background"] == [255, 255, 255]
+
+
+def test_the_three_manifest_formats_give_the_same_rows(tmp_path):
+    """sources/manifest: CSV (with a BOM and padded headers, as spreadsheets save it), Parquet read by pyarrow, and
+    JSON lines give the same rows; a manifest without a path column is refused with its columns named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.sources.manifest import manifest_rows
+
+    rows = [{"path": "a/1.png", "label": "cat", "split": "train"}, {"path": "b/2.png", "label": "dog", "split": "test"}]
+    (tmp_path / "m.csv").write_text("\ufeff path ,label, split\n" + "".join(
+        f"{r['path']},{r['label']},{r['split']}\n" for r in rows), encoding="utf-8")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    for name in ("m.csv", "m.parquet", "m.jsonl"):
+        assert manifest_rows(tmp_path / name) == rows, name
+    (tmp_path / "n.csv").write_text("file,label\nx.png,1\n")
+    with pytest.raises(DataError, match=r"no 'path' column \(columns: file, label\)"):
+        manifest_rows(tmp_path / "n.csv")

@@ -351,3 +351,26 @@ def test_info_describes_complete_and_unfinished_stores(tmp_path):
     info = store_info(path)
     assert info["complete"] is True and info["rows"] == 11 and info["failed"] == 1 and info["dim"] == DIM
     assert info["size_bytes"] == path.stat().st_size and info["classes"] == 2
+
+
+def test_each_shard_is_a_segment_that_holds_its_own_rows(tmp_path):
+    """store/layouts + store/segment: the layout recorded names a LAYOUTS class, and each shard file of a sharded
+    store holds its rows' ids, stamps and hashes (read alone, in row order), so it can be reused without the entry."""
+    from pipeline.store.layouts import LAYOUTS
+    from pipeline.store.schema import shard_list
+    from pipeline.store.segment import read_index
+
+    path = tmp_path / "s.h5"
+    ids = [f"img_{i:02d}" for i in range(13)]
+    _write_all(path, _listing(ids, mtime=7), shard_rows=5)
+    attrs = load_store(path).attrs
+    assert attrs["layout"] in LAYOUTS and LAYOUTS[attrs["layout"]].__name__ == "Sharded"
+    shards = shard_list(attrs)
+    assert [s["rows"] for s in shards] == [5, 5, 3]
+    seen = []
+    for shard in shards:
+        shard_attrs, shard_ids, stamps, hashes = read_index(shards_dir(path) / shard["file"])
+        assert int(shard_attrs["committed_rows"]) == shard["rows"] == len(shard_ids)
+        assert stamps.tolist() == [[100, 7]] * len(shard_ids) and list(hashes) == [b"ab" * 16] * len(shard_ids)
+        seen += shard_ids
+    assert seen == ids

@@ -28,7 +28,6 @@ from pipeline.sources.base import (
 MANIFEST_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
-
 def _jsonl_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     rows: list[dict[str, Any]] = []
     columns: list[str] = []
@@ -49,6 +48,7 @@ def _jsonl_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 def manifest_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a CSV, Parquet or JSON-lines manifest as dicts (column names stripped); it must have `path`."""
     fmt = MANIFEST_FORMATS[path.suffix.lower()]
     try:
         if fmt == "csv":

@@ -1,0 +1,54 @@
+"""The code's layout is kept: a test module for every subpackage of `pipeline/`, and every module of the library
+imported by name by some test (so each is tested directly, not only through whatever happens to call it)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Top-level modules tested in a module named for what they serve rather than for the file.
+HOMES = {"recipe": "test_bench.py", "run_config": "test_orchestration.py", "outputs": "test_names.py",
+         "splits": "test_datasets.py", "plan": "test_plan.py", "demo": "test_flows.py"}
+CONSTANTS = {"pipeline", "pipeline.__main__", "pipeline.config", "pipeline.errors"}  # no behaviour of their own
+
+
+def _library_modules() -> list[str]:
+    names = []
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        if path.name == "__init__.py" and not path.read_text().strip():
+            continue  # an empty package marker
+        names.append(".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"))
+    return names
+
+
+def _imported_by_tests() -> set[str]:
+    seen: set[str] = set()
+    for path in (ROOT / "tests").glob("*.py"):
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                seen.add(node.module)
+                seen.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                seen.update(a.name for a in node.names)
+        seen.update(re.findall(r"\bfrom (pipeline[\w.]*) import", text))  # code run in a child process
+    return seen
+
+
+def test_every_subpackage_and_top_level_module_has_a_test_module():
+    tests = {p.name for p in (ROOT / "tests").glob("test_*.py")}
+    packages = [p.name for p in sorted((ROOT / "pipeline").iterdir()) if (p / "__init__.py").is_file()]
+    assert [p for p in packages if f"test_{p}.py" not in tests] == []
+    top = [p.stem for p in (ROOT / "pipeline").glob("*.py") if f"pipeline.{p.stem}" not in CONSTANTS
+           and p.name != "__init__.py"]
+    missing = [m for m in top if f"test_{m}.py" not in tests and HOMES.get(m) not in tests]
+    assert missing == []
+    for module, home in HOMES.items():  # a home really tests its module
+        assert re.search(rf"\bpipeline\.{module}\b", (ROOT / "tests" / home).read_text()), (module, home)
+
+
+def test_every_library_module_is_imported_by_a_test():
+    seen = _imported_by_tests()
+    assert [m for m in _library_modules() if m not in seen and m not in CONSTANTS] == []
