@@ -108,13 +108,13 @@ def stage_decode(cfg: dict) -> dict:
     from pipeline.engine.forward import default_workers
     from pipeline.engine.threads import prefetch
     from pipeline.engine.workers import supervised_batches
-    from pipeline.plan import ExtractConfig
+    from pipeline.plan import DecodeSpec
 
     bb = _backbone(cfg)
     workers = default_workers() if cfg["workers"] is None else cfg["workers"]
     dataset = ImageDataset(_paths(Path(cfg["data"])), bb.transform)
     batches = supervised_batches(dataset, batch_size=cfg["batch_size"] or 64, workers=workers,
-                              timeout=ExtractConfig.decode_timeout, pin_memory=bb.device.type == "cuda")
+                              timeout=DecodeSpec().decode_timeout, pin_memory=bb.device.type == "cuda")
     start, done = time.perf_counter(), 0
     for batch in prefetch(batches):
         done += len(batch.indices) + len(batch.failures)

@@ -10,8 +10,7 @@ from prefect.artifacts import create_link_artifact
 from flows.pipeline_flows import _key, benchmark
 from flows.tasks import prepare_digits, report
 from pipeline.config import DEFAULT_BACKBONE, DEFAULT_KS
-from pipeline.outputs import store_stem
-from pipeline.recipe import store_for
+from pipeline.demo import digits_folder
 from pipeline.run_config import DatasetSpec, ExtractSpec, IndexSpec, KnnSpec, ProbeSpec
 
 
@@ -20,17 +19,15 @@ def demo_flow(data_dir: str = "data", backbone: str = DEFAULT_BACKBONE, per_clas
               batch_size: int = 64, workers: int | None = None, device: str = "auto", progress: bool = True) -> dict:
     """Run the whole slice on scikit-learn's digits and write results under `data_dir`."""
     logger = get_run_logger()
-    data = Path(data_dir).resolve()
-    name = "digits" if per_class is None else f"digits-{per_class}pc"
-    images = prepare_digits(str(data / name), per_class)
-    outcome = benchmark(DatasetSpec(name=name, data=images), [backbone], str(data),
+    name, images = digits_folder(data_dir, per_class)
+    output_dir = str(images.parent)
+    outcome = benchmark(DatasetSpec(name=name, data=prepare_digits(str(images), per_class)), [backbone], output_dir,
                         ExtractSpec(batch_size=batch_size, workers=workers, device=device), ProbeSpec(),
                         KnnSpec(ks=list(DEFAULT_KS)), IndexSpec())
     extraction, evaluation = outcome["extraction"][0], outcome["evaluations"][0]
     logger.info(extraction["summary"])
-    stem = data / "results" / store_stem(store_for(data, name, backbone))
-    combined = report(str(stem) + ".results.json", str(stem) + ".report", title=f"Demo: {name} with {backbone}",
-                      extraction=extraction, probe_result=evaluation["probe"], knn_result=evaluation["knn"])
+    combined = report(output_dir, extraction["store"], title=f"Demo: {name} with {backbone}", extraction=extraction,
+                      probe=evaluation["probe"], knn=evaluation["knn"])
     create_link_artifact(combined["html_uri"], link_text=Path(combined["html"]).name,
                          key=_key("report", name, "demo"), description="the demo's combined report")
     logger.info("results:\n%s", combined["table"])

@@ -12,6 +12,12 @@ DIGITS_SEED = 0
 _DONE = ".complete"
 
 
+def digits_folder(data_dir: str | Path, per_class: int | None = None) -> tuple[str, Path]:
+    """The demo data set's name and where its images go under the demo's output folder."""
+    name = "digits" if per_class is None else f"digits-{per_class}pc"
+    return name, Path(data_dir).resolve() / name
+
+
 def write_digits_folder(root: str | Path, *, per_class: int | None = None) -> Path:
     """Write the 1,797 digits as 8x8 grayscale PNGs under ROOT/{train,test}/<digit>/ (first call only).
 

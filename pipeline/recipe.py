@@ -46,6 +46,11 @@ def index_for(output_dir: str | Path, store: str | Path) -> Path:
     return Path(output_dir).resolve() / "indexes" / store_stem(store)
 
 
+def report_stem(output_dir: str | Path, store: str | Path) -> Path:
+    """The combined report of one store (extraction, probe and kNN on one page): OUT/results/STORE.report."""
+    return Path(output_dir).resolve() / "results" / f"{store_stem(store)}.report"
+
+
 def leaderboard_stem(output_dir: str | Path, name: str) -> Path:
     return Path(output_dir).resolve() / f"leaderboard_{name}"
 
@@ -158,6 +163,23 @@ class Steps:
 
     extract_all: Callable[..., list[dict]] = extract_all
     evaluate: Callable[..., dict] = evaluate_store
+
+
+def write_combined_report(output_dir: str, store: str, *, title: str, extraction: dict, probe: dict,
+                          knn: dict) -> dict:
+    """One store's extraction, probe and kNN results as one JSON file (OUT/results/STORE.results.json) and one
+    markdown + HTML report; their paths and the console table."""
+    from pipeline.report.blocks import format_table, save_json, write_report
+    from pipeline.report.render import Value
+    from pipeline.store.read import load_store
+
+    results = results_for(output_dir, store, "results")
+    save_json(results, {"extraction": extraction, "probe": probe, "knn": knn,
+                        "featpipe": {"kind": "demo-results", "version": 1}})
+    md, page = write_report(report_stem(output_dir, store), fs=load_store(store), title=(Value(title),),
+                            extraction=extraction, probe=probe, knn=knn)
+    return {"results": str(results), "report": str(md), "html": str(page), "table": format_table(probe, knn),
+            "html_uri": Path(page).resolve().as_uri()}
 
 
 def check_backbones(backbones: list[str]) -> None:

@@ -1,0 +1,39 @@
+"""The benchmark scripts still run against the library as it is (they import its modules by path, so a move breaks
+them silently otherwise): each at its smallest size, from another working directory, checking the JSON it writes.
+The figures themselves are not asserted: timings belong to the benchmarks, not to the suite."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_BACKBONE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path: Path, script: str, *args: str, timeout: int = 600) -> dict:
+    out = tmp_path / f"{script}.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args, "--out", str(out)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_the_throughput_benchmark_runs_every_stage(tmp_path):
+    result = _run(tmp_path, "throughput", "--backbone", TINY_BACKBONE, "--random-init", "--images", "48",
+                  "--batch-size", "16", "--workers", "1")
+    assert result["images"] == 48 and result["backbone"] == TINY_BACKBONE
+    for stage in ("ceiling", "decode", "baseline", "pipeline"):
+        assert result["stages"][stage]["images_per_s"] > 0, stage
+    assert result["pipeline_over_baseline"] > 0 and result["bound_by"] in result["stages"]
+
+
+def test_the_heads_benchmark_runs(tmp_path):
+    result = _run(tmp_path, "heads", "--rows", "2000", "--dim", "32", "--classes", "5", "--device", "cpu")
+    assert set(result["results"]) == {"sklearn", "torch"} and result["agreement"] > 0.9
