@@ -264,3 +264,9 @@ class Provenance:
 
     def preprocessing_json(self) -> str:
         return json.dumps(self.preprocessing, sort_keys=True)
+
+    def feature_space(self) -> dict[str, Any]:
+        """What decides which features a head or an index fits: backbone, weights, layer, preprocessing and the
+        dimension (as a saved head records them)."""
+        return {"backbone": self.backbone, "weights": self.weights, "layer": self.layer,
+                "preprocessing": self.preprocessing_json(), "feature_dim": int(self.feature_dim)}

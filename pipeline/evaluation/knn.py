@@ -68,7 +68,7 @@ def knn_protocol(fs: FeatureSet, *, loo: bool = False, loo_split: str | None = N
     """Which rows are queries and which are searched: test vs train+val, or leave-one-out within one split."""
     labelled = fs.labels >= 0
     test = fs.mask("test") & labelled
-    kind = fs.attrs.get("source")
+    kind = fs.made.source
     if test.any() and not loo:
         bank = (fs.mask("train") | fs.mask("val")) & labelled
         if not bank.any():

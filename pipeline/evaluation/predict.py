@@ -20,11 +20,12 @@ def load_head(path: str | Path) -> SavedHead:
     return load_saved_head(path)
 
 
-def check_feature_space(head: SavedHead, attrs: dict[str, Any], *, what: str) -> None:
+def check_feature_space(head: SavedHead, made: Provenance, *, what: str) -> None:
     """Refuse to apply a head to features from another backbone, weights, layer, preprocessing or dimension."""
+    space = made.feature_space()
     for key in FEATURE_SPACE:
-        if str(head.meta[key]) != str(attrs.get(key)):
-            raise PipelineError(f"the head was fitted on {key} {head.meta[key]!r} but {what} has {attrs.get(key)!r}; "
+        if str(head.meta[key]) != str(space[key]):
+            raise PipelineError(f"the head was fitted on {key} {head.meta[key]!r} but {what} has {space[key]!r}; "
                                 "apply it to features from the same backbone, or fit a head on this store")
 
 
@@ -39,7 +40,7 @@ def predict_features(head: SavedHead, features: np.ndarray, *, top: int = 1) -> 
 def predict_store(head: SavedHead, store: str | Path, *, top: int = 1) -> list[dict[str, Any]]:
     """Apply a saved head to every row of a store (checked to be in the head's feature space)."""
     fs = load_store(store)
-    check_feature_space(head, fs.attrs, what=f"the store {store}")
+    check_feature_space(head, fs.made, what=f"the store {store}")
     predictions = predict_features(head, fs.features, top=top)
     return [{"id": i, "label": fs.class_names[y] if y >= 0 else None, "split": s, "predictions": p}
             for i, y, s, p in zip(fs.ids, fs.labels, fs.splits, predictions, strict=True)]

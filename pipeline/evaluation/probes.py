@@ -17,7 +17,6 @@ import numpy as np
 from pipeline.config import ProbeConfig
 from pipeline.errors import PipelineError
 from pipeline.evaluation.head_file import (
-    FEATURE_SPACE,
     HEAD_SUFFIX,
     SavedHead,
     export_head,
@@ -45,7 +44,7 @@ def protocol_splits(fs: FeatureSet, *, val_fraction: float, seed: int) -> tuple[
     stratified slice of train. Raises when the protocol cannot run (no test split, no training images, test classes
     never seen in training, fewer than two training classes)."""
     labelled = fs.labels >= 0
-    kind = fs.attrs.get("source")
+    kind = fs.made.source
     if not labelled.any():
         raise PipelineError(f"{fs.path} has no labelled rows, so there is nothing to probe; {how_to(kind, 'labels')}")
     train, val, test = (fs.mask(s) & labelled for s in ("train", "val", "test"))
@@ -164,7 +163,7 @@ def fit_few_shot(fs: FeatureSet, *, shots: tuple[int, ...], seeds: tuple[int, ..
     test = fs.mask("test") & labelled
     if not test.any():
         raise PipelineError(f"{fs.path} has no labelled test split for the few-shot probes; "
-                            f"{how_to(fs.attrs.get('source'), 'splits')}")
+                            f"{how_to(fs.made.source, 'splits')}")
     if len(np.unique(fs.labels[pool])) < 2:
         raise PipelineError(f"{fs.path} has fewer than two labelled classes in train+val; a few-shot probe needs at "
                             "least two classes")
@@ -273,8 +272,7 @@ def head_for(model: Any, *, fs: FeatureSet, result: dict[str, Any]) -> SavedHead
     saved.meta = {
         "head": result["head"], "param": result["param"], "chosen": float(result["chosen"]),
         "test_top1": float(result["test_top1"]), "class_names": list(fs.class_names),
-        "store": str(Path(fs.path).resolve()), "cache_key": str(fs.attrs["cache_key"]),
-        "random_init": bool(fs.attrs.get("random_init", False)),
-        **{k: int(fs.attrs[k]) if k == "feature_dim" else str(fs.attrs[k]) for k in FEATURE_SPACE},
+        "store": str(Path(fs.path).resolve()), "cache_key": fs.made.cache_key, "random_init": bool(fs.made.random_init),
+        **fs.made.feature_space(),
     }
     return saved

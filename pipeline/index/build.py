@@ -42,7 +42,8 @@ from pipeline.index.plan import (
     plan_index,
     sizes_of,
 )
-from pipeline.store.read import iter_store, read_attrs, read_columns
+from pipeline.plan import Provenance
+from pipeline.store.read import iter_store, read_columns
 
 log = logging.getLogger(__name__)
 
@@ -181,11 +182,11 @@ def build_index(store: str | Path, out: str | Path, *, kind: str = "auto", memor
         raise ConfigError(f"the target recall must be in (0, 1], got {target_recall}")
     if queries < 1:
         raise ConfigError(f"--queries must be >= 1 (rows sampled to measure recall), got {queries}")
-    attrs = read_attrs(store)
+    made = Provenance.from_store(store)
     record = store_record(store, out)
     check_index_out(out, record, overwrite=overwrite)
     numbers, ids, hashes = _select_rows(store, splits)
-    d = int(attrs["feature_dim"])
+    d = made.feature_dim
     plan = plan_index(len(numbers), d, kind=kind, memory_budget=memory_budget, exact_max_rows=exact_max_rows)
     log.info("index %s: %s (%s)", store, plan.factory, plan.reason)
     seconds: dict[str, float] = {}
@@ -209,8 +210,8 @@ def build_index(store: str | Path, out: str | Path, *, kind: str = "auto", memor
         memory_budget=int(memory_budget), memory_estimate=plan.memory_bytes, target_recall=target_recall,
         search_param=tuning["param"], search_value=tuning["value"], recall_at_10=tuning["recall_at_10"],
         target_met=tuning["recall_at_10"] >= target_recall, ms_per_query=tuning["ms_per_query"],
-        tuning=tuning["tried"], tuning_queries=tuning["queries"], seconds=seconds, cache_key=attrs["cache_key"],
-        backbone=attrs["backbone"], weights=attrs["weights"], splits=list(splits) if splits else None,
+        tuning=tuning["tried"], tuning_queries=tuning["queries"], seconds=seconds, cache_key=made.cache_key,
+        backbone=made.backbone, weights=made.weights, splits=list(splits) if splits else None,
         created=_now(), history=list(history or []), **record)
     save_index(out, index, ids, hashes, infos, overwrite=overwrite)
     return infos

@@ -38,10 +38,11 @@ def today() -> str:
 
 def fill_row(row: LeaderboardRow, *, probe: dict | None, knn: dict | None, k: int) -> LeaderboardRow:
     """A leaderboard row's figures from its store and its probe / kNN results (either may be absent)."""
+    from pipeline.plan import Provenance
     from pipeline.store.read import read_attrs
 
     attrs = read_attrs(row.store)
-    row.dim, row.images_per_second = int(attrs["feature_dim"]), attrs.get("images_per_second")
+    row.dim, row.images_per_second = Provenance.from_attrs(attrs).feature_dim, attrs.get("images_per_second")
     if probe:
         row.probe_top1, row.probe_balanced_accuracy = probe["test_top1"], probe["test_balanced_accuracy"]
     if knn:

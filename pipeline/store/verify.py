@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import StoreError
+from pipeline.plan import Provenance
 from pipeline.store.read import _check_complete, _open_checked, _read_failed, row_problems
 from pipeline.store.schema import NORM_TOLERANCE, attrs_to_dict, partial_path, shard_list, shards_dir
 
@@ -38,6 +39,7 @@ def _count(f: h5py.File, name: str) -> int:
 
 def _info(path: Path, target: Path, f: h5py.File) -> dict[str, Any]:
     attrs = attrs_to_dict(f.attrs)
+    made = Provenance.from_attrs(attrs)
     n = attrs.get("committed_rows", 0)
     n = int(n) if isinstance(n, int | np.integer) and n >= 0 else 0
     try:
@@ -64,19 +66,19 @@ def _info(path: Path, target: Path, f: h5py.File) -> dict[str, Any]:
         "compression": attrs.get("compression", "none"),
         "layout": attrs.get("layout", "single"),
         "shards": len(shard_list(attrs)) if isinstance(attrs.get("shards", "[]"), str) else 0,
-        "backbone": attrs.get("backbone"),
-        "weights": attrs.get("weights"),
-        "layer": attrs.get("layer") or "pre-logits",
+        "backbone": made.backbone or None,
+        "weights": made.weights or None,
+        "layer": made.layer or "pre-logits",
         "splits": {str(k): int(v) for k, v in zip(names, counts, strict=True)},
         "classes": classes,
         "failed": _count(f, "failed/ids"),
         "size_bytes": disk_usage(target),
         "created": attrs.get("created", ""),
         "cache_key": attrs.get("cache_key"),
-        "data": attrs.get("data", ""),
-        "data_root": attrs.get("data_root", ""),
-        "source": attrs.get("source", "folder"),
-        "source_description": attrs.get("source_description", attrs.get("data_root", "")),
+        "data": made.data,
+        "data_root": made.data_root,
+        "source": made.source or "folder",  # stores from before sources had kinds were all folders
+        "source_description": made.source_description or made.data_root,
         "unlabelled": unlabelled,
     }
 
