@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact
 
-from flows.pipeline_flows import _key, benchmark
+from flows.pipeline_flows import artifact_key, benchmark
 from flows.tasks import prepare_digits, report
 from pipeline.config import DEFAULT_BACKBONE, DEFAULT_KS
 from pipeline.demo import digits_folder
@@ -29,7 +29,7 @@ def demo_flow(data_dir: str = "data", backbone: str = DEFAULT_BACKBONE, per_clas
     combined = report(output_dir, extraction["store"], title=f"Demo: {name} with {backbone}", extraction=extraction,
                       probe=evaluation["probe"], knn=evaluation["knn"])
     create_link_artifact(combined["html_uri"], link_text=Path(combined["html"]).name,
-                         key=_key("report", name, "demo"), description="the demo's combined report")
+                         key=artifact_key("report", name, "demo"), description="the demo's combined report")
     logger.info("results:\n%s", combined["table"])
     return {**combined, "extraction": extraction, "probe": evaluation["probe"], "knn": evaluation["knn"],
             "leaderboard_md": outcome["leaderboard_md"]}

@@ -53,7 +53,7 @@ def _retry_on_io(task_: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def _key(*parts: str) -> str:
+def artifact_key(*parts: str) -> str:
     """An artifact key: lowercase letters, digits and dashes; when that loses characters of the names (`v1.0` and
     `v1-0`, case), a short hash of the exact names keeps keys of different stores apart."""
     text = "-".join(parts)
@@ -93,7 +93,7 @@ def _progress() -> bool:
       task_run_name="extract-{backbone}")
 def extract_store(dataset: DatasetSpec, backbone: str, output_dir: str, spec: ExtractSpec) -> dict:
     """One backbone over one data set into its store, with a progress artifact while it runs."""
-    artifact = create_progress_artifact(0.0, key=_key("progress", dataset.name, slug(backbone)),
+    artifact = create_progress_artifact(0.0, key=artifact_key("progress", dataset.name, slug(backbone)),
                                         description=f"extracting {dataset.name} with {backbone}")
     context = contextvars.copy_context()  # the callback runs in the writer thread: give it this run's context
     last = [0.0]
@@ -183,12 +183,12 @@ def _results_artifacts(name: str, outcome: dict) -> None:
     if index := outcome["index"]:
         lines.append(md_inline((f"Index: {index['factory']} over {index['rows']} rows, recall@10 "
                                 f"{index['recall_at_10']:.4f} (", Value(index["path"]), ").")))
-    create_markdown_artifact("\n".join(lines), key=_key("results", name), description=f"results for {name}")
+    create_markdown_artifact("\n".join(lines), key=artifact_key("results", name), description=f"results for {name}")
     for result in (outcome["probe"], outcome["knn"]):
         for report in (result or {}).get("report", []):
             if report.endswith(".html"):
                 create_link_artifact(Path(report).resolve().as_uri(), link_text=Path(report).name,
-                                     key=_key("report", Path(report).stem))
+                                     key=artifact_key("report", Path(report).stem))
 
 
 @flow(name="evaluate", flow_run_name=_evaluate_run_name)
@@ -212,8 +212,8 @@ def benchmark(dataset: DatasetSpec, backbones: list[str], output_dir: str, extra
                                steps=recipe.Steps(extract_all=extract_features, evaluate=evaluate))
     rows, title = outcome["rows"], outcome["title"]
     table = [dataclasses.asdict(r) for r in rows]
-    create_table_artifact(table, key=_key("leaderboard", dataset.name), description=title)
-    create_markdown_artifact(leaderboard_markdown(rows, title=title), key=_key("leaderboard-md", dataset.name))
+    create_table_artifact(table, key=artifact_key("leaderboard", dataset.name), description=title)
+    create_markdown_artifact(leaderboard_markdown(rows, title=title), key=artifact_key("leaderboard-md", dataset.name))
     get_run_logger().info("leaderboard: %s", outcome["leaderboard_md"])
     failed = [r for r in rows if r.error]
     if failed:  # the leaderboard is published; the run still ends failed, so the schedule's owner hears of it

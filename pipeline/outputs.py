@@ -11,7 +11,6 @@ to its target, and never replace a file this tool did not write (nor the store b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -51,10 +50,6 @@ def slug(name: str) -> str:
     """A file-name-safe form of a data set or backbone name: `:` becomes `_` (readable), any other character outside
     letters, digits, `-`, `_` and `.` becomes `%XX`, so different names give different files."""
     return "".join(c if c in _SAFE else "_" if c == ":" else "".join(f"%{b:02X}" for b in c.encode()) for c in name)
-
-
-def short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
 # -- ownership ------------------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def test_nightly_scenario_first_run_then_incremental(tmp_path, small_digits_root
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from flows.pipeline_flows import _key
+    from flows.pipeline_flows import artifact_key
     from pipeline.outputs import slug
 
     images = shutil.copytree(small_digits_root, tmp_path / "images")
@@ -104,7 +104,7 @@ def test_nightly_scenario_first_run_then_incremental(tmp_path, small_digits_root
         assert any(n.startswith("nightly-digits-") for n in names)
         assert {"benchmark-digits", "extract-digits-1-backbones"} <= names
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[
-            "leaderboard-digits", "leaderboard-md-digits", _key("progress", "digits", slug(TINY_BACKBONE))])))
+            "leaderboard-digits", "leaderboard-md-digits", artifact_key("progress", "digits", slug(TINY_BACKBONE))])))
         kinds = {a.key: a.type for a in artifacts}
         assert kinds["leaderboard-digits"] == "table" and kinds["leaderboard-md-digits"] == "markdown"
         progress = [a for a in artifacts if a.type == "progress"]

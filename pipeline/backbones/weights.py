@@ -42,7 +42,7 @@ def file_sha256(path: str | Path) -> str:
     return _sha256(str(path), stat.st_mtime_ns, stat.st_size)
 
 
-def _map_state_dict_in_order(model: torch.nn.Module, source: dict[str, torch.Tensor], origin: str) -> dict:
+def map_state_dict_in_order(model: torch.nn.Module, source: dict[str, torch.Tensor], origin: str) -> dict:
     """Map a checkpoint onto a model whose keys differ only in names, in order, checking every shape."""
     target = model.state_dict()
     if len(source) != len(target):
@@ -58,7 +58,7 @@ def _map_state_dict_in_order(model: torch.nn.Module, source: dict[str, torch.Ten
     return mapped
 
 
-def _seeded_model(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+def seeded_model(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """Build a randomly initialised model reproducibly without disturbing the caller's RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)

@@ -30,7 +30,7 @@ from pipeline.store.schema import (
 
 log = logging.getLogger(__name__)
 
-def _open_checked(path: Path) -> h5py.File:
+def open_checked(path: Path) -> h5py.File:
     if not path.exists():
         if partial_path(path).exists():
             raise StoreError(f"{path} is not complete: its extraction stopped early ({partial_path(path).name} "
@@ -93,7 +93,7 @@ def _check_shards(path: Path, attrs: dict[str, Any]) -> None:
                                  "again with the same arguments to rebuild it")
 
 
-def _check_complete(path: Path, f: h5py.File) -> dict[str, Any]:
+def check_complete(path: Path, f: h5py.File) -> dict[str, Any]:
     """The attributes of a complete store, after checking everything the readers rely on: completeness, row counts,
     a 2-D feature matrix of the recorded dimension, the class list, the cache key and the shards."""
     attrs = attrs_to_dict(f.attrs)
@@ -187,7 +187,7 @@ class FeatureSet:
         return [h.decode() if h else str(i) for h, i in zip(self.hashes, self.ids, strict=True)]
 
 
-def _read_failed(f: h5py.File) -> dict[str, str]:
+def failed_rows(f: h5py.File) -> dict[str, str]:
     if "failed" not in f:
         return {}
     return dict(zip(f["failed/ids"].asstr()[...], f["failed/reasons"].asstr()[...], strict=True))
@@ -196,22 +196,22 @@ def _read_failed(f: h5py.File) -> dict[str, str]:
 def read_features(path: str | Path, rows: np.ndarray) -> np.ndarray:
     """Features (float32) of some rows of a complete store, given as increasing row numbers."""
     path = Path(path)
-    with _open_checked(path) as f:
-        _check_complete(path, f)
+    with open_checked(path) as f:
+        check_complete(path, f)
         return f["features"][np.asarray(rows, dtype=np.int64)].astype(np.float32, copy=False)
 
 
 def read_failed(path: str | Path) -> dict[str, str]:
     """The images a complete store records as failed: id -> reason."""
     path = Path(path)
-    with _open_checked(path) as f:
-        _check_complete(path, f)
-        return _read_failed(f)
+    with open_checked(path) as f:
+        check_complete(path, f)
+        return failed_rows(f)
 
 
 def read_attrs(path: str | Path) -> dict[str, Any]:
     """The attributes of a store (complete or not), after checking that it is a feature store."""
-    with _open_checked(Path(path)) as f:
+    with open_checked(Path(path)) as f:
         return attrs_to_dict(f.attrs)
 
 
@@ -219,8 +219,8 @@ def load_store(path: str | Path) -> FeatureSet:
     """Read a complete store into memory (features as float32); refuse incomplete, foreign, inconsistent or damaged
     files (non-finite or non-unit rows, labels outside the class list, unknown splits) with one line."""
     path = Path(path)
-    with _open_checked(path) as f:
-        attrs = _check_complete(path, f)
+    with open_checked(path) as f:
+        attrs = check_complete(path, f)
         fs = FeatureSet(
             path=path,
             features=f["features"][...].astype(np.float32, copy=False),
@@ -229,7 +229,7 @@ def load_store(path: str | Path) -> FeatureSet:
             splits=np.asarray(f["splits"].asstr()[...], dtype=object),
             class_names=json.loads(attrs["class_names"]),
             attrs=attrs,
-            failed=_read_failed(f),
+            failed=failed_rows(f),
             hashes=f["files/hash"][...],
         )
     _refuse_bad_rows(path, attrs, fs.features, fs.ids, fs.labels, fs.splits)
@@ -240,8 +240,8 @@ def read_columns(path: str | Path, *names: str) -> dict[str, np.ndarray]:
     """Some row-aligned columns of a complete store (e.g. ids, labels, splits, files/hash) without its features;
     labels and splits are checked as the full readers check them."""
     path = Path(path)
-    with _open_checked(path) as f:
-        attrs = _check_complete(path, f)
+    with open_checked(path) as f:
+        attrs = check_complete(path, f)
         n = int(attrs["committed_rows"])
         out = {}
         for name in names:
@@ -308,8 +308,8 @@ def iter_store(path: str | Path, *, rows: int = 65536, splits: tuple[str, ...] |
     Memory is bounded by one block, whatever the store's size: the way to read a store that does not fit in memory.
     """
     path = Path(path)
-    with _open_checked(path) as f:
-        attrs = _check_complete(path, f)
+    with open_checked(path) as f:
+        attrs = check_complete(path, f)
         n = int(attrs["committed_rows"])
         step = max(1, int(rows))
         for start in range(0, n, step):
@@ -332,13 +332,13 @@ def is_current(path: Path, *, key: str, fingerprint: str, layout: dict[str, Any]
     if not path.is_file() or not h5py.is_hdf5(path):
         return False
     try:
-        with _open_checked(path) as f:
+        with open_checked(path) as f:
             a = attrs_to_dict(f.attrs)
             wanted = {"complete": True, "cache_key": key, "data_fingerprint": fingerprint, **(layout or {}),
                       **({"data": data} if data else {})}
             if any(a.get(k) != v for k, v in wanted.items()):
                 return False
-            _check_complete(path, f)
+            check_complete(path, f)
     except StoreError:
         return False
     return True

@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.errors import StoreError
 from pipeline.plan import Provenance
-from pipeline.store.read import _check_complete, _open_checked, _read_failed, row_problems
+from pipeline.store.read import check_complete, failed_rows, open_checked, row_problems
 from pipeline.store.schema import NORM_TOLERANCE, attrs_to_dict, partial_path, shard_list, shards_dir
 
 PROVENANCE = ("backbone", "weights", "preprocessing", "cache_key")  # what embed, predict and search rely on
@@ -91,7 +91,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
         target = partial_path(path)
     elif not path.exists() and path.suffix == ".partial":
         target = path
-    with _open_checked(target) as f:
+    with open_checked(target) as f:
         try:
             return _info(path, target, f)
         except (KeyError, TypeError, ValueError, OSError) as exc:
@@ -144,14 +144,14 @@ def verify_store(path: str | Path, *, rows: int = 65536) -> list[str]:
     """
     path = Path(path)
     try:
-        with _open_checked(path) as f:
-            attrs = _check_complete(path, f)
+        with open_checked(path) as f:
+            attrs = check_complete(path, f)
             missing = [k for k in PROVENANCE if not isinstance(attrs.get(k), str) or not attrs.get(k)]
             n = int(attrs["committed_rows"])
             problems = _shard_problems(path, f, attrs, n)
             found, seen = _row_problems(f, attrs, n, max(1, int(rows)))
             problems += found
-            failed = set(_read_failed(f))
+            failed = set(failed_rows(f))
     except StoreError as exc:
         return [str(exc)]
     except Exception as exc:  # noqa: BLE001 - a damaged file must give a problem line, not a traceback
