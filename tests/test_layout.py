@@ -52,3 +52,34 @@ def test_every_subpackage_and_top_level_module_has_a_test_module():
 def test_every_library_module_is_imported_by_a_test():
     seen = _imported_by_tests()
     assert [m for m in _library_modules() if m not in seen and m not in CONSTANTS] == []
+
+
+NESTING = (ast.If, ast.For, ast.While, ast.With, ast.Try, ast.AsyncFor, ast.AsyncWith, ast.Match)
+MAX_FUNCTION_LINES, MAX_NESTING, MAX_MODULE_LINES = 60, 4, 400
+
+
+def _depth(node: ast.AST, depth: int = 0) -> int:
+    """The deepest block nesting inside `node` (an `elif` continues its `if`; nested functions count apart)."""
+    deepest = depth
+    elif_ = node.orelse[0] if isinstance(node, ast.If) and len(node.orelse) == 1 else None
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Lambda):
+            continue
+        step = 0 if child is elif_ or not isinstance(child, NESTING) else 1
+        deepest = max(deepest, _depth(child, depth + step))
+    return deepest
+
+
+def test_functions_and_modules_stay_small():
+    too_big = []
+    for path in sorted([*(ROOT / "pipeline").rglob("*.py"), *(ROOT / "flows").rglob("*.py")]):
+        text = path.read_text()
+        name = path.relative_to(ROOT).as_posix()
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            too_big.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines, depth = node.end_lineno - node.lineno + 1, _depth(node)
+                if lines > MAX_FUNCTION_LINES or depth > MAX_NESTING:
+                    too_big.append(f"{name}:{node.lineno} {node.name}: {lines} lines, nested {depth} deep")
+    assert too_big == []
