@@ -37,9 +37,10 @@ from pipeline import recipe
 from pipeline.errors import PipelineError
 from pipeline.outputs import slug, store_stem
 from pipeline.report.leaderboard import leaderboard_markdown
-from pipeline.run_config import DatasetSpec, ExtractSpec, IndexSpec, KnnSpec, ProbeSpec, RunConfig
+from pipeline.run_config import AuditSpec, DatasetSpec, ExtractSpec, IndexSpec, KnnSpec, ProbeSpec, RunConfig
 
 DEFAULT_EXTRACT, DEFAULT_PROBE, DEFAULT_KNN, DEFAULT_INDEX = ExtractSpec(), ProbeSpec(), KnnSpec(), IndexSpec()
+DEFAULT_AUDIT = AuditSpec()
 
 
 def _retry_on_io(task_: Any, task_run: Any, state: Any) -> bool:
@@ -166,7 +167,8 @@ probe_task = task(name="probe", cache_policy=NO_CACHE)(recipe.probe_store)
 knn_task = task(name="knn", cache_policy=NO_CACHE)(recipe.knn_store)
 index_task = task(name="index", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_io,
                   cache_policy=NO_CACHE)(recipe.index_store)
-TASK_STEPS = recipe.EvaluationSteps(probe=probe_task, knn=knn_task, index=index_task)
+audit_task = task(name="audit", cache_policy=NO_CACHE)(recipe.audit_store)
+TASK_STEPS = recipe.EvaluationSteps(probe=probe_task, knn=knn_task, index=index_task, audit=audit_task)
 
 
 def _evaluate_run_name() -> str:
@@ -183,8 +185,12 @@ def _results_artifacts(name: str, outcome: dict) -> None:
     if index := outcome["index"]:
         lines.append(md_inline((f"Index: {index['factory']} over {index['rows']} rows, recall@10 "
                                 f"{index['recall_at_10']:.4f} (", Value(index["path"]), ").")))
+    if audit := outcome.get("audit"):
+        lines.append(md_inline(f"Audit: {audit['exact_pairs']} exact and {audit['near_pairs']} near duplicate pairs, "
+                               f"{audit['leaked_test_rows']} of {audit['n_test']} test images with a copy in "
+                               "train/val."))
     create_markdown_artifact("\n".join(lines), key=artifact_key("results", name), description=f"results for {name}")
-    for result in (outcome["probe"], outcome["knn"]):
+    for result in (outcome["probe"], outcome["knn"], outcome.get("audit")):
         for report in (result or {}).get("report", []):
             if report.endswith(".html"):
                 create_link_artifact(Path(report).resolve().as_uri(), link_text=Path(report).name,
@@ -193,10 +199,10 @@ def _results_artifacts(name: str, outcome: dict) -> None:
 
 @flow(name="evaluate", flow_run_name=_evaluate_run_name)
 def evaluate(store: str, output_dir: str, probe: ProbeSpec = DEFAULT_PROBE, knn: KnnSpec = DEFAULT_KNN,
-             index: IndexSpec = DEFAULT_INDEX) -> dict:
-    """Probe, kNN and index on one store (one task each); the results table and links to the reports as
+             index: IndexSpec = DEFAULT_INDEX, audit: AuditSpec = DEFAULT_AUDIT) -> dict:
+    """Probe, kNN, index and audit on one store (one task each); the results table and links to the reports as
     artifacts."""
-    outcome = recipe.evaluate_store(store, output_dir, probe, knn, index, steps=TASK_STEPS)
+    outcome = recipe.evaluate_store(store, output_dir, probe, knn, index, audit, steps=TASK_STEPS)
     _results_artifacts(store_stem(store), outcome)
     return outcome
 
@@ -204,16 +210,17 @@ def evaluate(store: str, output_dir: str, probe: ProbeSpec = DEFAULT_PROBE, knn:
 @flow(name="benchmark", flow_run_name=_benchmark_run_name)
 def benchmark(dataset: DatasetSpec, backbones: list[str], output_dir: str, extract: ExtractSpec = DEFAULT_EXTRACT,
               probe: ProbeSpec = DEFAULT_PROBE, knn: KnnSpec = DEFAULT_KNN, index: IndexSpec = DEFAULT_INDEX,
-              reset_leaderboard: bool = False) -> dict:
+              reset_leaderboard: bool = False, audit: AuditSpec = DEFAULT_AUDIT) -> dict:
     """The library's recipe (`pipeline.recipe.benchmark`) with a subflow for each step, then the leaderboard as
     table and markdown artifacts. A failed backbone fails the run, after the leaderboard is published."""
     outcome = recipe.benchmark(dataset, backbones, output_dir, extract=extract, probe=probe, knn=knn, index=index,
-                               reset=reset_leaderboard,
+                               audit=audit, reset=reset_leaderboard,
                                steps=recipe.Steps(extract_all=extract_features, evaluate=evaluate))
     rows, title = outcome["rows"], outcome["title"]
     table = [dataclasses.asdict(r) for r in rows]
     create_table_artifact(table, key=artifact_key("leaderboard", dataset.name), description=title)
-    create_markdown_artifact(leaderboard_markdown(rows, title=title), key=artifact_key("leaderboard-md", dataset.name))
+    create_markdown_artifact(leaderboard_markdown(rows, title=title, sections=outcome["sections"]),
+                             key=artifact_key("leaderboard-md", dataset.name))
     get_run_logger().info("leaderboard: %s", outcome["leaderboard_md"])
     failed = [r for r in rows if r.error]
     if failed:  # the leaderboard is published; the run still ends failed, so the schedule's owner hears of it
@@ -226,7 +233,7 @@ def benchmark(dataset: DatasetSpec, backbones: list[str], output_dir: str, extra
 def run_pipeline(config: RunConfig) -> dict:
     """The whole configured run: one benchmark per data set."""
     results = [benchmark(ds, config.backbones, config.output_dir, config.extract, config.probe, config.knn,
-                         config.index, config.reset_leaderboard) for ds in config.datasets]
+                         config.index, config.reset_leaderboard, config.audit) for ds in config.datasets]
     return {"name": config.name, "datasets": results}
 
 

@@ -27,6 +27,13 @@ DEFAULT_ALPHAS: tuple[float, ...] = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 # DINOv2's kNN evaluation: cosine similarity, these k, temperature 0.07.
 DINOV2_KS: tuple[int, ...] = (10, 20, 100, 200)
 DINOV2_TEMPERATURE = 0.07
+DEFAULT_RESAMPLES = 1000  # bootstrap resamples of the test images behind each reported interval (0: none)
+MAX_RESAMPLES = 100_000
+
+
+def check_resamples(resamples: int) -> None:
+    if not 0 <= resamples <= MAX_RESAMPLES:
+        raise ConfigError(f"resamples must be 0 (no intervals) to {MAX_RESAMPLES}, got {resamples}")
 
 
 @dataclass(frozen=True)
@@ -46,8 +53,11 @@ class ProbeConfig:
     seeds: tuple[int, ...] = (0, 1, 2)  # few-shot: one draw per seed
     report: bool = True  # write the markdown and HTML report beside the JSON
     overwrite: bool = False  # replace output files this tool did not write
+    resamples: int = DEFAULT_RESAMPLES  # bootstrap resamples for the 95% intervals (0: no intervals)
+    val_seeds: tuple[int, ...] = ()  # also choose on the validation slice drawn with each of these seeds: the spread
 
     def __post_init__(self) -> None:
+        check_resamples(self.resamples)
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.grid is not None and (not self.grid or any(not math.isfinite(v) or v <= 0 for v in self.grid)):
@@ -75,9 +85,40 @@ class KnnConfig:
     retrieval_ks: tuple[int, ...] = (1, 5, 10)
     report: bool = True
     overwrite: bool = False  # replace output files this tool did not write
+    resamples: int = DEFAULT_RESAMPLES  # bootstrap resamples for the 95% intervals (0: no intervals)
 
     def __post_init__(self) -> None:
+        check_resamples(self.resamples)
         if not self.ks or any(k < 1 for k in self.ks):
             raise ConfigError(f"k must be positive integers, got {list(self.ks)}")
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ConfigError(f"the temperature must be a finite positive number, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Duplicates, leakage and label-noise hints of a store; the probe and kNN test figures with and without the
+    test images that have a copy in train/val; optionally a clean split assignment or manifest."""
+
+    store: Path
+    out: Path | None = None  # results JSON (default STORE.audit.json)
+    threshold: float | None = None  # near duplicates: cosine at or above this (None: the store's auto threshold)
+    k: int = 10  # neighbours searched per row (near duplicates, label-noise score)
+    fit: bool = True  # the probe and kNN figures with leaked test rows removed
+    head: str = "logreg"
+    knn_k: int = 20
+    temperature: float = DINOV2_TEMPERATURE
+    resamples: int = DEFAULT_RESAMPLES
+    write_splits: Path | None = None  # CSV id,split,audit: the clean split assignment
+    write_manifest: Path | None = None  # a manifest (path,label,split,id) of the rows kept
+    report: bool = True
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        check_resamples(self.resamples)
+        if self.threshold is not None and (not math.isfinite(self.threshold) or not 0 < self.threshold <= 1):
+            raise ConfigError(f"the near-duplicate threshold is a cosine in (0, 1], got {self.threshold}")
+        if self.k < 1 or self.knn_k < 1:
+            raise ConfigError(f"k must be positive, got {self.k} and {self.knn_k}")
         if not math.isfinite(self.temperature) or self.temperature <= 0:
             raise ConfigError(f"the temperature must be a finite positive number, got {self.temperature}")

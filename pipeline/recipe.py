@@ -16,10 +16,18 @@ from typing import Any
 
 from pipeline.config import DINOV2_TEMPERATURE
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.outputs import slug, store_stem
+from pipeline.evaluation.intervals import DEFAULT_RESAMPLES
+from pipeline.outputs import check_output, owned_json, sibling, slug, store_stem
 from pipeline.plan import ExtractConfig
-from pipeline.report.leaderboard import LeaderboardRow, check_leaderboard, fill_row, write_leaderboard
-from pipeline.run_config import DatasetSpec, ExtractSpec, IndexSpec, KnnSpec, ProbeSpec
+from pipeline.report.blocks import save_json
+from pipeline.report.leaderboard import (
+    LeaderboardRow,
+    check_leaderboard,
+    comparison_sections,
+    fill_row,
+    write_leaderboard,
+)
+from pipeline.run_config import AuditSpec, DatasetSpec, ExtractSpec, IndexSpec, KnnSpec, ProbeSpec
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +122,8 @@ def probe_store(store: str, output_dir: str, spec: ProbeSpec) -> dict:
     from pipeline.evaluation.probes import run_probe
 
     result, _ = run_probe(ProbeConfig(store=Path(store), out=results_for(output_dir, store, "probe"), head=spec.head,
-                                      grid=tuple(spec.grid) if spec.grid else None))
+                                      grid=tuple(spec.grid) if spec.grid else None, resamples=spec.resamples,
+                                      val_seeds=tuple(spec.val_seeds)))
     return result
 
 
@@ -123,7 +132,7 @@ def knn_store(store: str, output_dir: str, spec: KnnSpec) -> dict:
     from pipeline.evaluation.knn import run_knn
 
     result, _ = run_knn(KnnConfig(store=Path(store), out=results_for(output_dir, store, "knn"), ks=tuple(spec.ks),
-                                  temperature=spec.temperature))
+                                  temperature=spec.temperature, resamples=spec.resamples))
     result.pop("examples", None)  # for the report's image grid only: not worth passing around
     return result
 
@@ -141,20 +150,40 @@ def index_store(store: str, output_dir: str, spec: IndexSpec) -> dict:
     return dataclasses.asdict(infos) | {"path": str(out)}
 
 
+def audit_store(store: str, output_dir: str, spec: AuditSpec, probe: dict | None = None,
+                knn: dict | None = None) -> dict:
+    """Duplicates and leakage of one store; the test figures without leaked images come from the probe's and kNN's
+    per-image results (nothing is fitted again)."""
+    from pipeline.config import AuditConfig
+    from pipeline.evaluation.audit_run import run_audit
+
+    k = max(knn["ks"]) if knn else 20
+    result, _ = run_audit(AuditConfig(store=Path(store), out=results_for(output_dir, store, "audit"),
+                                      threshold=spec.threshold, k=spec.k, fit=False, knn_k=k), probe=probe, knn=knn)
+    for name in ("cross_split", "hints", "leaked_test_ids"):  # in the results file: not worth passing around
+        result.pop(name, None)
+    return result
+
+
 @dataclass(frozen=True)
 class EvaluationSteps:
     probe: Callable[[str, str, ProbeSpec], dict] = probe_store
     knn: Callable[[str, str, KnnSpec], dict] = knn_store
     index: Callable[[str, str, IndexSpec], dict] = index_store
+    audit: Callable[..., dict] = audit_store
 
 
-def evaluate_store(store: str, output_dir: str, probe: ProbeSpec, knn: KnnSpec, index: IndexSpec, *,
-                   steps: EvaluationSteps = EvaluationSteps()) -> dict:
-    """Probe, kNN and index one store (each when enabled)."""
-    return {"store": store,
-            "probe": steps.probe(store, output_dir, probe) if probe.enabled else None,
-            "knn": steps.knn(store, output_dir, knn) if knn.enabled else None,
-            "index": steps.index(store, output_dir, index) if index.enabled else None}
+def evaluate_store(store: str, output_dir: str, probe: ProbeSpec, knn: KnnSpec, index: IndexSpec,
+                   audit: AuditSpec | None = None, *, steps: EvaluationSteps = EvaluationSteps()) -> dict:
+    """Probe, kNN, index and audit one store (each when enabled)."""
+    audit = audit or AuditSpec()
+    outcome = {"store": store,
+               "probe": steps.probe(store, output_dir, probe) if probe.enabled else None,
+               "knn": steps.knn(store, output_dir, knn) if knn.enabled else None,
+               "index": steps.index(store, output_dir, index) if index.enabled else None}
+    outcome["audit"] = (steps.audit(store, output_dir, audit, outcome["probe"], outcome["knn"]) if audit.enabled
+                        else None)
+    return outcome
 
 
 @dataclass(frozen=True)
@@ -190,7 +219,7 @@ def check_backbones(backbones: list[str]) -> None:
 
 
 def benchmark(dataset: DatasetSpec, backbones: list[str], output_dir: str | Path, *, extract: ExtractSpec,
-              probe: ProbeSpec, knn: KnnSpec, index: IndexSpec, reset: bool = False,
+              probe: ProbeSpec, knn: KnnSpec, index: IndexSpec, audit: AuditSpec | None = None, reset: bool = False,
               steps: Steps = Steps()) -> dict:
     """Backbones x one data set: extract (incrementally), evaluate each store, write the leaderboard. A backbone
     that fails gets a row with its error and the others still run; everything is checked before the first step."""
@@ -198,29 +227,55 @@ def benchmark(dataset: DatasetSpec, backbones: list[str], output_dir: str | Path
     output_dir = str(Path(output_dir).resolve())
     stem = leaderboard_stem(output_dir, dataset.name)
     check_leaderboard(stem)
+    comparisons_path = check_output(sibling(stem, ".comparisons.json"), owned=owned_json("bench-comparisons"),
+                                    what="the comparisons file")
     summaries = steps.extract_all(dataset, backbones, output_dir, extract)
-    rows, evaluations, k = [], [], max(knn.ks)
+    rows, evaluations, k = [], {}, max(knn.ks)
     for backbone, summary in zip(backbones, summaries, strict=True):
         row = LeaderboardRow(backbone, cached=summary["skipped"], store=summary["store"],
                              error=summary.get("error", ""))
         if not row.error:
             try:
-                evaluation = steps.evaluate(summary["store"], output_dir, probe, knn, index)
-                fill_row(row, probe=evaluation["probe"], knn=evaluation["knn"], k=k)
-                evaluations.append(evaluation)
+                evaluations[backbone] = steps.evaluate(summary["store"], output_dir, probe, knn, index,
+                                                       audit or AuditSpec())
+                fill_row(row, probe=evaluations[backbone]["probe"], knn=evaluations[backbone]["knn"], k=k)
             except PipelineError as exc:
                 log.error("%s: %s", backbone, exc)
                 row.error = str(exc)
         rows.append(row)
+    comparisons = compare_backbones(evaluations, k=k, resamples=probe.resamples)
     title = leaderboard_title(dataset.name, probe.head, k, knn.temperature)
-    rows, csv_path, md_path = write_leaderboard(rows, stem, title=title, reset=reset)
+    sections = comparison_sections(comparisons["pairs"], comparisons["agreement"])
+    rows, csv_path, md_path = write_leaderboard(rows, stem, title=title, reset=reset, pairs=comparisons["pairs"],
+                                                sections=sections)
+    save_json(comparisons_path, {**comparisons, "featpipe": {"kind": "bench-comparisons", "version": 1}})
     return {"dataset": dataset.name, "title": title, "rows": rows, "leaderboard_csv": str(csv_path),
-            "leaderboard_md": str(md_path), "extraction": summaries, "evaluations": evaluations}
+            "leaderboard_md": str(md_path), "comparisons": str(comparisons_path), "sections": sections,
+            "extraction": summaries, "evaluations": list(evaluations.values())}
+
+
+def compare_backbones(evaluations: dict[str, dict], *, k: int, resamples: int) -> dict[str, Any]:
+    """This run's backbones against each other: paired tests of probe top-1 and of kNN top-1 (weighted vote at
+    `k`) on the same test images, and the agreement of their features (linear CKA, mutual k-NN)."""
+    from pipeline.evaluation.compare import agreement, pairwise
+    from pipeline.store.read import load_store
+
+    probes = {b: (e["probe"] or {}).get("test_correct") for b, e in evaluations.items()}
+    knns = {b: (e["knn"] or {}).get("by_k", {}).get(str(k), {}).get("weighted", {}).get("correct")
+            for b, e in evaluations.items()}
+    pairs = pairwise(probes, what="probe top-1", resamples=resamples or DEFAULT_RESAMPLES)
+    pairs += pairwise(knns, what=f"kNN top-1 (k={k} weighted)", resamples=resamples or DEFAULT_RESAMPLES)
+    feature_sets = {}
+    if len(evaluations) > 1:
+        for backbone, e in evaluations.items():
+            fs = load_store(e["store"])
+            feature_sets[backbone] = (fs.features, fs.row_keys())
+    return {"pairs": pairs, "agreement": agreement(feature_sets) if feature_sets else None}
 
 
 def run_bench(data: str | Path, backbones: list[str], output_dir: str | Path, *, extract: dict | None = None,
               head: str = "logreg", k: int = 20, temperature: float = DINOV2_TEMPERATURE, progress: bool = True,
-              reset: bool = False) -> tuple[list[LeaderboardRow], Path, Path]:
+              reset: bool = False, resamples: int = DEFAULT_RESAMPLES) -> tuple[list[LeaderboardRow], Path, Path]:
     """`bench`: the recipe on one data set given by path, with the probe and one kNN k, no index; returns the
     ranked leaderboard rows and its two files."""
     from functools import partial
@@ -231,8 +286,9 @@ def run_bench(data: str | Path, backbones: list[str], output_dir: str | Path, *,
 
     try:
         dataset = DatasetSpec(name=data_name(data), data=str(data))
-        specs = {"extract": ExtractSpec(**(extract or {})), "probe": ProbeSpec(head=head),
-                 "knn": KnnSpec(ks=[k], temperature=temperature), "index": IndexSpec(enabled=False)}
+        specs = {"extract": ExtractSpec(**(extract or {})), "probe": ProbeSpec(head=head, resamples=resamples),
+                 "knn": KnnSpec(ks=[k], temperature=temperature, resamples=resamples),
+                 "index": IndexSpec(enabled=False), "audit": AuditSpec()}
     except ValidationError as exc:
         raise ConfigError(validation_message(exc, "bench")) from None
     outcome = benchmark(dataset, backbones, output_dir, reset=reset,

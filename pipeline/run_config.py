@@ -12,7 +12,12 @@ from typing import Annotated, Any, ClassVar, Literal, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from pipeline.config import DINOV2_KS, DINOV2_TEMPERATURE
+from pipeline.config import (
+    DEFAULT_RESAMPLES,
+    DINOV2_KS,
+    DINOV2_TEMPERATURE,
+    MAX_RESAMPLES,
+)
 from pipeline.errors import ConfigError
 from pipeline.evaluation.heads import HEADS
 from pipeline.index.plan import INDEX_KINDS, parse_memory_size
@@ -72,6 +77,10 @@ class ProbeSpec(_Strict):
     enabled: bool = True
     head: HeadName = "logreg"
     grid: list[float] | None = Field(None, description="the head's hyper-parameter values (default: its own grid)")
+    resamples: int = Field(DEFAULT_RESAMPLES, ge=0, le=MAX_RESAMPLES,
+                           description="bootstrap resamples for the 95% intervals (0: none)")
+    val_seeds: list[int] = Field(default_factory=list,
+                                 description="without a val split: the slice seeds whose spread is reported")
 
     @field_validator("grid")
     @classmethod
@@ -86,6 +95,15 @@ class KnnSpec(_Strict):
     ks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [k for k in DINOV2_KS if k <= 20],
                                                   min_length=1)
     temperature: float = Field(DINOV2_TEMPERATURE, gt=0)
+    resamples: int = Field(DEFAULT_RESAMPLES, ge=0, le=MAX_RESAMPLES,
+                           description="bootstrap resamples for the 95% intervals (0: none)")
+
+
+class AuditSpec(_Strict):
+    enabled: bool = True
+    threshold: float | None = Field(None, gt=0, le=1, description="near duplicates: cosine at or above this "
+                                                                  "(default: the store's auto threshold)")
+    k: int = Field(10, ge=1, description="neighbours searched per row")
 
 
 class IndexSpec(_Strict):
@@ -131,6 +149,7 @@ class RunConfig(_Strict):
     probe: ProbeSpec = Field(default_factory=ProbeSpec)
     knn: KnnSpec = Field(default_factory=KnnSpec)
     index: IndexSpec = Field(default_factory=IndexSpec)
+    audit: AuditSpec = Field(default_factory=AuditSpec)
     schedule: ScheduleSpec | None = None
     reset_leaderboard: bool = Field(False, description="start each leaderboard afresh instead of keeping the rows "
                                                        "of backbones not in this run")

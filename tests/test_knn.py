@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
@@ -86,8 +84,7 @@ def test_knn_classification_equals_numpy_reference(digits_fs, k):
 def test_leave_one_out_without_a_test_split_equals_reference(digits_fs):
     """No test split: every train row is a query against the other train rows (itself left out by index)."""
     keep = digits_fs.mask("train")
-    fs = dataclasses.replace(digits_fs, features=digits_fs.features[keep], ids=digits_fs.ids[keep],
-                             labels=digits_fs.labels[keep], splits=digits_fs.splits[keep])
+    fs = digits_fs.subset(keep)
     result = knn_classify(fs, ks=(5,), temperature=0.07)
     assert result["mode"] == "leave-one-out within train" and result["n_queries"] == int(keep.sum())
     rows = np.arange(len(fs))

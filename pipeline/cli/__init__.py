@@ -2,9 +2,9 @@
 stderr and exit code 2.
 
 The library's commands are here: `extract` (`pipeline.cli.extract`), `store` and `backbones`
-(`pipeline.cli.inspect`), and `probe`, `predict`, `knn`, `index`, `search`, `bench` (`pipeline.cli.evaluate`). The
-Prefect-backed ones (`demo`, `run`, `serve`) are in `flows.commands`; the application entry point,
-`python -m pipeline` (`pipeline/__main__.py`), adds them, so that this package never imports Prefect.
+(`pipeline.cli.inspect`), and `probe`, `predict`, `knn`, `audit`, `index`, `search`, `bench`
+(`pipeline.cli.evaluate`). The Prefect-backed ones (`demo`, `run`, `serve`) are in `flows.commands`; the application
+entry point, `python -m pipeline` (`pipeline/__main__.py`), adds them, so that this package never imports Prefect.
 """
 
 from __future__ import annotations

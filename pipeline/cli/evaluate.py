@@ -1,4 +1,4 @@
-"""Command line for evaluation on cached features: probe, predict, knn, index, search, bench."""
+"""Command line for evaluation on cached features: probe, predict, knn, audit, index, search, bench."""
 
 from __future__ import annotations
 
@@ -7,11 +7,25 @@ import json
 from pathlib import Path
 
 from pipeline.cli import Command
-from pipeline.cli.types import finite_float, memory_size, names, number_list, positive_int
-from pipeline.config import DEFAULT_KS, DINOV2_KS, DINOV2_TEMPERATURE, KnnConfig, ProbeConfig
+from pipeline.cli.types import auto_or, bounded_int, finite_float, memory_size, names, number_list, positive_int
+from pipeline.config import (
+    DEFAULT_KS,
+    DEFAULT_RESAMPLES,
+    DINOV2_KS,
+    DINOV2_TEMPERATURE,
+    MAX_RESAMPLES,
+    KnnConfig,
+    ProbeConfig,
+)
 from pipeline.errors import PipelineError
 
 OVERWRITE_HELP = "replace output files that exist and were not written by this command"
+
+
+def add_resamples(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resamples", type=bounded_int(0, MAX_RESAMPLES), default=DEFAULT_RESAMPLES,
+                   help=f"bootstrap resamples of the test images for the 95%% intervals (default {DEFAULT_RESAMPLES}; "
+                        "0: no intervals)")
 
 
 def _heads() -> dict:
@@ -35,6 +49,10 @@ def add_probe(p: argparse.ArgumentParser) -> None:
                    help="few-shot probes: this many training images per class (comma-separated)")
     p.add_argument("--seeds", type=number_list(int, "0,1,2", positive=False), default=(0, 1, 2),
                    help="few-shot draws, one per seed (default 0,1,2)")
+    p.add_argument("--val-seeds", type=number_list(int, "0,1,2", positive=False), default=(),
+                   help="without a val split: also choose on the slice drawn with each of these seeds and report the "
+                        "spread of test top-1 over them")
+    add_resamples(p)
     p.add_argument("--device", default="auto", help="torch-logreg only: auto | cpu | cuda")
     p.add_argument("--no-report", action="store_true", help="only the JSON (no markdown/HTML report)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
@@ -62,6 +80,7 @@ def add_knn(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loo", action="store_true", help="leave-one-out within one split even when there is a test split")
     p.add_argument("--loo-split", default=None, help="the split for leave-one-out (default train)")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: STORE.knn.json beside the store)")
+    add_resamples(p)
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
@@ -99,6 +118,53 @@ def add_search(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", type=Path, default=None, help="the checkpoint, for stores made with --weights")
 
 
+def add_audit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--out", type=Path, default=None, help="results JSON (default: STORE.audit.json beside the store)")
+    p.add_argument("--threshold", type=auto_or(finite_float(0, 1, low_open=True)), default=None,
+                   help="near duplicates: cosine at or above this, or auto (default): halfway between the store's "
+                        "nearest other-class cosine and 1, within [0.95, 0.995] (see README)")
+    p.add_argument("--k", type=positive_int, default=10, help="neighbours searched per row (default 10)")
+    p.add_argument("--knn-k", type=positive_int, default=20, help="kNN k for the test figure (weighted vote)")
+    p.add_argument("--head", choices=list(_heads()), default="logreg", help="the probe for the test figure")
+    p.add_argument("--no-fit", action="store_true", help="find only: no probe or kNN figures")
+    p.add_argument("--write-splits", type=Path, default=None,
+                   help="write a clean split assignment (CSV id,split,audit: leaked test images and repeated copies "
+                        "within a split dropped)")
+    p.add_argument("--write-manifest", type=Path, default=None,
+                   help="write a manifest (path,label,split,id) of the rows the clean assignment keeps, to extract "
+                        "again with --data")
+    add_resamples(p)
+    p.add_argument("--no-report", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
+def _span(threshold: dict) -> str:
+    low, high = threshold["min"], threshold["max"]
+    return f"{low:.4f}" if low == high else f"{low:.4f} to {high:.4f} by class"
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    from pipeline.config import AuditConfig
+    from pipeline.evaluation.audit_run import run_audit
+    from pipeline.report.blocks import pct_interval, text_table
+
+    result, out = run_audit(AuditConfig(
+        store=args.store, out=args.out, threshold=args.threshold, k=args.k, fit=not args.no_fit, head=args.head,
+        knn_k=args.knn_k, resamples=args.resamples, write_splits=args.write_splits,
+        write_manifest=args.write_manifest, report=not args.no_report, overwrite=args.overwrite))
+    print(f"{result['n_rows']} rows: {result['exact_pairs']} exact and {result['near_pairs']} near duplicate pairs "
+          f"(threshold {_span(result['threshold'])}), {result['cross_split_pairs']} across splits; "
+          f"{result['leaked_test_rows']} of {result['n_test']} test images have a copy in train/val")
+    rows = [(name, pct_interval(e["all"], e.get("all_interval")),
+             pct_interval(e["without_leaked"], e.get("without_leaked_interval")))
+            for name, e in result["scores"].items() if isinstance(e, dict) and "all" in e]
+    if rows:
+        print(text_table(("figure", "top-1 % all test", "top-1 % without leaked"), rows))
+    print("  ".join([f"results: {out}", *(f"{k}: {v}" for k, v in result["files"].items() if k != "results"),
+                     *([f"report: {result['report'][1]}"] if result.get("report") else [])]))
+
+
 BENCH_EXTRACT = ("batch_size", "workers", "device", "random_init")  # extraction options bench passes on
 
 
@@ -112,6 +178,7 @@ def add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=positive_int, default=20, help="kNN k for the leaderboard (weighted vote, T=0.07)")
     p.add_argument("--reset-leaderboard", action="store_true",
                    help="start the leaderboard afresh (by default rows of backbones not in this run are kept)")
+    add_resamples(p)
     add_spec_arguments(p, only=BENCH_EXTRACT)
 
 
@@ -122,7 +189,8 @@ def cmd_probe(args: argparse.Namespace) -> None:
     result, out = run_probe(ProbeConfig(store=args.store, out=args.out, head=args.head, grid=args.grid,
                                         val_fraction=args.val_fraction, seed=args.seed, shots=args.shots,
                                         seeds=args.seeds, device=args.device, report=not args.no_report,
-                                        overwrite=args.overwrite))
+                                        overwrite=args.overwrite, resamples=args.resamples,
+                                        val_seeds=args.val_seeds))
     print(format_table(result, None))
     files = [f"results: {out}"] + ([f"head: {result['head_file']}"] if "head_file" in result else [])
     files += [f"report: {result['report'][1]}"] if result.get("report") else []
@@ -155,20 +223,17 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_knn(args: argparse.Namespace) -> None:
     from pipeline.evaluation.knn import run_knn
-    from pipeline.report.blocks import format_table
-    from pipeline.report.render import markdown_table
+    from pipeline.report.blocks import format_table, retrieval_rows, text_table
 
     ks = args.ks or (DINOV2_KS if args.preset == "dinov2" else DEFAULT_KS)
     temperature = args.temperature if args.temperature is not None else DINOV2_TEMPERATURE
     result, out = run_knn(KnnConfig(store=args.store, out=args.out, ks=tuple(ks), temperature=temperature,
                                     loo=args.loo, loo_split=args.loo_split, report=not args.no_report,
-                                    overwrite=args.overwrite))
+                                    overwrite=args.overwrite, resamples=args.resamples))
     print(f"{result['mode']}: {result['n_queries']} queries, {result['n_bank']} rows searched")
     print(format_table(None, result))
     if result["retrieval"]:
-        print(markdown_table(("k", "recall@k %", "mAP@k %"),
-                             [(k, f"{100 * m['recall']:.2f}", f"{100 * m['map']:.2f}")
-                              for k, m in result["retrieval"].items()]))
+        print(text_table(("k", "recall@k %", "precision@k %", "mAP@k %"), retrieval_rows(result["retrieval"])))
     print(f"results: {out}" + (f"  report: {result['report'][1]}" if result.get("report") else ""))
 
 
@@ -215,10 +280,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     extract = {name: getattr(args, name) for name in BENCH_EXTRACT}
     rows, csv_path, md_path = run_bench(args.data, args.backbones, args.out_dir, head=args.head, k=args.k,
-                                        extract=extract, progress=not args.quiet, reset=args.reset_leaderboard)
+                                        extract=extract, progress=not args.quiet, reset=args.reset_leaderboard,
+                                        resamples=args.resamples)
     title = leaderboard_title(data_name(args.data), args.head, args.k, DINOV2_TEMPERATURE)
     print(leaderboard_text(rows, title=title))
-    print(f"leaderboard: {csv_path}  {md_path}")
+    print(f"leaderboard: {csv_path}  {md_path} (paired comparisons and feature agreement in the markdown)")
     failed = [r for r in rows if r.error]
     return 1 if failed else 0
 
@@ -230,5 +296,7 @@ COMMANDS = [
     Command("knn", "kNN classification and retrieval metrics on an exact FAISS index", add_knn, cmd_knn),
     Command("index", "build, update or inspect a FAISS index for a store", add_index, cmd_index),
     Command("search", "nearest images to query image files or ids", add_search, cmd_search),
+    Command("audit", "duplicates and train/test leakage (exact and near), test figures without leaked images, "
+                     "label-noise and outlier hints", add_audit, cmd_audit),
     Command("bench", "backbones x one data set -> leaderboard CSV + markdown (stores cached)", add_bench, cmd_bench),
 ]

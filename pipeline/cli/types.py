@@ -8,19 +8,34 @@ import math
 from pathlib import Path
 
 
-def int_at_least(minimum: int):
-    """An argparse type for integers >= `minimum`."""
+def bounded_int(minimum: int, maximum: int | None = None):
+    """An argparse type for integers >= `minimum` (and <= `maximum` when given)."""
+    expected = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
         return value
 
     return parse
+
+
+def auto_or(parse):
+    """An argparse type for `auto` (None) or a value `parse` accepts."""
+
+    def parse_or_auto(text: str):
+        return None if text == "auto" else parse(text)
+
+    return parse_or_auto
+
+
+def int_at_least(minimum: int):
+    """An argparse type for integers >= `minimum`."""
+    return bounded_int(minimum)
 
 
 positive_int = int_at_least(1)

@@ -16,7 +16,8 @@ import numpy as np
 
 from pipeline.config import KnnConfig
 from pipeline.errors import PipelineError
-from pipeline.evaluation.metrics import classification_metrics, retrieval_metrics
+from pipeline.evaluation.intervals import DEFAULT_RESAMPLES
+from pipeline.evaluation.metrics import classification_metrics, predicted, retrieval_metrics
 from pipeline.index.build import build_flat_index, search
 from pipeline.outputs import check_output, owned_json, results_stem
 from pipeline.sources.hints import how_to
@@ -86,8 +87,11 @@ def knn_protocol(fs: FeatureSet, *, loo: bool = False, loo_split: str | None = N
 
 
 def knn_classify(fs: FeatureSet, *, ks: tuple[int, ...], temperature: float = 0.07, loo: bool = False,
-                 loo_split: str | None = None, retrieval_ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, Any]:
-    """kNN classification for each k and vote, and retrieval metrics (recall@k, mAP@k by label)."""
+                 loo_split: str | None = None, retrieval_ks: tuple[int, ...] = (1, 5, 10),
+                 resamples: int = DEFAULT_RESAMPLES) -> dict[str, Any]:
+    """kNN classification for each k and vote, and retrieval metrics (recall@k, mAP@k by label); each figure with
+    its bootstrap interval over the queries (`resamples`), and each vote's per-query correctness (`correct`) for
+    paired comparisons."""
     if not ks or any(k < 1 for k in ks):
         raise PipelineError(f"--k must be positive integers, got {list(ks)}")
     if not np.isfinite(temperature) or temperature <= 0:
@@ -107,17 +111,10 @@ def knn_classify(fs: FeatureSet, *, ks: tuple[int, ...], temperature: float = 0.
     _check_found(idx)
     bank_labels = fs.labels[bank]
     y_true = fs.labels[queries]
-    classes = np.arange(len(fs.class_names))
     neighbour_labels = bank_labels[idx]
-    results: dict[str, Any] = {}
-    for k in sorted(set(ks)):
-        scores = vote_scores(neighbour_labels[:, :k], sims[:, :k], n_classes=len(classes), temperature=temperature)
-        results[str(k)] = {vote: classification_metrics(y_true, s, classes, fs.class_names)
-                           for vote, s in scores.items()}
-        if k < 5:  # fewer than 5 neighbours cannot rank 5 classes: the rest would be arbitrary ties
-            for metrics in results[str(k)].values():
-                metrics["top5"] = None
-    per_class = np.bincount(bank_labels, minlength=len(classes))
+    results = {str(k): _vote_metrics(fs, np.flatnonzero(queries), neighbour_labels[:, :k], sims[:, :k],
+                                     temperature=temperature, resamples=resamples) for k in sorted(set(ks))}
+    per_class = np.bincount(bank_labels, minlength=len(fs.class_names))
     relevant = per_class[y_true] - (1 if leave_one_out else 0)
     return {
         "protocol": f"exact FAISS inner-product (cosine) kNN; {plan['mode']}",
@@ -128,9 +125,28 @@ def knn_classify(fs: FeatureSet, *, ks: tuple[int, ...], temperature: float = 0.
         "n_queries": int(queries.sum()),
         "seconds": round(time.perf_counter() - start, 3),
         "by_k": results,
-        "retrieval": retrieval_metrics(neighbour_labels, y_true, relevant, ks=retrieval_ks),
+        "retrieval": retrieval_metrics(neighbour_labels, y_true, relevant, ks=retrieval_ks, resamples=resamples),
         "examples": _examples(fs, bank, queries, idx, sims),
     }
+
+
+def _vote_metrics(fs: FeatureSet, query_rows: np.ndarray, neighbour_labels: np.ndarray, sims: np.ndarray, *,
+                  temperature: float, resamples: int) -> dict[str, Any]:
+    """Both votes over the first k neighbours: metrics (with intervals) and which queries each got right."""
+    from pipeline.evaluation.probes import correctness
+
+    k = neighbour_labels.shape[1]
+    classes = np.arange(len(fs.class_names))
+    y_true = fs.labels[query_rows]
+    out = {}
+    for vote, scores in vote_scores(neighbour_labels, sims, n_classes=len(classes), temperature=temperature).items():
+        metrics = classification_metrics(y_true, scores, classes, fs.class_names, resamples=resamples)
+        if k < 5:  # fewer than 5 neighbours cannot rank 5 classes: the rest would be arbitrary ties
+            metrics["top5"] = None
+            metrics.get("intervals", {}).pop("top5", None)
+        metrics["correct"] = correctness(fs, query_rows, predicted(scores, classes))
+        out[vote] = metrics
+    return out
 
 
 def _examples(fs: FeatureSet, bank: np.ndarray, queries: np.ndarray, idx: np.ndarray, sims: np.ndarray, *,
@@ -161,7 +177,7 @@ def run_knn(config: KnnConfig) -> tuple[dict[str, Any], Path]:
     if config.report:
         check_report_outputs(results_stem(out), overwrite=config.overwrite, protect=[config.store])
     result = knn_classify(fs, ks=config.ks, temperature=config.temperature, loo=config.loo,
-                          loo_split=config.loo_split, retrieval_ks=config.retrieval_ks)
+                          loo_split=config.loo_split, retrieval_ks=config.retrieval_ks, resamples=config.resamples)
     result.update(fs.provenance())
     if config.report:
         blocks = report_blocks(fs, title=title_for(fs), knn=result)

@@ -24,7 +24,15 @@ from pipeline.evaluation.head_file import (
     load_saved_head,
 )
 from pipeline.evaluation.heads import HeadSpec, class_scores, fit_quietly, head_spec
-from pipeline.evaluation.metrics import classification_metrics
+from pipeline.evaluation.intervals import (
+    DEFAULT_RESAMPLES,
+    mean_intervals,
+    order_digest,
+    pack_correct,
+    scoring_order,
+    unpack_correct,
+)
+from pipeline.evaluation.metrics import classification_metrics, predicted
 from pipeline.outputs import check_output, owned_json, results_stem, sibling, store_stem, write_atomic
 from pipeline.sources.hints import how_to
 from pipeline.splits import holdout_mask
@@ -97,12 +105,14 @@ def canonical_order(fs: FeatureSet, mask: np.ndarray) -> np.ndarray:
 
 
 def fit_probe(fs: FeatureSet, *, head: str = "logreg", grid: tuple[float, ...] | None = None,
-              val_fraction: float = 0.2, seed: int = 0, max_iter: int = 5000,
-              device: str = "auto") -> tuple[Any, dict[str, Any]]:
+              val_fraction: float = 0.2, seed: int = 0, max_iter: int = 5000, device: str = "auto",
+              resamples: int = DEFAULT_RESAMPLES, val_seeds: tuple[int, ...] = ()) -> tuple[Any, dict[str, Any]]:
     """Run the probe protocol on a feature set; returns the refit head and a JSON-ready result dict.
 
     The grid value is chosen on validation only, the head refit on train+val with it, and the test split scored
-    once: test rows are never passed to a fit or a choice.
+    once: test rows are never passed to a fit or a choice. The test figures carry bootstrap intervals (`resamples`),
+    and the result records which test images were right (`test_correct`) for paired comparisons. With `val_seeds`
+    and no `val` split, the choice is also made on the slice drawn with each seed: the spread over seeds.
     """
     spec = head_spec(head)
     grid = spec.grid if grid is None else tuple(grid)
@@ -110,13 +120,16 @@ def fit_probe(fs: FeatureSet, *, head: str = "logreg", grid: tuple[float, ...] |
         raise PipelineError(f"the {spec.param} grid is empty; give at least one value")
     train, val, test, val_source = protocol_splits(fs, val_fraction=val_fraction, seed=seed)
     train, val, refit = canonical_order(fs, train), canonical_order(fs, val), canonical_order(fs, train | val)
+    test = canonical_order(fs, test)
     x, y = fs.features, fs.labels
     start = time.perf_counter()
     best, val_scores, converged = _sweep(spec, grid, x[train], y[train], x[val], y[val], max_iter=max_iter,
                                          seed=seed, device=device)
     model = spec.make(best, max_iter=max_iter, seed=seed, device=device)
     refit_converged = fit_quietly(model, x[refit], y[refit])
-    metrics = classification_metrics(y[test], class_scores(model, x[test]), model.classes_, fs.class_names)
+    scores = class_scores(model, x[test])
+    metrics = classification_metrics(y[test], scores, model.classes_, fs.class_names, resamples=resamples, seed=seed)
+    fit_seconds = round(time.perf_counter() - start, 3)
     result = {
         "protocol": f"{spec.description}; {spec.param} chosen on validation, refit on train+val, tested once",
         "head": head,
@@ -128,11 +141,60 @@ def fit_probe(fs: FeatureSet, *, head: str = "logreg", grid: tuple[float, ...] |
         "val_source": val_source,
         "n_train": int(len(train)),
         "n_val": int(len(val)),
-        "n_test": int(test.sum()),
-        "seconds": round(time.perf_counter() - start, 3),
+        "n_test": int(len(test)),
+        "seconds": fit_seconds,
         **{f"test_{k}" if k != "n" else "n_test_scored": v for k, v in metrics.items()},
+        "test_correct": correctness(fs, test, predicted(scores, model.classes_)),
     }
+    if val_seeds:
+        result["val_seed_spread"] = seed_spread(fs, spec, grid, test, val_seeds=val_seeds, val_fraction=val_fraction,
+                                                max_iter=max_iter, device=device, known={best: model})
     return model, result
+
+
+def correctness(fs: FeatureSet, rows: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
+    """Which of `rows` were predicted right, packed for paired comparisons (`pipeline.evaluation.intervals`)."""
+    keys = fs.row_keys()
+    return pack_correct(y_pred == fs.labels[rows], [keys[i] for i in rows], [str(fs.ids[i]) for i in rows])
+
+
+def correct_by_row(fs: FeatureSet, rows: np.ndarray, packed: dict[str, Any]) -> np.ndarray:
+    """The correctness record `correctness` packed for `rows` (in any order), back as one bool per row of `rows`."""
+    keys = fs.row_keys()
+    row_keys = [keys[i] for i in rows]
+    order = scoring_order(row_keys, [str(fs.ids[i]) for i in rows])
+    bits = unpack_correct(packed)
+    if len(bits) != len(rows) or packed.get("digest") != order_digest(row_keys):
+        raise PipelineError(f"the results scored other images than these {len(rows)} rows of {fs.path}; "
+                            "compute them again on this store")
+    out = np.empty(len(rows), dtype=bool)
+    out[order] = bits
+    return out
+
+
+def seed_spread(fs: FeatureSet, spec: HeadSpec, grid: tuple[float, ...], test: np.ndarray, *,
+                val_seeds: tuple[int, ...], val_fraction: float, max_iter: int, device: str,
+                known: dict[float, Any]) -> dict[str, Any]:
+    """The protocol's randomness: the validation slice drawn with each seed, the value each one chooses and the
+    test top-1 of the head refit with it (train+val is the same rows whatever the seed). Nothing varies with the
+    seed when the store has its own val split."""
+    if fs.mask("val").any():
+        return {"note": "the store's val split is fixed: the protocol has no random part", "seeds": []}
+    x, y = fs.features, fs.labels
+    runs = []
+    for s in val_seeds:
+        train, val, _, _ = protocol_splits(fs, val_fraction=val_fraction, seed=s)
+        train, val = canonical_order(fs, train), canonical_order(fs, val)
+        chosen, _, _ = _sweep(spec, grid, x[train], y[train], x[val], y[val], max_iter=max_iter, seed=s,
+                              device=device)
+        if chosen not in known:
+            known[chosen] = spec.make(chosen, max_iter=max_iter, seed=s, device=device)
+            fit_quietly(known[chosen], x[canonical_order(fs, train | val)], y[canonical_order(fs, train | val)])
+        top1 = float(np.mean(known[chosen].predict(x[test]) == y[test]))
+        runs.append({"seed": s, "chosen": chosen, "test_top1": top1})
+    top1 = np.array([r["test_top1"] for r in runs])
+    return {"seeds": runs, "top1_mean": float(top1.mean()), "top1_std": float(top1.std(ddof=0)),
+            "top1_range": [float(top1.min()), float(top1.max())]}
 
 
 def few_shot_rows(labels: np.ndarray, pool: np.ndarray, *, shots: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -152,16 +214,17 @@ def few_shot_rows(labels: np.ndarray, pool: np.ndarray, *, shots: int, seed: int
 
 def fit_few_shot(fs: FeatureSet, *, shots: tuple[int, ...], seeds: tuple[int, ...] = (0, 1, 2),
                  head: str = "logreg", grid: tuple[float, ...] | None = None, max_iter: int = 5000,
-                 device: str = "auto") -> dict[str, Any]:
+                 device: str = "auto", resamples: int = DEFAULT_RESAMPLES) -> dict[str, Any]:
     """Few-shot probes: for each k in `shots` and each seed, train on k images per class drawn from train+val,
     choose the grid value on a disjoint draw of up to k more per class, and score the full test split once.
-    Returns per-seed results and the mean and standard deviation over seeds."""
+    Returns per-seed results (each with its bootstrap interval), the mean and standard deviation over seeds (the
+    draws' spread) and the bootstrap interval of the mean over the test images (the test set's sampling)."""
     spec = head_spec(head)
     grid = spec.grid if grid is None else tuple(grid)
     labelled = fs.labels >= 0
     pool = canonical_order(fs, (fs.mask("train") | fs.mask("val")) & labelled)
-    test = fs.mask("test") & labelled
-    if not test.any():
+    test = canonical_order(fs, fs.mask("test") & labelled)
+    if not len(test):
         raise PipelineError(f"{fs.path} has no labelled test split for the few-shot probes; "
                             f"{how_to(fs.made.source, 'splits')}")
     if len(np.unique(fs.labels[pool])) < 2:
@@ -175,29 +238,41 @@ def fit_few_shot(fs: FeatureSet, *, shots: tuple[int, ...], seeds: tuple[int, ..
     start = time.perf_counter()
     by_shots: dict[str, Any] = {}
     for k in sorted(set(shots)):
-        runs = []
+        runs, right = [], []
         for seed in seeds:
             train, val = few_shot_rows(y, pool, shots=k, seed=seed)
             best, _, _ = _sweep(spec, grid, x[train], y[train], x[val], y[val], max_iter=max_iter, seed=seed,
                                 device=device)
             model = spec.make(best, max_iter=max_iter, seed=seed, device=device)
             fit_quietly(model, x[train], y[train])
-            m = classification_metrics(y[test], class_scores(model, x[test]), model.classes_, fs.class_names)
+            scores = class_scores(model, x[test])
+            m = classification_metrics(y[test], scores, model.classes_, fs.class_names, resamples=resamples,
+                                       seed=seed)
+            right.append(predicted(scores, model.classes_) == y[test])
             runs.append({"seed": seed, "chosen": best, "top1": m["top1"], "balanced_accuracy": m["balanced_accuracy"],
-                         "macro_f1": m["macro_f1"]})
-        top1 = np.array([r["top1"] for r in runs])
-        by_shots[str(k)] = {"runs": runs, "top1_mean": float(top1.mean()), "top1_std": float(top1.std(ddof=0)),
-                            "n_train": int(k * len(np.unique(y[pool])))}
+                         "macro_f1": m["macro_f1"], "intervals": m.get("intervals", {})})
+        by_shots[str(k)] = _over_seeds(runs, np.mean(right, axis=0), resamples=resamples)
+        by_shots[str(k)]["n_train"] = int(k * len(np.unique(y[pool])))
     return {
         "protocol": f"few-shot {spec.description}: k images per class from train+val, {spec.param} chosen on a "
                     "disjoint draw of up to k more per class, trained on the k, scored on the whole test split",
         "head": head,
         "param": spec.param,
         "seeds": list(seeds),
-        "n_test": int(test.sum()),
+        "n_test": int(len(test)),
         "seconds": round(time.perf_counter() - start, 3),
         "by_shots": by_shots,
     }
+
+
+def _over_seeds(runs: list[dict[str, Any]], right_share: np.ndarray, *, resamples: int) -> dict[str, Any]:
+    """Few-shot runs of one k summed up: the mean and spread over seeds, and the interval of the mean from
+    resampling the test images (each image's share of seeds that got it right)."""
+    top1 = np.array([r["top1"] for r in runs])
+    entry: dict[str, Any] = {"runs": runs, "top1_mean": float(top1.mean()), "top1_std": float(top1.std(ddof=0))}
+    if resamples:
+        entry["top1_mean_interval"] = mean_intervals({"top1": right_share}, resamples=resamples)["top1"]
+    return entry
 
 
 def default_results_path(store: Path, kind: str) -> Path:
@@ -250,11 +325,12 @@ def run_probe(config: ProbeConfig) -> tuple[dict[str, Any], Path]:
     saved = None
     if config.shots:
         result = fit_few_shot(fs, shots=config.shots, seeds=config.seeds, head=config.head, grid=config.grid,
-                              max_iter=config.max_iter, device=config.device)
+                              max_iter=config.max_iter, device=config.device, resamples=config.resamples)
         result.update(fs.provenance())
     else:
         model, result = fit_probe(fs, head=config.head, grid=config.grid, val_fraction=config.val_fraction,
-                                  seed=config.seed, max_iter=config.max_iter, device=config.device)
+                                  seed=config.seed, max_iter=config.max_iter, device=config.device,
+                                  resamples=config.resamples, val_seeds=config.val_seeds)
         result.update(fs.provenance(), head_file=str(targets["head"].resolve()))
         saved = head_for(model, fs=fs, result=result)
     blocks = report_blocks(fs, title=title_for(fs), probe=result) if config.report else None

@@ -47,28 +47,52 @@ def pct(x: float | None) -> str:
 
 
 HEADER = ("method", "top-1 %", "top-5 %", "balanced acc %", "macro-F1 %")
+METRICS = ("top1", "top5", "balanced_accuracy", "macro_f1")
+INTERVAL_NOTE = ("Figures in brackets are 95% intervals: percentile bootstrap over the test images (each resample "
+                 "draws as many test images with replacement). They show how much a figure could move on another "
+                 "test set of the same size; the spread over seeds (±) shows how much the protocol's random draws "
+                 "move it on this one.")
+
+
+def pct_interval(x: float | None, bounds: list[float] | None) -> str:
+    """A percentage with its interval in brackets when there is one: `94.63 [92.59, 96.48]`."""
+    if x is None or not bounds or any(b is None or not math.isfinite(b) for b in bounds):
+        return pct(x)
+    return f"{pct(x)} [{pct(bounds[0])}, {pct(bounds[1])}]"
+
+
+def _cells(metrics: dict[str, Any], prefix: str = "") -> tuple[str, ...]:
+    intervals = metrics.get(f"{prefix}intervals") or {}
+    return tuple(pct_interval(metrics.get(prefix + m), intervals.get(m)) for m in METRICS)
 
 
 def results_rows(probe: dict[str, Any] | None, knn: dict[str, Any] | None) -> list[tuple[str, ...]]:
-    """(method, top-1, top-5, balanced accuracy, macro-F1), in percent, for each evaluation."""
+    """(method, top-1, top-5, balanced accuracy, macro-F1), in percent with their 95% intervals, per evaluation."""
     rows: list[tuple[str, ...]] = []
     if probe and "by_shots" in probe:
         for k, entry in probe["by_shots"].items():
             runs = entry["runs"]
+            ci = entry.get("top1_mean_interval")
             rows.append((f"{k}-shot {probe['head']} ({len(runs)} seeds)",
-                         f"{pct(entry['top1_mean'])} ± {pct(entry['top1_std'])}", "-",
+                         f"{pct(entry['top1_mean'])} ± {pct(entry['top1_std'])}"
+                         + (f" [{pct(ci[0])}, {pct(ci[1])}]" if ci else ""), "-",
                          pct(float(np.mean([r["balanced_accuracy"] for r in runs]))),
                          pct(float(np.mean([r["macro_f1"] for r in runs])))))
     elif probe:
-        rows.append((f"{probe['head']} probe ({probe['param']}={probe['chosen']:g})", pct(probe["test_top1"]),
-                     pct(probe["test_top5"]), pct(probe["test_balanced_accuracy"]), pct(probe["test_macro_f1"])))
+        rows.append((f"{probe['head']} probe ({probe['param']}={probe['chosen']:g})", *_cells(probe, "test_")))
     if knn:
         for k, votes in knn["by_k"].items():
             for vote, m in votes.items():
                 label = f"kNN k={k} {vote}" + (f" (T={knn['temperature']:g})" if vote == "weighted" else "")
-                rows.append((label, pct(m["top1"]), pct(m["top5"]), pct(m["balanced_accuracy"]),
-                             pct(m["macro_f1"])))
+                rows.append((label, *_cells(m)))
     return rows
+
+
+def retrieval_rows(retrieval: dict[str, Any]) -> list[tuple[str, ...]]:
+    """(k, recall@k, precision@k, mAP@k) in percent with their intervals."""
+    return [(k, *(pct_interval(m[name], (m.get("intervals") or {}).get(name)) for name in ("recall", "precision",
+                                                                                           "map")))
+            for k, m in retrieval.items()]
 
 
 def format_table(probe: dict[str, Any] | None, knn: dict[str, Any] | None) -> str:
@@ -114,9 +138,12 @@ def _probe_blocks(fs: Any, probe: dict[str, Any]) -> list[Block]:
     blocks = [Block("h2", "Probe"), Block("p", probe["protocol"] + ".")]
     if "by_shots" in probe:
         rows = [(f"{k}-shot", f"{pct(e['top1_mean'])} ± {pct(e['top1_std'])}",
-                 ", ".join(pct(r["top1"]) for r in e["runs"]), str(e["n_train"]))
+                 pct_interval(e["top1_mean"], e.get("top1_mean_interval")),
+                 ", ".join(pct_interval(r["top1"], r.get("intervals", {}).get("top1")) for r in e["runs"]),
+                 str(e["n_train"]))
                 for k, e in probe["by_shots"].items()]
-        return blocks + [Block("table", header=("shots per class", "test top-1 % (mean ± std)", "per seed",
+        return blocks + [Block("table", header=("shots per class", "test top-1 % (mean ± std over seeds)",
+                                                "mean [95% interval over test images]", "per seed",
                                                 "train images"), rows=rows)]
     blocks.append(Block("p", f"{probe['param']}={probe['chosen']:g} chosen on the {probe['val_source']} "
                              f"({probe['n_train']} train / {probe['n_val']} val / {probe['n_test']} test), "
@@ -124,12 +151,29 @@ def _probe_blocks(fs: Any, probe: dict[str, Any]) -> list[Block]:
     blocks.append(Block("table", header=(probe["param"], "val top-1 %", "converged"),
                         rows=[(v, pct(a), str(probe["converged_by_value"][v]))
                               for v, a in probe["val_top1_by_value"].items()]))
+    blocks += _seed_spread_blocks(probe)
     names = fs.class_names
     blocks.append(Block("figure", "Confusion matrix of the probe on the test split", png=confusion_png(
         probe["test_confusion_matrix"], names, title="probe: confusion (test)"), name="probe_confusion"))
     blocks.append(Block("figure", "Per-class accuracy of the probe on the test split", png=per_class_png(
         probe["test_per_class_accuracy"], title="probe: per-class accuracy (test)"), name="probe_per_class"))
     return blocks
+
+
+def _seed_spread_blocks(probe: dict[str, Any]) -> list[Block]:
+    spread = probe.get("val_seed_spread")
+    if not spread:
+        return []
+    if not spread.get("seeds"):
+        return [Block("p", f"Seed spread: {spread['note']}.")]
+    runs = spread["seeds"]
+    return [Block("p", f"Seed spread: the validation slice drawn with {len(runs)} seeds gives test top-1 "
+                       f"{pct(spread['top1_mean'])} ± {pct(spread['top1_std'])} (range {pct(spread['top1_range'][0])}"
+                       f" to {pct(spread['top1_range'][1])}), against the bootstrap interval "
+                       f"{pct_interval(probe['test_top1'], (probe.get('test_intervals') or {}).get('top1'))}: the "
+                       "first is the protocol's randomness, the second the test set's."),
+            Block("table", header=("seed", probe["param"], "test top-1 %"),
+                  rows=[(str(r["seed"]), f"{r['chosen']:g}", pct(r["test_top1"])) for r in runs])]
 
 
 def _knn_blocks(fs: Any, knn: dict[str, Any]) -> list[Block]:
@@ -139,8 +183,7 @@ def _knn_blocks(fs: Any, knn: dict[str, Any]) -> list[Block]:
                                                            f"{knn['n_bank']} rows searched.")]
     if knn.get("retrieval"):
         blocks.append(Block("table", header=("k", "recall@k %", "precision@k %", "mAP@k %"),
-                            rows=[(k, pct(m["recall"]), pct(m["precision"]), pct(m["map"]))
-                                  for k, m in knn["retrieval"].items()]))
+                            rows=retrieval_rows(knn["retrieval"])))
     best_k, best_vote = max(((k, v) for k, votes in knn["by_k"].items() for v in votes),
                             key=lambda kv: knn["by_k"][kv[0]][kv[1]]["top1"])
     best = knn["by_k"][best_k][best_vote]
@@ -171,7 +214,8 @@ def report_blocks(fs: Any, *, title: Text, probe: dict[str, Any] | None = None, 
 
     blocks = [Block("h1", title), *_features_blocks(fs, extraction)]
     if probe or knn:
-        blocks += [Block("h2", "Results"), Block("table", header=HEADER, rows=results_rows(probe, knn))]
+        blocks += [Block("h2", "Results"), Block("table", header=HEADER, rows=results_rows(probe, knn)),
+                   Block("p", INTERVAL_NOTE)]
     if probe:
         blocks += _probe_blocks(fs, probe)
     if knn:

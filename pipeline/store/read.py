@@ -164,6 +164,14 @@ class FeatureSet:
     def mask(self, *splits: str) -> np.ndarray:
         return np.isin(self.splits, list(splits))
 
+    def subset(self, rows: np.ndarray) -> FeatureSet:
+        """The same store with only some rows (a boolean mask or row numbers), every row-aligned array kept in step."""
+        import dataclasses
+
+        return dataclasses.replace(self, features=self.features[rows], ids=self.ids[rows], labels=self.labels[rows],
+                                   splits=self.splits[rows],
+                                   hashes=None if self.hashes is None else self.hashes[rows])
+
     def provenance(self) -> dict[str, Any]:
         """Which store, backbone and weights a result was computed from, for results files (the store's absolute
         path, so that the results can be read from anywhere)."""
