@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import tempfile
 import time
@@ -102,25 +103,30 @@ def calibrate(args: argparse.Namespace) -> dict:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def synthetic_store(path: Path, rows: int, dim: int, classes: int, seed: int) -> None:
-    """A complete store of synthetic unit rows (class means plus noise, 20% test), written by the store writer."""
+def synthetic_store(path: Path, rows: int, dim: int, classes: int, seed: int, noise: float = 1.5,
+                    copies: int = 0) -> None:
+    """A complete store of synthetic unit rows (class means plus noise, 20% test), written by the store writer. The
+    last `copies` rows are test rows that are near copies (a little noise) of the first `copies` train rows."""
     from pipeline.store.reuse import Listing
     from pipeline.store.writer import StoreWriter
 
     rng = np.random.default_rng(seed)
     means = rng.normal(size=(classes, dim)).astype(np.float32)
     labels = rng.integers(0, classes, rows)
-    splits = np.where(rng.random(rows) < 0.2, "test", "train").tolist()
-    listing = Listing(ids=[f"img/{k:09d}.jpg" for k in range(rows)], labels=labels.astype(np.int64), splits=splits,
-                      stamps=np.zeros((rows, 2), dtype=np.int64))
+    splits = np.where(rng.random(rows) < 0.2, "test", "train")
+    splits[:copies], splits[rows - copies:] = "train", "test"
+    labels[rows - copies:] = labels[:copies]
+    x = means[labels] + rng.normal(scale=noise, size=(rows, dim)).astype(np.float32)
+    x[rows - copies:] = x[:copies] + rng.normal(scale=0.02 * noise, size=(copies, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    listing = Listing(ids=[f"img/{k:09d}.jpg" for k in range(rows)], labels=labels.astype(np.int64),
+                      splits=splits.tolist(), stamps=np.zeros((rows, 2), dtype=np.int64))
     attrs = {"cache_key": "synthetic", "class_names": json.dumps([f"class_{c}" for c in range(classes)])}
     with StoreWriter(path, listing=listing, dim=dim, attrs=attrs) as writer:
         todo = writer.prepare()
         for start in range(0, rows, 8192):
             pos = todo[start:start + 8192]
-            x = means[labels[pos]] + rng.normal(scale=1.5, size=(len(pos), dim)).astype(np.float32)
-            x /= np.linalg.norm(x, axis=1, keepdims=True)
-            writer.write(pos, x, [f"{k:032x}" for k in pos])
+            writer.write(pos, x[pos], [f"{k:032x}" for k in pos])
         writer.finish()
 
 
@@ -132,35 +138,52 @@ def scale(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="audit-scale-"))
     try:
         store = work / "synthetic.h5"
-        synthetic_store(store, args.rows, args.dim, args.classes, args.seed)
+        synthetic_store(store, args.rows, args.dim, args.classes, args.seed, noise=args.noise, copies=args.copies)
         fs = load_store(store)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         start = time.perf_counter()
         result, findings = audit_store(fs, AuditConfig(store=store, fit=False))
-        return {"rows": args.rows, "dim": args.dim, "seconds": round(time.perf_counter() - start, 1),
-                "search_seconds": findings.seconds, "pairs": result["exact_pairs"] + result["near_pairs"]}
+        seconds = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {"rows": args.rows, "dim": args.dim, "seconds": round(seconds, 1), "search_seconds": findings.seconds,
+                "planted_near_copies": args.copies, "near_pairs": result["near_pairs"],
+                "leaked_test_rows": result["leaked_test_rows"], "threshold": result["threshold"]["rule"],
+                "features_mib": round(fs.features.nbytes / 2**20, 1), "peak_rss_mib_before": round(before, 1),
+                "peak_rss_mib_after": round(peak, 1)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def intervals(args: argparse.Namespace) -> dict:
     """The probe on a synthetic store with and without the intervals: their cost next to the fit's."""
+    from pipeline.evaluation.metrics import classification_metrics
     from pipeline.evaluation.probes import fit_probe
     from pipeline.store.read import load_store
 
     work = Path(tempfile.mkdtemp(prefix="audit-iv-"))
     try:
         store = work / "synthetic.h5"
-        synthetic_store(store, args.rows, args.dim, args.classes, args.seed)
+        synthetic_store(store, args.rows, args.dim, args.classes, args.seed, noise=args.noise)
         fs = load_store(store)
         times = {}
         for resamples in (0, 1000):
             start = time.perf_counter()
-            _, result = fit_probe(fs, grid=(1.0, 10.0), resamples=resamples)
+            model, result = fit_probe(fs, grid=(1.0, 10.0), resamples=resamples)
             times[resamples] = time.perf_counter() - start
+        test = fs.mask("test")
+        scores = model.predict_proba(fs.features[test])
+        start = time.perf_counter()
+        classification_metrics(fs.labels[test], scores, model.classes_, fs.class_names, resamples=1000)
+        with_intervals = time.perf_counter() - start
+        start = time.perf_counter()
+        classification_metrics(fs.labels[test], scores, model.classes_, fs.class_names)
+        without = time.perf_counter() - start
         return {"rows": args.rows, "test_rows": result["n_test"], "classes": args.classes,
+                "metrics_seconds_without": round(without, 3), "metrics_seconds_with_1000": round(with_intervals, 3),
                 "probe_seconds_without": round(times[0], 2), "probe_seconds_with_1000": round(times[1000], 2),
                 "overhead_seconds": round(times[1000] - times[0], 2),
-                "overhead_ratio": round(times[1000] / times[0], 3), "interval": result["test_intervals"]["top1"]}
+                "overhead_ratio": round(times[1000] / times[0], 3), "test_top1": round(result["test_top1"], 4),
+                "interval": [round(v, 4) for v in result["test_intervals"]["top1"]]}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -173,6 +196,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noise", type=float, default=1.5, help="scale/intervals: per-coordinate noise of the "
+                                                                 "synthetic rows (larger: harder)")
+    parser.add_argument("--copies", type=int, default=1000, help="scale: near copies of train rows planted in test")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--keep", type=Path, default=None, help="calibrate: keep the images and store in this folder "
                                                                 "(and reuse them when it has them)")

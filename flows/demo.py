@@ -22,12 +22,12 @@ def demo_flow(data_dir: str = "data", backbone: str = DEFAULT_BACKBONE, per_clas
     name, images = digits_folder(data_dir, per_class)
     output_dir = str(images.parent)
     outcome = benchmark(DatasetSpec(name=name, data=prepare_digits(str(images), per_class)), [backbone], output_dir,
-                        ExtractSpec(batch_size=batch_size, workers=workers, device=device), ProbeSpec(),
-                        KnnSpec(ks=list(DEFAULT_KS)), IndexSpec())
+                        ExtractSpec(batch_size=batch_size, workers=workers, device=device),
+                        ProbeSpec(val_seeds=[0, 1, 2]), KnnSpec(ks=list(DEFAULT_KS)), IndexSpec())
     extraction, evaluation = outcome["extraction"][0], outcome["evaluations"][0]
     logger.info(extraction["summary"])
     combined = report(output_dir, extraction["store"], title=f"Demo: {name} with {backbone}", extraction=extraction,
-                      probe=evaluation["probe"], knn=evaluation["knn"])
+                      probe=evaluation["probe"], knn=evaluation["knn"], audit=evaluation["audit"])
     create_link_artifact(combined["html_uri"], link_text=Path(combined["html"]).name,
                          key=artifact_key("report", name, "demo"), description="the demo's combined report")
     logger.info("results:\n%s", combined["table"])

@@ -195,18 +195,18 @@ class Steps:
 
 
 def write_combined_report(output_dir: str, store: str, *, title: str, extraction: dict, probe: dict,
-                          knn: dict) -> dict:
-    """One store's extraction, probe and kNN results as one JSON file (OUT/results/STORE.results.json) and one
-    markdown + HTML report; their paths and the console table."""
+                          knn: dict, audit: dict | None = None) -> dict:
+    """One store's extraction, probe, kNN and audit results as one JSON file (OUT/results/STORE.results.json) and
+    one markdown + HTML report; their paths and the console table."""
     from pipeline.report.blocks import format_table, save_json, write_report
     from pipeline.report.render import Value
     from pipeline.store.read import load_store
 
     results = results_for(output_dir, store, "results")
-    save_json(results, {"extraction": extraction, "probe": probe, "knn": knn,
+    save_json(results, {"extraction": extraction, "probe": probe, "knn": knn, "audit": audit,
                         "featpipe": {"kind": "demo-results", "version": 1}})
     md, page = write_report(report_stem(output_dir, store), fs=load_store(store), title=(Value(title),),
-                            extraction=extraction, probe=probe, knn=knn)
+                            extraction=extraction, probe=probe, knn=knn, audit=audit)
     return {"results": str(results), "report": str(md), "html": str(page), "table": format_table(probe, knn),
             "html_uri": Path(page).resolve().as_uri()}
 

@@ -76,7 +76,7 @@ def test_every_planted_copy_is_found_and_its_test_image_marked_leaked(planted):
 
 def test_the_clean_digits_give_no_near_pairs(digits_store):
     """All 1,797 digits: distinct digits are as close as 0.99 in lite0's space; the per-class threshold keeps every
-    one of them apart, while the data set's own byte-identical images are still found as exact pairs."""
+    one of them apart (the digits have no byte-identical images either)."""
     fs = load_store(digits_store)
     findings = find(fs)
     assert int((findings.pairs["kind"] == "near").sum()) == 0
@@ -100,6 +100,8 @@ def test_figures_without_leaked_images_equal_a_recomputation_without_them(plante
     redone = knn_classify(clean, ks=(5,), resamples=0)
     assert knn["without_leaked"] == pytest.approx(redone["by_k"]["5"]["weighted"]["top1"], abs=1e-12)
     assert probe["all_interval"][0] <= probe["all"] <= probe["all_interval"][1]
+    _, with_intervals = fit_probe(fs, resamples=200)
+    assert probe["all_interval"] == with_intervals["test_intervals"]["top1"]  # the same resamples as the probe's
     assert result["leaked_test_rows"] == len(planted[1])
     assert probe["without_leaked"] != probe["all"] or knn["without_leaked"] != knn["all"]  # the copies did help
 
@@ -216,3 +218,22 @@ def test_the_audit_report_shows_the_findings_and_their_pictures(planted, tmp_pat
         assert md_text(original) in text and md_text(copy) in text
     assert "not computed" in text  # no fit asked for
     assert html.read_text().count("<img") == 3  # leaked pairs, label-noise rows, outliers
+
+
+def test_an_unlabelled_store_is_audited_without_hints_or_figures():
+    from pipeline.store.read import FeatureSet
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(200, 8)).astype(np.float32)
+    x[150:] = x[:50] + 0.001  # 50 near copies
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    splits = np.array(["train"] * 150 + ["test"] * 50, dtype=object)
+    fs = FeatureSet(path=Path("u.h5"), features=x, ids=np.array([f"i{k}" for k in range(200)], dtype=object),
+                    labels=np.full(200, -1, dtype=np.int64), splits=splits, class_names=[], attrs={},
+                    hashes=np.array([f"{k:032x}".encode() for k in range(200)]))
+    findings = find(fs)
+    assert "0.95" in findings.threshold_rule and findings.leaked.sum() == 50
+    assert np.isnan(findings.noise).all() and np.isnan(findings.far).all()
+    assert hint_rows(fs, findings) == {"label_noise": [], "outliers": []}
+    result, _ = audit_store(fs, AuditConfig(store=fs.path))
+    assert result["scores"] == {"note": "no labelled test split: nothing to score"}

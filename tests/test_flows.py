@@ -74,6 +74,13 @@ def test_demo_flow_end_to_end(tmp_path, prefect_harness):
     assert results["probe"]["test_top1"] == recount >= 0.7 and "20" in results["knn"]["by_k"]
     report = Path(outcome["report"]).read_text()
     assert "logreg probe" in report and "kNN k=20 weighted" in report
+    from pipeline.report.render import md_text
+
+    low, high = results["probe"]["test_intervals"]["top1"]
+    assert low <= recount <= high
+    assert md_text(f"{100 * recount:.2f} [{100 * low:.2f}, {100 * high:.2f}]") in report  # the table shows it
+    assert "Seed spread: the validation slice drawn with 3 seeds" in report
+    assert "## Audit" in report and results["audit"]["n_test"] == 50
     assert "data:image/png;base64," in Path(outcome["html"]).read_text()
     assert (tmp_path / "stores" / "digits-5pc__efficientnet_lite0.h5").exists()
 

@@ -144,6 +144,9 @@ def test_few_shot_draws_k_per_class_and_reports_mean_and_spread(digits_fs):
     assert [r["seed"] for r in runs] == [0, 1]
     assert result["by_shots"]["5"]["top1_mean"] == pytest.approx(np.mean([r["top1"] for r in runs]))
     assert result["by_shots"]["5"]["top1_std"] == pytest.approx(np.std([r["top1"] for r in runs]))
+    low, high = result["by_shots"]["5"]["top1_mean_interval"]  # the test set's sampling, beside the seeds' spread
+    assert low <= result["by_shots"]["5"]["top1_mean"] <= high and high - low < 0.15
+    assert all(r["intervals"]["top1"][0] <= r["top1"] <= r["intervals"]["top1"][1] for r in runs)
     # seed 0 recomputed independently: the same 50 training rows, the chosen C, plain scikit-learn
     train, _ = few_shot_rows(labels, pool, shots=5, seed=0)
     test = digits_fs.mask("test")
@@ -153,6 +156,26 @@ def test_few_shot_draws_k_per_class_and_reports_mean_and_spread(digits_fs):
     assert 0.3 < runs[0]["top1"] < result["by_shots"]["5"]["top1_mean"] + 0.2
     with pytest.raises(PipelineError, match="too few for 500-shot"):
         fit_few_shot(digits_fs, shots=(500,), seeds=(0,))
+
+
+def test_the_seed_spread_is_the_choice_made_on_each_seeds_slice(digits_fs):
+    """No val split: each seed's slice chooses its own C; the head refit with it (on the same train+val rows) is what
+    that seed scores. Recomputed for each seed with plain scikit-learn."""
+    _, result = fit_probe(digits_fs, grid=SMALL_GRID, val_seeds=(0, 1, 2), resamples=100)
+    spread = result["val_seed_spread"]
+    assert [r["seed"] for r in spread["seeds"]] == [0, 1, 2]
+    test = digits_fs.mask("test")
+    for run in spread["seeds"]:
+        _, alone = fit_probe(digits_fs, grid=SMALL_GRID, seed=run["seed"], resamples=0)
+        assert run["chosen"] == alone["chosen"] and run["test_top1"] == pytest.approx(alone["test_top1"], abs=1e-12)
+    top1 = [r["test_top1"] for r in spread["seeds"]]
+    assert spread["top1_std"] == pytest.approx(np.std(top1)) and spread["top1_range"] == [min(top1), max(top1)]
+    assert result["test_top1"] == pytest.approx(top1[0], abs=1e-12)  # seed 0 is the protocol's own run
+    assert int(test.sum()) == result["n_test"]
+    splits = digits_fs.splits.copy()
+    splits[np.flatnonzero(digits_fs.mask("train"))[::4]] = "val"
+    _, fixed = fit_probe(dataclasses.replace(digits_fs, splits=splits), grid=(1.0,), val_seeds=(0, 1))
+    assert fixed["val_seed_spread"]["seeds"] == [] and "fixed" in fixed["val_seed_spread"]["note"]
 
 
 def test_val_split_is_used_when_present(digits_fs):

@@ -62,9 +62,9 @@ def scores_without_leaks(fs: FeatureSet, leaked: np.ndarray, config: AuditConfig
     correctness (the `probe` and `knn` results given, else fitted here). Test rows never enter a fit or a choice,
     so this equals recomputing on the store without those rows."""
     from pipeline.evaluation.knn import knn_classify
-    from pipeline.evaluation.probes import correct_by_row, fit_probe
+    from pipeline.evaluation.probes import canonical_order, correct_by_row, fit_probe
 
-    test = np.flatnonzero(fs.mask("test") & (fs.labels >= 0))
+    test = canonical_order(fs, fs.mask("test") & (fs.labels >= 0))  # the order the probe's intervals are drawn in
     if not len(test):
         return {"note": "no labelled test split: nothing to score"}
     out: dict[str, Any] = {}

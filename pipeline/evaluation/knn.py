@@ -109,10 +109,14 @@ def knn_classify(fs: FeatureSet, *, ks: tuple[int, ...], temperature: float = 0.
     else:
         sims, idx = search(build_flat_index(fs.features[bank]), fs.features[queries], depth)
     _check_found(idx)
-    bank_labels = fs.labels[bank]
-    y_true = fs.labels[queries]
-    neighbour_labels = bank_labels[idx]
-    results = {str(k): _vote_metrics(fs, np.flatnonzero(queries), neighbour_labels[:, :k], sims[:, :k],
+    from pipeline.evaluation.probes import canonical_order
+
+    query_rows = np.flatnonzero(queries)
+    order = np.searchsorted(query_rows, canonical_order(fs, queries))  # queries in content order: the figures and
+    bank_labels = fs.labels[bank]  # their intervals are the same whatever the listing order
+    y_true = fs.labels[query_rows[order]]
+    neighbour_labels, ordered_sims = bank_labels[idx[order]], sims[order]
+    results = {str(k): _vote_metrics(fs, query_rows[order], neighbour_labels[:, :k], ordered_sims[:, :k],
                                      temperature=temperature, resamples=resamples) for k in sorted(set(ks))}
     per_class = np.bincount(bank_labels, minlength=len(fs.class_names))
     relevant = per_class[y_true] - (1 if leave_one_out else 0)

@@ -182,14 +182,16 @@ def seed_spread(fs: FeatureSet, spec: HeadSpec, grid: tuple[float, ...], test: n
         return {"note": "the store's val split is fixed: the protocol has no random part", "seeds": []}
     x, y = fs.features, fs.labels
     runs = []
+    refit = None
     for s in val_seeds:
-        train, val, _, _ = protocol_splits(fs, val_fraction=val_fraction, seed=s)
-        train, val = canonical_order(fs, train), canonical_order(fs, val)
+        train_mask, val_mask, _, _ = protocol_splits(fs, val_fraction=val_fraction, seed=s)
+        train, val = canonical_order(fs, train_mask), canonical_order(fs, val_mask)
+        refit = canonical_order(fs, train_mask | val_mask) if refit is None else refit  # the same rows every seed
         chosen, _, _ = _sweep(spec, grid, x[train], y[train], x[val], y[val], max_iter=max_iter, seed=s,
                               device=device)
         if chosen not in known:
             known[chosen] = spec.make(chosen, max_iter=max_iter, seed=s, device=device)
-            fit_quietly(known[chosen], x[canonical_order(fs, train | val)], y[canonical_order(fs, train | val)])
+            fit_quietly(known[chosen], x[refit], y[refit])
         top1 = float(np.mean(known[chosen].predict(x[test]) == y[test]))
         runs.append({"seed": s, "chosen": chosen, "test_top1": top1})
     top1 = np.array([r["test_top1"] for r in runs])

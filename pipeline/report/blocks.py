@@ -208,8 +208,17 @@ def _knn_blocks(fs: Any, knn: dict[str, Any]) -> list[Block]:
     return blocks
 
 
+def _audit_blocks(audit: dict[str, Any]) -> list[Block]:
+    report = next((p for p in audit.get("report", []) if p.endswith(".html")), None)
+    return [Block("h2", "Audit"),
+            Block("p", (f"{audit['exact_pairs']} exact and {audit['near_pairs']} near duplicate pairs, "
+                        f"{audit['cross_split_pairs']} across splits; {audit['leaked_test_rows']} of {audit['n_test']} "
+                        "test images have a copy in train or val.", *((" Full audit: ", Value(report)) if report
+                                                                      else ())))]
+
+
 def report_blocks(fs: Any, *, title: Text, probe: dict[str, Any] | None = None, knn: dict[str, Any] | None = None,
-                  extraction: dict[str, Any] | None = None) -> list[Block]:
+                  extraction: dict[str, Any] | None = None, audit: dict[str, Any] | None = None) -> list[Block]:
     from pipeline.report.plots import projection_png
 
     blocks = [Block("h1", title), *_features_blocks(fs, extraction)]
@@ -220,6 +229,8 @@ def report_blocks(fs: Any, *, title: Text, probe: dict[str, Any] | None = None, 
         blocks += _probe_blocks(fs, probe)
     if knn:
         blocks += _knn_blocks(fs, knn)
+    if audit:
+        blocks += _audit_blocks(audit)
     labelled = fs.labels >= 0
     if labelled.sum() >= 3:
         blocks.append(Block("figure", "The features on their first two principal components, one colour per class",
@@ -230,9 +241,10 @@ def report_blocks(fs: Any, *, title: Text, probe: dict[str, Any] | None = None, 
 
 def write_report(stem: str | Path, *, fs: Any, probe: dict[str, Any] | None = None,
                  knn: dict[str, Any] | None = None, extraction: dict[str, Any] | None = None,
-                 title: Text | None = None, overwrite: bool = False) -> tuple[Path, Path]:
+                 audit: dict[str, Any] | None = None, title: Text | None = None,
+                 overwrite: bool = False) -> tuple[Path, Path]:
     """Write STEM.md (figures in STEM.plots/) and the self-contained STEM.html; return both paths. The files are
     checked first (a foreign file there is refused unless `overwrite`), and written once every block is built."""
     check_report_outputs(stem, overwrite=overwrite, protect=(fs.path,))
-    blocks = report_blocks(fs, title=title or title_for(fs), probe=probe, knn=knn, extraction=extraction)
+    blocks = report_blocks(fs, title=title or title_for(fs), probe=probe, knn=knn, extraction=extraction, audit=audit)
     return write_report_blocks(stem, blocks)
