@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo test lint venv clean lock
+.PHONY: demo test lint venv clean lock browser
 
 venv: $(STAMP)
 
@@ -20,8 +20,15 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m pipeline demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# The report tests open the HTML in a real headless browser: install Chromium when it is missing (as root, from the
+# Debian archive), else say what to install.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium; }; }; } || \
+	  { echo "the report tests need Chromium: install the chromium package (apt-get install chromium)"; exit 1; }
 
 lint: $(STAMP)
 	$(PY) -m ruff check pipeline flows tests

@@ -237,3 +237,42 @@ def test_an_unlabelled_store_is_audited_without_hints_or_figures():
     assert hint_rows(fs, findings) == {"label_noise": [], "outliers": []}
     result, _ = audit_store(fs, AuditConfig(store=fs.path))
     assert result["scores"] == {"note": "no labelled test split: nothing to score"}
+
+
+def _in_chromium(page: Path, shot: Path) -> tuple[str, np.ndarray]:
+    """The page as the browser's DOM after load, and a screenshot of it (real headless Chromium)."""
+    from PIL import Image
+
+    chromium = shutil.which("chromium")
+    assert chromium, "the report tests need Chromium (make test installs it as root; else apt-get install chromium)"
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run([*flags, "--dump-dom", page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    run = subprocess.run([*flags, "--window-size=1200,6000", f"--screenshot={shot}", page.resolve().as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+    return dom.stdout, np.asarray(Image.open(shot).convert("RGB")).astype(int)
+
+
+def test_the_audit_and_probe_reports_render_in_a_real_browser(planted, tmp_path):
+    """The HTML as users open it: Chromium parses the tables, and draws the embedded pictures (the green frames of
+    same-class neighbours are pixels of the decoded PNGs, not of the page's own styling)."""
+    from pipeline.config import ProbeConfig
+    from pipeline.evaluation.audit_run import run_audit
+    from pipeline.evaluation.probes import run_probe
+
+    fs, copies = planted
+    result, _ = run_audit(AuditConfig(store=fs.path, out=tmp_path / "a.json", knn_k=5, resamples=100))
+    dom, pixels = _in_chromium(Path(result["report"][1]), tmp_path / "audit.png")
+    assert dom.count("<img") == 3 and dom.count('src="data:image/png;base64,') == 3
+    assert "Pairs across splits" in dom and f"{len(copies)} of {int(fs.mask('test').sum())}" in dom
+    for _, original, copy in copies[:3]:
+        assert original in dom and copy in dom
+    green = (pixels[..., 1] > 100) & (pixels[..., 0] < 40) & (pixels[..., 2] < 40)
+    assert green.sum() > 500
+    probe, _ = run_probe(ProbeConfig(store=fs.path, out=tmp_path / "p.json", grid=(1.0,), resamples=100))
+    dom, pixels = _in_chromium(Path(probe["report"][1]), tmp_path / "probe.png")
+    low, high = probe["test_intervals"]["top1"]
+    assert f"{100 * probe['test_top1']:.2f} [{100 * low:.2f}, {100 * high:.2f}]" in dom
+    assert dom.count('src="data:image/png;base64,') == 3  # confusion, per class, projection
+    assert pixels.std() > 20  # not a blank page

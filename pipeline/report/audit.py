@@ -66,7 +66,7 @@ def _hints_table(title: str, rows: list[dict], class_names: list[str], text: str
               "-" if r["label_noise"] is None else pct(r["label_noise"]),
               "-" if r["centre_distance"] is None else f"{r['centre_distance']:.3f}") for r in rows[:20]]
     return [Block("h2", title), Block("p", text),
-            Block("table", header=("id", "split", "label", "neighbours disagreeing %", "distance from centres"),
+            Block("table", header=("id", "split", "label", "neighbours on another label %", "distance from centres"),
                   rows=cells)]
 
 
@@ -105,8 +105,8 @@ def audit_blocks(fs: Any, result: dict[str, Any]) -> list[Block]:
     blocks = [Block("h1", ("Audit of ", Value(Path(fs.path).name), " (", Value(fs.made.backbone), ")")),
               *_summary(result), *_scores(result), *_pairs_table(result)]
     blocks += _hints_table("Likely mislabelled", result["hints"]["label_noise"], fs.class_names,
-                           "Rows whose nearest neighbours mostly carry another label (share of the labelled "
-                           "neighbours that disagree; at least half).")
+                           "Rows whose nearest neighbours mostly agree on another label (the share of the labelled "
+                           "neighbours carrying the most common other label; at least half).")
     blocks += _hints_table("Outliers", result["hints"]["outliers"], fs.class_names,
                            "Rows farthest from every class centre (1 - the highest cosine to a class's mean "
                            "feature).")
