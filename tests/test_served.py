@@ -156,6 +156,12 @@ def test_a_served_schedule_runs_to_completion_on_a_real_server(tmp_path, small_d
         kinds = {a.key: a.type for a in artifacts if a.key}
         assert kinds.get("leaderboard-digits") == "table" and kinds.get("leaderboard-md-digits") == "markdown"
         assert any(k.startswith("results-digits") for k in kinds)
+        results_md = next(a.data for a in artifacts if a.key and a.key.startswith("results-digits"))
+        assert "Audit: " in results_md and "test images with a copy in" in results_md  # the audit step ran
+        assert "\\[" in results_md  # the results table carries its intervals
+        assert any("audit" in k for k in kinds if k.startswith("report-"))  # and links the audit's report
+        audit = json.loads(next((work / "out" / "results").glob("*.audit.json")).read_text())
+        assert audit["featpipe"]["kind"] == "audit-results" and audit["n_test"] == 50
         board = work / "out" / "leaderboard_digits.md"  # relative to the config file, not to where serve ran
         assert board.is_file() and TINY_BACKBONE in board.read_text()
         assert not (elsewhere / "out").exists()
