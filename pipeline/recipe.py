@@ -157,7 +157,7 @@ def audit_store(store: str, output_dir: str, spec: AuditSpec, probe: dict | None
     from pipeline.config import AuditConfig
     from pipeline.evaluation.audit_run import run_audit
 
-    k = max(knn["ks"]) if knn else 20
+    k = max(knn["ks"]) if knn else AuditConfig.knn_k
     result, _ = run_audit(AuditConfig(store=Path(store), out=results_for(output_dir, store, "audit"),
                                       threshold=spec.threshold, k=spec.k, fit=False, knn_k=k), probe=probe, knn=knn)
     for name in ("cross_split", "hints", "leaked_test_ids"):  # in the results file: not worth passing around

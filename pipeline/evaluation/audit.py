@@ -193,6 +193,7 @@ class AuditFindings:
     thresholds: np.ndarray
     threshold_rule: str
     seconds: float
+    dropped: list[str] | None = None  # per row, why a clean split assignment drops it ("" to keep); set by the run
 
 
 def find(fs: FeatureSet, *, threshold: float | None = None, k: int = DEFAULT_AUDIT_K) -> AuditFindings:

@@ -70,13 +70,17 @@ def scores_without_leaks(fs: FeatureSet, leaked: np.ndarray, config: AuditConfig
     out: dict[str, Any] = {}
     keep = ~leaked[test]
     try:
-        probe = probe or fit_probe(fs, head=config.head, resamples=0)[1]
-        out["probe"] = {"head": probe["head"], "chosen": probe["chosen"],
-                        **_figure(correct_by_row(fs, test, probe["test_correct"]), keep, config.resamples)}
+        probe = probe or (fit_probe(fs, head=config.head, resamples=0)[1] if config.fit else None)
+        out["probe"] = {"note": "no probe results (not computed)"} if probe is None else {
+            "head": probe["head"], "chosen": probe["chosen"],
+            **_figure(correct_by_row(fs, test, probe["test_correct"]), keep, config.resamples)}
     except PipelineError as exc:
         out["probe"] = {"note": str(exc)}
     try:
-        knn = knn or knn_classify(fs, ks=(config.knn_k,), temperature=config.temperature, resamples=0)
+        knn = knn or (knn_classify(fs, ks=(config.knn_k,), temperature=config.temperature, resamples=0)
+                      if config.fit else None)
+        if knn is None:
+            raise PipelineError("no kNN results (not computed)")
         if knn["mode"] != "test vs train+val":
             raise PipelineError(f"kNN ran {knn['mode']}, not on the test split")
         k = str(config.knn_k) if str(config.knn_k) in knn["by_k"] else str(max(knn["ks"]))
@@ -92,13 +96,14 @@ def audit_store(fs: FeatureSet, config: AuditConfig, *, probe: dict | None = Non
                 knn: dict | None = None) -> tuple[dict[str, Any], AuditFindings]:
     """Find duplicates and leakage in a loaded store, and score the test split with and without the leaked rows."""
     findings = find(fs, threshold=config.threshold, k=config.k)
+    findings.dropped = clean_assignment(fs, findings)
     pairs = findings.pairs
     cross = fs.splits[pairs["a"]] != fs.splits[pairs["b"]]
     by_splits = Counter("-".join(sorted((str(fs.splits[a]), str(fs.splits[b]))))
                         for a, b in zip(pairs["a"], pairs["b"], strict=True))
     start = time.perf_counter()
     scores = (scores_without_leaks(fs, findings.leaked, config, probe=probe, knn=knn) if config.fit or probe or knn
-              else {"note": "not computed (--no-fit)"})
+              else {"note": "not computed (--no-fit)"})  # without fit, only the results given are scored
     result = {
         "protocol": f"exact duplicates by content hash; near duplicates: another image among a row's "
                     f"{findings.idx.shape[1]} nearest neighbours (exact FAISS search) with cosine at or above the "
@@ -112,7 +117,7 @@ def audit_store(fs: FeatureSet, config: AuditConfig, *, probe: dict | None = Non
         "leaked_test_ids": [str(i) for i in fs.ids[findings.leaked]][:1000],
         "cross_split": pair_rows(fs, pairs, cross_split_only=True, limit=1000),
         "scores": scores, "hints": hint_rows(fs, findings),
-        "dropped_by_clean_assignment": sum(bool(r) for r in clean_assignment(fs, findings)),
+        "dropped_by_clean_assignment": sum(bool(r) for r in findings.dropped),
         "seconds": {"search": findings.seconds, "scores": round(time.perf_counter() - start, 3)},
     }
     return result, findings
@@ -169,7 +174,7 @@ def run_audit(config: AuditConfig, *, probe: dict | None = None, knn: dict | Non
     targets = audit_outputs(config)
     result, findings = audit_store(fs, config, probe=probe, knn=knn)
     result.update(fs.provenance())
-    reasons = clean_assignment(fs, findings)
+    reasons = findings.dropped
     write_atomic(targets["pairs"], csv_text(PAIR_HEADER, [[p[h] for h in PAIR_HEADER]
                                                           for p in pair_rows(fs, findings.pairs)]))
     if targets["splits"]:

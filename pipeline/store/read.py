@@ -189,10 +189,16 @@ class FeatureSet:
         return Provenance.from_attrs(self.attrs)
 
     def row_keys(self) -> list[str]:
-        """Each row's content hash (its id when unknown): what order-independent choices rank rows by."""
-        if self.hashes is None:
-            return [str(i) for i in self.ids]
-        return [h.decode() if h else str(i) for h, i in zip(self.hashes, self.ids, strict=True)]
+        """Each row's content hash (its id when unknown): what order-independent choices rank rows by. Computed once
+        per feature set (the probe, kNN, intervals and audit all ask for it; a changed copy is a new feature set)."""
+        cached = self.__dict__.get("_row_keys")
+        if cached is None or len(cached) != len(self.ids):
+            if self.hashes is None:
+                cached = [str(i) for i in self.ids]
+            else:
+                cached = [h.decode() if h else str(i) for h, i in zip(self.hashes, self.ids, strict=True)]
+            self.__dict__["_row_keys"] = cached
+        return cached
 
 
 def failed_rows(f: h5py.File) -> dict[str, str]:
