@@ -18,6 +18,9 @@ SPLIT_MODES = ("auto", "stratified")  # auto: the source's own splits when it gi
 PLUGIN_SPEC = re.compile(r"[A-Za-z_][\w.]*(:register\w*)?")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FEATURE_DTYPES = ("float32", "float16")  # feature storage types of a store
+EXPORT_FORMATS = ("clip-retrieval", "parquet", "ann-benchmarks")  # `export --format` (pipeline.interchange.export)
+DEFAULT_PART_ROWS = 100_000  # rows per exported file
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")  # resize interpolations a preprocessing override names
 COMPRESSIONS = ("none", "lzf")  # HDF5 compression of the features
 DEFAULT_KS: tuple[int, ...] = (1, 20)
 # C grid for the logistic-regression probe: log-spaced, wide enough for unit-norm features (weak to almost no L2).
@@ -122,3 +125,20 @@ class AuditConfig:
             raise ConfigError(f"k must be positive, got {self.k} and {self.knn_k}")
         if not math.isfinite(self.temperature) or self.temperature <= 0:
             raise ConfigError(f"the temperature must be a finite positive number, got {self.temperature}")
+
+
+ALPHA_NAMES = {"white": (255, 255, 255), "black": (0, 0, 0)}
+DEFAULT_ALPHA = "white"
+
+
+def parse_alpha(text: str) -> str:
+    """`drop`, `white`, `black` or `R,G,B` (0-255 each) in its canonical spelling; ValueError otherwise."""
+    value = str(text).strip().lower().replace(" ", "")
+    if value in ("drop", *ALPHA_NAMES):
+        return value
+    parts = value.split(",")
+    if len(parts) == 3 and all(p.isdigit() and int(p) <= 255 for p in parts):
+        rgb = tuple(int(p) for p in parts)
+        named = [name for name, colour in ALPHA_NAMES.items() if colour == rgb]
+        return named[0] if named else ",".join(str(c) for c in rgb)
+    raise ValueError(f"--alpha {text!r} is not drop, white, black or R,G,B (three integers 0-255)")

@@ -22,13 +22,16 @@ from typing import Any
 
 from pipeline.config import (
     COMPRESSIONS,
+    DEFAULT_ALPHA,
     DEFAULT_BACKBONE,
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_PIXELS,
     FEATURE_DTYPES,
+    INTERPOLATIONS,
     PLUGIN_SPEC,
     PRECISIONS,
     SPLIT_MODES,
+    parse_alpha,
 )
 from pipeline.errors import ConfigError
 
@@ -84,6 +87,46 @@ class ModelSpec:
     compile: bool = option(False, "torch.compile the model (slow start, faster after)")
     optimize: bool = option(True, "plain eager forward pass (by default on CPU a frozen TorchScript trace is used "
                                   "when it reproduces eager)", flag="--eager")
+    # Preprocessing overrides, as timm's validate.py spells them; recorded in the store and its cache key.
+    img_size: int | None = option(None, "input size (square) instead of the weights' own", parse="positive_int",
+                                  metavar="PIXELS")
+    crop_pct: float | None = option(None, "centre-crop fraction (crop = resize x crop_pct) instead of the weights' "
+                                          "own", parse="unit")
+    interpolation: str | None = option(None, "resize interpolation instead of the weights' own",
+                                       choices=INTERPOLATIONS)
+    mean: tuple[float, float, float] | None = option(None, "normalisation mean R,G,B instead of the weights' own",
+                                                     parse="channel_triple", metavar="R,G,B")
+    std: tuple[float, float, float] | None = option(None, "normalisation std R,G,B instead of the weights' own",
+                                                    parse="channel_triple", metavar="R,G,B")
+
+    def __post_init__(self) -> None:
+        _check(self.img_size is None or (isinstance(self.img_size, int) and self.img_size >= 1),
+               f"img_size must be an integer >= 1, got {self.img_size!r}")
+        _check(self.crop_pct is None or (math.isfinite(self.crop_pct) and 0 < self.crop_pct <= 1),
+               f"crop_pct must be in (0, 1], got {self.crop_pct!r}")
+        _check(self.interpolation is None or self.interpolation in INTERPOLATIONS,
+               f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                value = tuple(float(v) for v in value)
+                _check(len(value) == 3 and all(math.isfinite(v) for v in value),
+                       f"{name} must be three finite numbers (R,G,B), got {value!r}")
+                _check(name == "mean" or all(v > 0 for v in value), f"std must be positive, got {value!r}")
+                object.__setattr__(self, name, value)
+
+    def preprocessing_overrides(self) -> dict[str, Any]:
+        """The overrides given, in timm's data-config keys (empty: the weights' own preprocessing)."""
+        out: dict[str, Any] = {}
+        if self.img_size is not None:
+            out["input_size"] = [3, int(self.img_size), int(self.img_size)]
+        for name in ("crop_pct", "interpolation"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        for name in ("mean", "std"):
+            if getattr(self, name) is not None:
+                out[name] = list(getattr(self, name))
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,9 +148,16 @@ class DecodeSpec:
     image_plugins: tuple[str, ...] = option((), "Pillow plugin to load in the decoders, e.g. "
                                                 "pillow_heif:register_heif_opener (repeatable)",
                                             flag="--image-plugin", action="append", metavar="MODULE[:register...]")
+    alpha: str = option(DEFAULT_ALPHA, "transparency: composited over white (default), black or R,G,B, or drop "
+                                       "(as timm's, torchvision's and open_clip's loaders do: convert('RGB'))",
+                        parse="alpha", metavar="drop|white|black|R,G,B")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_plugins", tuple(self.image_plugins or ()))
+        try:
+            object.__setattr__(self, "alpha", parse_alpha(self.alpha))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         _check(self.workers is None or self.workers >= 0, f"workers must be >= 0, got {self.workers}")
         _check(self.max_pixels is None or self.max_pixels >= 1,
                f"max_pixels must be >= 1 (or None for no limit), got {self.max_pixels}")
@@ -203,7 +253,7 @@ def spec_fields(part: str) -> list[dataclasses.Field]:
 
 # -- provenance ------------------------------------------------------------------------------------------------------
 
-_JSON = ("preprocessing", "class_names", "decoding", "data_options", "versions")
+_JSON = ("preprocessing", "class_names", "decoding", "data_options", "versions", "preprocessing_overrides")
 
 
 @dataclass(frozen=True)
@@ -233,6 +283,8 @@ class Provenance:
     data_fingerprint: str
     versions: dict = field(default_factory=dict)
     normalized: bool = True
+    preprocessing_overrides: dict = field(default_factory=dict)  # what --img-size, --crop-pct, ... changed
+    transform: str = ""  # the transform that ran, as its library prints it (torchvision's own preset, or timm's)
 
     def to_attrs(self) -> dict[str, Any]:
         """The store attributes: JSON strings for the structured ones (h5py stores only plain values)."""
@@ -266,7 +318,13 @@ class Provenance:
         return json.dumps(self.preprocessing, sort_keys=True)
 
     def feature_space(self) -> dict[str, Any]:
-        """What decides which features a head or an index fits: backbone, weights, layer, preprocessing and the
-        dimension (as a saved head records them)."""
+        """What decides which features a head or an index fits: backbone, weights, layer, preprocessing, the alpha
+        policy and the dimension (as a saved head records them)."""
         return {"backbone": self.backbone, "weights": self.weights, "layer": self.layer,
-                "preprocessing": self.preprocessing_json(), "feature_dim": int(self.feature_dim)}
+                "preprocessing": self.preprocessing_json(), "feature_dim": int(self.feature_dim),
+                "alpha": self.alpha}
+
+    @property
+    def alpha(self) -> str:
+        """How transparency was handled (stores made before the policy existed: composited over white)."""
+        return str(self.decoding.get("alpha") or DEFAULT_ALPHA) if isinstance(self.decoding, dict) else DEFAULT_ALPHA

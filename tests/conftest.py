@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -76,3 +77,29 @@ def prefect_harness():
 
     with prefect_test_harness():
         yield
+
+
+@pytest.fixture(scope="session")
+def tango_icons(tmp_path_factory) -> list[Path]:
+    """Real RGBA images: the 32x32 PNGs of Debian's tango-icon-theme (downloaded with apt-get, unpacked with dpkg;
+    never committed). Only icons with some transparent and some opaque pixels are kept."""
+    import subprocess
+
+    from PIL import Image
+
+    where = tmp_path_factory.mktemp("tango")
+    proc = subprocess.run(["apt-get", "download", "tango-icon-theme"], cwd=where, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"the RGBA icons need `apt-get download tango-icon-theme`: {proc.stderr[-500:]}"
+    deb = next(where.glob("tango-icon-theme_*.deb"))
+    subprocess.run(["dpkg", "-x", str(deb), str(where / "x")], check=True, timeout=300)
+    icons = []
+    for path in sorted((where / "x").rglob("32x32/**/*.png")):
+        with Image.open(path) as image:
+            if image.mode != "RGBA":
+                continue
+            alpha = np.asarray(image)[:, :, 3]
+        if (alpha == 0).any() and (alpha == 255).any():
+            icons.append(path)
+    assert len(icons) >= 50, f"only {len(icons)} RGBA icons in tango-icon-theme"
+    return icons

@@ -111,6 +111,11 @@ class FeatureModel(torch.nn.Module):
         return self.features(x)
 
 
+def transform_text(transform: Callable) -> str:
+    """The transform that runs, as its library prints it, on one line (recorded in the store)."""
+    return " ".join(repr(transform).split())
+
+
 @dataclass(frozen=True, eq=False)
 class Backbone:
     """A frozen feature extractor and everything needed to feed it and to identify its outputs."""
@@ -128,6 +133,7 @@ class Backbone:
     compiled: bool = False  # forward pass through torch.compile
     runner: Callable | None = None  # what runs the forward pass when not the eager model (compiled or frozen)
     optimization: str = "eager"  # eager | torch.compile | jit-freeze
+    overrides: dict = dataclasses.field(default_factory=dict)  # preprocessing overrides applied to data_config
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(self.device, non_blocking=True, memory_format=torch.channels_last)

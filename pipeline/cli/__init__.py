@@ -39,9 +39,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def library_commands() -> list[Command]:
-    from pipeline.cli import evaluate, extract, inspect
+    from pipeline.cli import evaluate, extract, inspect, interchange
 
-    return [*extract.COMMANDS, *inspect.COMMANDS, *evaluate.COMMANDS]
+    return [*extract.COMMANDS, *inspect.COMMANDS, *evaluate.COMMANDS, *interchange.COMMANDS]
 
 
 def build_parser(commands: Iterable[Command]) -> argparse.ArgumentParser:

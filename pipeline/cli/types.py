@@ -116,10 +116,29 @@ def integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def alpha(text: str) -> str:
+    """`--alpha`: drop, white, black or R,G,B (see `pipeline.config.parse_alpha`)."""
+    from pipeline.config import parse_alpha
+
+    try:
+        return parse_alpha(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def channel_triple(text: str) -> tuple[float, float, float]:
+    """`--mean`/`--std`: three finite numbers, comma-separated (one per RGB channel)."""
+    values = number_list(float, "0.485,0.456,0.406", positive=False)(text)
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers (R,G,B), got {text!r}")
+    return values
+
+
 # The parsers a spec field names with `parse=` (see `pipeline.plan.option`).
 PARSERS = {
     "path": Path, "int": integer, "positive_int": positive_int, "non_negative_int": non_negative_int,
     "open_unit": finite_float(0, 1, low_open=True, high_open=True), "positive_float": finite_float(0, low_open=True),
     "non_negative_float": finite_float(0), "max_pixels": max_pixels, "byte_size": byte_size,
-    "batch_size": batch_size,
+    "batch_size": batch_size, "alpha": alpha, "channel_triple": channel_triple,
+    "unit": finite_float(0, 1, low_open=True),
 }

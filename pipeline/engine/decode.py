@@ -25,13 +25,28 @@ from PIL import Image, ImageOps
 if TYPE_CHECKING:
     import torch
 
-from pipeline.config import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, PLUGIN_SPEC
+from pipeline.config import (
+    ALPHA_NAMES,
+    DEFAULT_ALPHA,
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    PLUGIN_SPEC,
+    parse_alpha,
+)
 from pipeline.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 SPLITS = ("train", "val", "test")
-# Transparent pixels are composited on this colour so that RGBA and RGB versions of an image agree.
+# What happens to transparency (`--alpha`): composited over a colour (white, the default, so that the RGBA and RGB
+# versions of an image agree and a transparent icon's hidden pixels never reach the model), or dropped as timm's,
+# torchvision's, open_clip's and clip-retrieval's loaders do (`convert("RGB")`: the colour under transparent pixels,
+# often black, is kept). `drop` reproduces features computed by those tools; the policy is in the cache key.
 ALPHA_BACKGROUND = (255, 255, 255)
+def alpha_background(alpha: str) -> tuple[int, int, int] | None:
+    """The colour transparent pixels are composited over (None: alpha dropped)."""
+    if alpha == "drop":
+        return None
+    return ALPHA_NAMES.get(alpha) or tuple(int(p) for p in alpha.split(","))
 # Long side / short side beyond which the long side is cropped (centrally) before a resize-shorter-side transform.
 # Such a transform scales a 1x5000 strip to 256x1.28M pixels (1.3 GB, seconds) only for the centre crop to keep a
 # 224x224 square from its middle; cropping first keeps that middle, at a fixed cost. 16:1 leaves real photos alone.
@@ -57,8 +72,10 @@ class Decoding:
     max_aspect: float | None = MAX_ASPECT
     plugins: tuple[str, ...] = ()
     max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES
+    alpha: str = DEFAULT_ALPHA
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "alpha", parse_alpha(self.alpha))
         if self.max_pixels is not None and self.max_pixels < 1:
             raise ValueError(f"max_pixels must be >= 1 (or None for no limit), got {self.max_pixels}")
         if self.max_aspect is not None and self.max_aspect < 1:
@@ -67,15 +84,18 @@ class Decoding:
             raise ValueError(f"max_file_bytes must be >= 1 (or None for no limit), got {self.max_file_bytes}")
 
     def as_attrs(self) -> dict[str, Any]:
-        return {"max_pixels": self.max_pixels or 0, "max_aspect": self.max_aspect or 0.0,
-                "alpha_background": list(ALPHA_BACKGROUND), "plugins": list(self.plugins),
+        background = alpha_background(self.alpha)
+        return {"max_pixels": self.max_pixels or 0, "max_aspect": self.max_aspect or 0.0, "alpha": self.alpha,
+                "alpha_background": list(background) if background else [], "plugins": list(self.plugins),
                 "max_file_bytes": self.max_file_bytes or 0}
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> Decoding:
-        """The policy a store recorded (`as_attrs`); stores written before the byte limit existed had none."""
+        """The policy a store recorded (`as_attrs`); stores written before the byte limit existed had none, before the
+        alpha policy existed composited over white."""
         return cls(max_pixels=attrs.get("max_pixels") or None, max_aspect=attrs.get("max_aspect") or None,
-                   plugins=tuple(attrs.get("plugins", ())), max_file_bytes=attrs.get("max_file_bytes") or None)
+                   plugins=tuple(attrs.get("plugins", ())), max_file_bytes=attrs.get("max_file_bytes") or None,
+                   alpha=attrs.get("alpha") or DEFAULT_ALPHA)
 
 
 _loaded_plugins: set[str] = set()
@@ -146,17 +166,21 @@ def _wide_to_l(image: Image.Image) -> Image.Image:
     return Image.fromarray(pixels, mode="L")
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB consistently: alpha over a fixed background, 16-bit/float rescaled."""
+def to_rgb(image: Image.Image, alpha: str = DEFAULT_ALPHA) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB consistently: 16-bit/float rescaled, alpha composited over the `alpha`
+    colour, or with `alpha="drop"` exactly as `image.convert("RGB")` (the timm/torchvision loaders' conversion)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         image = _wide_to_l(image)
+    background = alpha_background(alpha)
+    if background is None:
+        return image.convert("RGB") if image.mode != "RGB" else image
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("La", "RGBa"):  # premultiplied alpha: unpremultiply through RGBA
         image = image.convert("RGBA") if image.mode == "RGBa" else image.convert("LA")
     if image.mode in ("RGBA", "LA", "PA"):
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        background = Image.new("RGBA", rgba.size, (*background, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB") if image.mode != "RGB" else image
 
@@ -170,7 +194,8 @@ def _check_pixels(size: tuple[int, int], max_pixels: int | None) -> None:
                             "(possible decompression bomb; raise --max-pixels to accept it)")
 
 
-def load_image(source: str | Path | io.BytesIO, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(source: str | Path | io.BytesIO, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               alpha: str = DEFAULT_ALPHA) -> Image.Image:
     """Decode one image (a path or in-memory bytes) into RGB: the pixel count is checked from the header before any
     decoding, EXIF orientation is applied, and an animated image gives its first frame."""
     with warnings.catch_warnings():
@@ -184,7 +209,7 @@ def load_image(source: str | Path | io.BytesIO, *, max_pixels: int | None = DEFA
                 image.seek(0)
                 image = ImageOps.exif_transpose(image)
                 image.load()
-                return to_rgb(image)
+                return to_rgb(image, alpha)
         finally:
             Image.MAX_IMAGE_PIXELS = saved
 
@@ -296,10 +321,10 @@ def decode(raw: bytes | Image.Image, decoding: Decoding) -> tuple[Image.Image, s
         data = bytes(raw)
         if not data:
             raise ValueError("empty file (0 bytes)")
-        image = load_image(io.BytesIO(data), max_pixels=decoding.max_pixels)
+        image = load_image(io.BytesIO(data), max_pixels=decoding.max_pixels, alpha=decoding.alpha)
     elif isinstance(raw, Image.Image):
         _check_pixels(raw.size, decoding.max_pixels)
-        image = to_rgb(raw)
+        image = to_rgb(raw, decoding.alpha)
     else:
         raise TypeError(f"a reader returned {type(raw).__name__}, expected bytes or a PIL image")
     return crop_extreme_aspect(image, decoding.max_aspect), raw_hash(raw)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.backbones.factory import create_backbone
+from pipeline.backbones.factory import OVERRIDABLE, create_backbone
 from pipeline.backbones.model import PRE_LOGITS, Backbone
 from pipeline.engine.decode import Decoding, decode, load_plugins, read_file
 from pipeline.engine.forward import l2_normalize
@@ -31,10 +31,17 @@ def backbone_for(made: Provenance, *, device: str = "auto", weights_path: str | 
     layer = made.layer or PRE_LOGITS
     backbone = create_backbone(made.backbone, device=device, random_init=made.random_init, weights_path=weights_path,
                                layer=None if layer == PRE_LOGITS else layer.split(":")[0],
-                               precision=made.precision or "auto")
+                               precision=made.precision or "auto", overrides=made.preprocessing_overrides or None)
     if backbone.weights != made.weights:
         raise PipelineError(f"the features come from {made.backbone} weights {made.weights!r}, but here that name "
                             f"gives {backbone.weights!r}; pass --weights with the checkpoint used to extract them")
+    if backbone.data_config != made.preprocessing and not made.preprocessing_overrides:
+        # a head records the preprocessing it was fitted on but not the overrides that made it: derive them
+        changed = {k: v for k, v in made.preprocessing.items() if k in OVERRIDABLE and backbone.data_config.get(k) != v}
+        if changed:
+            backbone = create_backbone(made.backbone, device=device, random_init=made.random_init,
+                                       weights_path=weights_path, layer=None if layer == PRE_LOGITS else
+                                       layer.split(":")[0], precision=made.precision or "auto", overrides=changed)
     if backbone.data_config != made.preprocessing:
         raise PipelineError(f"{made.backbone} preprocesses differently here than when the features were extracted "
                             "(timm/torchvision version change?); re-extract the store")

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.backbones.factory import create_backbone
-from pipeline.backbones.model import Backbone
+from pipeline.backbones.model import Backbone, transform_text
+from pipeline.config import DEFAULT_ALPHA
 from pipeline.engine.decode import MAX_ASPECT, Decoding, load_plugins
 from pipeline.errors import PipelineError, StoreError
 from pipeline.outputs import check_writable_dir
@@ -56,7 +57,8 @@ def decoding_policy(data_config: dict, decode: DecodeSpec | None = None) -> Deco
     decode = decode or DecodeSpec()
     centre = data_config.get("crop_mode", "center") == "center"
     return Decoding(max_pixels=decode.max_pixels, plugins=tuple(decode.image_plugins),
-                    max_aspect=MAX_ASPECT if centre else None, max_file_bytes=decode.max_file_bytes)
+                    max_aspect=MAX_ASPECT if centre else None, max_file_bytes=decode.max_file_bytes,
+                    alpha=decode.alpha)
 
 
 def source_listing(source: Source) -> Listing:
@@ -76,9 +78,9 @@ def data_fingerprint(source: Source, listing: Listing, decoding: Decoding) -> st
     return digest.hexdigest()[:32]
 
 
-def backbone_key(backbone: Backbone, feature_dtype: str) -> str:
+def backbone_key(backbone: Backbone, feature_dtype: str, alpha: str = DEFAULT_ALPHA) -> str:
     return cache_key(backbone=backbone.name, weights=backbone.weights, preprocessing=backbone.preprocessing_json(),
-                     layer=backbone.layer, feature_dtype=feature_dtype, precision=backbone.precision)
+                     layer=backbone.layer, feature_dtype=feature_dtype, precision=backbone.precision, alpha=alpha)
 
 
 def check_output_path(out: Path) -> None:
@@ -146,7 +148,8 @@ class Plan:
             data=self.data, data_options=data_options(self.config) if self.data else {},
             data_root=str(source.root.resolve()), source=source.kind, source_description=source.description,
             split_source=source.split_source, label_source=source.label_source, num_images=len(source),
-            data_fingerprint=self.fingerprint, versions=library_versions())
+            data_fingerprint=self.fingerprint, versions=library_versions(), preprocessing_overrides=b.overrides,
+            transform=transform_text(b.transform))
 
 
 def resolve_plan(config: ExtractConfig, *, backbone: Backbone | None = None, source: Source | None = None) -> Plan:
@@ -160,10 +163,11 @@ def resolve_plan(config: ExtractConfig, *, backbone: Backbone | None = None, sou
     if built:
         m = config.model
         backbone = create_backbone(m.backbone, device=config.run.device, random_init=m.random_init,
-                                   weights_path=m.weights, layer=m.layer, precision=m.precision, compile=m.compile)
+                                   weights_path=m.weights, layer=m.layer, precision=m.precision, compile=m.compile,
+                                   overrides=m.preprocessing_overrides())
     decoding = decoding_policy(backbone.data_config, config.decode)
     listing = source_listing(source)
     return Plan(config=config, source=source, backbone=backbone, decoding=decoding, listing=listing,
-                key=backbone_key(backbone, config.layout.feature_dtype),
+                key=backbone_key(backbone, config.layout.feature_dtype, decoding.alpha),
                 fingerprint=data_fingerprint(source, listing, decoding),
                 data="" if given else absolute_data(config.source.data), optimize=built and config.model.optimize)

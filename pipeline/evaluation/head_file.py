@@ -26,11 +26,13 @@ MAX_HEAD_BYTES = 2 << 30
 # How a head's arrays turn features into the scores `class_scores` gives for its estimator.
 SCORINGS = ("softmax", "logistic", "margin")
 # What a head's features must share with the features it is applied to.
-FEATURE_SPACE = ("backbone", "weights", "layer", "preprocessing", "feature_dim")
+FEATURE_SPACE = ("backbone", "weights", "layer", "preprocessing", "feature_dim", "alpha")
+# Metadata fields a head may lack (written before they existed), with the value such a head means.
+_OPTIONAL_META = {"alpha": "white"}
 _META_TYPES: dict[str, type | tuple[type, ...]] = {
     "format": str, "head": str, "param": str, "chosen": (int, float), "test_top1": (int, float),
     "class_names": list, "store": str, "cache_key": str, "random_init": bool, "scoring": str, "layers": int,
-    "backbone": str, "weights": str, "layer": str, "preprocessing": str, "feature_dim": int,
+    "backbone": str, "weights": str, "layer": str, "preprocessing": str, "feature_dim": int, "alpha": str,
 }
 
 
@@ -97,6 +99,7 @@ def _refuse(path: Path, why: str) -> PipelineError:
 def _check_meta(path: Path, meta: Any) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != HEAD_FORMAT:
         raise _refuse(path, f"not format {HEAD_FORMAT}")
+    meta = {**_OPTIONAL_META, **meta}
     for key, kind in _META_TYPES.items():
         value = meta.get(key)
         if not isinstance(value, kind) or (kind in (int, (int, float)) and isinstance(value, bool)):
