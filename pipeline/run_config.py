@@ -157,6 +157,16 @@ class RunConfig(_Strict):
     def grid(self) -> tuple[float, ...] | None:
         return tuple(self.probe.grid) if self.probe.grid else None
 
+    @model_validator(mode="after")
+    def _no_commands(self) -> RunConfig:
+        """A run config is data, and may come from someone else: it may not run a shell command (`pipe:`)."""
+        for ds in self.datasets:
+            if str(ds.data).startswith("pipe:"):
+                raise ValueError(f"dataset {ds.name!r}: data 'pipe:...' runs a shell command, which a run config may "
+                                 "not do; stream the shards from http(s) URLs, or run `extract --data 'pipe:...'` "
+                                 "yourself")
+        return self
+
 
 def _location(loc: tuple) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
@@ -189,7 +199,7 @@ def load_run_config(path: str | Path) -> RunConfig:
         raise ConfigError(validation_message(exc, str(path))) from None
     base = path.parent.resolve()
     for ds in config.datasets:
-        if not ds.data.startswith("torchvision:") and not Path(ds.data).is_absolute():
+        if not ds.data.startswith(("torchvision:", "http://", "https://")) and not Path(ds.data).is_absolute():
             ds.data = str(base / ds.data)
         if ds.root is not None and not Path(ds.root).is_absolute():
             ds.root = base / ds.root

@@ -74,6 +74,8 @@ def source_for(made: Provenance) -> Source:
     data = made.data or made.data_root
     if not data:
         raise PipelineError("the store does not record its image source")
+    if str(data).startswith(("pipe:", "http://", "https://")):  # never run a command or a download from a record
+        raise PipelineError(f"the store's images were streamed ({data}); they are not re-read from its record")
     options = made.data_options if isinstance(made.data_options, dict) else {}
     return open_source(data, ListOptions(split="none", root=options.get("root"),
                                          follow_links=bool(options.get("follow_links", False)),

@@ -31,7 +31,9 @@ def absolute_data(data: str | Path) -> str:
     """`--data` as recorded: absolute (a shard pattern keeps its braces and globs), so that the store finds its
     images again from any working directory; `torchvision:NAME` as given."""
     text = str(data)
-    return text if text.startswith("torchvision:") else os.path.abspath(os.path.expanduser(text))
+    if text.startswith(("torchvision:", "pipe:", "http://", "https://")):
+        return text
+    return os.path.abspath(os.path.expanduser(text))
 
 
 def list_options(config: ExtractConfig, *, known: bool = True) -> ListOptions:

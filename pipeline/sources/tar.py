@@ -138,10 +138,24 @@ def _tar_groups(shard: Path) -> dict[str, dict[str, tarfile.TarInfo]]:
                     continue
                 key = f"{folder}/{stem}" if folder else stem
                 groups.setdefault(printable(key), {})[ext.lower()] = member
+        _check_whole(shard, tar)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DataError(f"{shard} is not a readable tar file after {count} member(s) ({exc}); re-create the shard "
                         "or leave it out of --data") from exc
     return groups
+
+
+def _check_whole(shard: Path, tar: tarfile.TarFile) -> None:
+    """A cut tar reads as a shorter one (tarfile stops at the end of the file): refuse a shard whose last member
+    runs past its end, or that has no end-of-archive marker (two zero blocks) after its last member."""
+    size = os.path.getsize(shard)
+    last = tar.members[-1] if tar.members else None
+    if last is not None and last.offset_data + last.size > size:
+        raise tarfile.ReadError(f"truncated: member {last.name!r} runs past the end of the file")
+    with open(shard, "rb") as fh:
+        fh.seek(tar.offset)
+        if fh.read(1024) != bytes(1024):
+            raise tarfile.ReadError("truncated: no end-of-archive marker after the last member")
 
 
 def _tar_meta(fh: Any, members: dict[str, tarfile.TarInfo]) -> tuple[str | None, Any]:
@@ -187,10 +201,12 @@ def folder_labels(keys: list[str]) -> tuple[list[str], list[str | None]] | None:
     return classes, splits
 
 
-def _list_shards(shards: list[Path]) -> dict[str, list]:
+def _list_shards(shards: list[Path], *, streamed: bool = False) -> dict[str, list]:
+    """The rows of the shards; a member's stamp is (its size, the shard's mtime), or for streamed shards (spooled
+    anew each run) the mtime in the member's own tar header."""
     rows: dict[str, list] = {k: [] for k in ("ids", "owners", "names", "hints", "members", "stamps")}
     for number, shard in enumerate(shards):
-        mtime = os.stat(shard).st_mtime_ns
+        shard_mtime = os.stat(shard).st_mtime_ns
         groups = _tar_groups(shard)
         with open(shard, "rb") as fh:
             metas = [_tar_meta(fh, group) for group in groups.values()]
@@ -200,11 +216,11 @@ def _list_shards(shards: list[Path]) -> dict[str, list]:
             if image_ext is None:
                 found = ", ".join(sorted(group))
                 rows["members"].append(TarMember(number, 0, 0, f"no image member for key {key!r} (members: {found})"))
-                rows["stamps"].append((0, mtime))
+                rows["stamps"].append((0, 0 if streamed else shard_mtime))
             else:
                 info = group[image_ext]
                 rows["members"].append(TarMember(number, info.offset_data, info.size))
-                rows["stamps"].append((info.size, mtime))
+                rows["stamps"].append((info.size, int(info.mtime) * 10**9 if streamed else shard_mtime))
             rows["ids"].append(key)
             rows["owners"].append(shard.name)
             rows["names"].append(label)
@@ -212,12 +228,14 @@ def _list_shards(shards: list[Path]) -> dict[str, list]:
     return rows
 
 
-def scan_tar_shards(shards: list[Path], options: ListOptions = DEFAULT_OPTIONS) -> Source:
+def scan_tar_shards(shards: list[Path], options: ListOptions = DEFAULT_OPTIONS, *,
+                    addresses: list[str] | None = None) -> Source:
     """List WebDataset-style tar shards: one sample per key with an image member (a key without one becomes a
-    recorded failure); duplicate keys across shards are an error."""
+    recorded failure); duplicate keys across shards are an error. `addresses`: where streamed shards came from
+    (`pipeline.sources.stream`), for the description."""
     if not shards:
         raise DataError(f"no tar shards given; {DATA_HINT}")
-    rows = _list_shards(shards)
+    rows = _list_shards(shards, streamed=addresses is not None)
     ids, names, hints = rows["ids"], rows["names"], rows["hints"]
     if not ids:
         raise DataError(f"the {len(shards)} tar shard(s) hold no samples (expected members like KEY.jpg + KEY.cls)")
@@ -232,12 +250,20 @@ def scan_tar_shards(shards: list[Path], options: ListOptions = DEFAULT_OPTIONS) 
 
     key_of = content_keys(options, ids, rows["stamps"], lambda i: reader.read(rows["members"][i],
                                                                                options.max_file_bytes))
-    description = str(shards[0]) if len(shards) == 1 else f"{shards[0]} .. {shards[-1].name} ({len(shards)} shards)"
+    named = addresses or [str(p) for p in shards]
+    description = named[0] if len(named) == 1 else f"{named[0]} .. {named[-1]} ({len(named)} shards)"
+    if addresses is not None:
+        description += ", streamed"
     return finish("tar", shards[0].parent, ids, [shards[m.shard] for m in rows["members"]], class_names, labels,
                   hints, options=options, hinted_by="shards", key_of=key_of, reader=reader, description=description,
                   locators=rows["members"], stamps=rows["stamps"], label_source=label_source)
 
 
 def open_if_mine(data: str, options: ListOptions) -> Source | None:
+    from pipeline.sources.stream import is_stream, spool
+
+    if is_stream(data):
+        addresses = expand_braces(data)
+        return scan_tar_shards([spool(a, n) for n, a in enumerate(addresses)], options, addresses=addresses)
     shards = tar_shards(data)
     return scan_tar_shards(shards, options) if shards else None
