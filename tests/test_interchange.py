@@ -237,7 +237,7 @@ def test_exact_neighbors_blockwise_equals_one_block():
     rng = np.random.default_rng(0)
     bank, queries = rng.normal(size=(1000, 16)).astype(np.float32), rng.normal(size=(50, 16)).astype(np.float32)
     one = exact_neighbors(bank, queries, 7, block=10_000)
-    many = exact_neighbors(bank, queries, 7, block=33)
+    many = exact_neighbors(bank, queries, 7, block=33, query_block=7)
     np.testing.assert_array_equal(one[0], many[0])
     np.testing.assert_array_equal(one[0], np.argsort(-(queries @ bank.T), axis=1, kind="stable")[:, :7])
 
@@ -381,3 +381,19 @@ def test_feature_encoder_in_a_pipeline_caches_in_a_store(tmp_path, small_digits_
     assert clone(encoder).get_params() == encoder.get_params()
     with pytest.raises(PipelineError, match="cannot read the image"):
         encoder.transform([tmp_path / "missing.png"])
+
+
+def test_exact_neighbors_breaks_ties_to_the_lower_index_across_blocks():
+    rng = np.random.default_rng(2)
+    bank = rng.integers(-2, 3, size=(300, 8)).astype(np.float32)  # small integers: every product exact
+    bank[150:] = bank[:150]  # every row twice: every similarity is tied, and many more by chance
+    queries = bank[:40] + 0
+    idx, _ = exact_neighbors(bank, queries, 6, block=64, query_block=16)
+    np.testing.assert_array_equal(idx, np.lexsort((np.broadcast_to(np.arange(300), (40, 300)), -(queries @ bank.T)),
+                                                  axis=1)[:, :6])
+
+
+def test_the_package_says_what_it_holds():
+    import pipeline.interchange
+
+    assert all(word in pipeline.interchange.__doc__ for word in ("export", "import", "FeatureEncoder"))

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.engine.embed import source_for
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.plan import Provenance
 from pipeline.run_config import load_run_config
+from pipeline.sources.lookup import source_for
 from pipeline.sources.stream import shard_name, spool_root
 from pipeline.store.read import load_store, read_failed
 from tests.conftest import TINY_BACKBONE

@@ -18,8 +18,7 @@ from pipeline.engine.forward import l2_normalize
 from pipeline.engine.resolve import decoding_policy
 from pipeline.errors import PipelineError
 from pipeline.plan import Provenance
-from pipeline.sources import open_source
-from pipeline.sources.base import ListOptions, Source, printable
+from pipeline.sources.lookup import paths_for_ids, source_for  # noqa: F401 - re-exported: their old home
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +67,6 @@ def embed_files(paths: Iterable[str | Path], backbone: Backbone, *, decoding: De
     return np.concatenate(out).astype(np.float32)
 
 
-def source_for(made: Provenance) -> Source:
-    """Re-open the image source a store was extracted from (its recorded absolute `data` and listing options) to
-    find its images; no split is decided (that would read every file again)."""
-    data = made.data or made.data_root
-    if not data:
-        raise PipelineError("the store does not record its image source")
-    if str(data).startswith(("pipe:", "http://", "https://")):  # never run a command or a download from a record
-        raise PipelineError(f"the store's images were streamed ({data}); they are not re-read from its record")
-    options = made.data_options if isinstance(made.data_options, dict) else {}
-    return open_source(data, ListOptions(split="none", root=options.get("root"),
-                                         follow_links=bool(options.get("follow_links", False)),
-                                         max_file_bytes=options.get("max_file_bytes") or None))
-
-
 def images_for_ids(made: Provenance, ids: Iterable[str], *, size: int = 96) -> dict[str, Image.Image]:
     """Thumbnails (RGB, longest side `size`) of the images behind some ids of a store; ids whose image cannot be
     found or read are left out (the caller says so), since results stand without their pictures."""
@@ -105,15 +90,3 @@ def images_for_ids(made: Provenance, ids: Iterable[str], *, size: int = 96) -> d
             image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
         out[id_] = image
     return out
-
-
-def paths_for_ids(made: Provenance, ids: Iterable[str]) -> dict[str, str]:
-    """Where each id's image lives (the file; for tar shards `shard.tar:key`), as far as the source still lists it."""
-    try:
-        source = source_for(made)
-    except PipelineError as exc:
-        log.warning("image paths unavailable: %s", exc)
-        return {}
-    wanted = set(ids)
-    return {s.id: printable(str(s.path) if source.kind != "tar" else f"{s.path}:{s.id}")
-            for s in source.samples if s.id in wanted}

@@ -27,7 +27,7 @@ import numpy as np
 from pipeline.config import DEFAULT_PART_ROWS, EXPORT_FORMATS
 from pipeline.errors import PipelineError
 from pipeline.plan import Provenance
-from pipeline.store.read import Block, iter_store, read_attrs, read_columns
+from pipeline.store.read import Block, check_complete, iter_store, open_checked, read_attrs, read_columns
 from pipeline.store.schema import SPLITS
 
 FORMATS = EXPORT_FORMATS
@@ -72,25 +72,27 @@ def _splits(splits: tuple[str, ...] | None) -> tuple[str, ...] | None:
 
 
 class _Rows:
-    """The store's row-aligned columns beside the features, for the metadata of each exported block."""
+    """The store's row-aligned columns beside the features, for the metadata of each exported block (content hashes
+    read block by block; image paths from the re-opened source, when it can still be listed)."""
 
     def __init__(self, store: Path) -> None:
         made = Provenance.from_store(store)
-        self.class_names = made.class_names
-        columns = read_columns(store, "ids", "files/hash")
-        self.hashes = columns["files/hash"]
-        self.paths = _paths(made, columns["ids"])
+        self.store, self.class_names = store, made.class_names
+        self.paths = _paths(made, read_columns(store, "ids")["ids"]) if made.data or made.data_root else {}
 
     def table(self, block: Block, rows: np.ndarray) -> dict[str, Any]:
         labels = block.labels.astype(np.int64)
+        with h5py.File(self.store, "r") as f:
+            hashes = f["files/hash"][int(rows[0]):int(rows[-1]) + 1][rows - rows[0]]
         return {"id": [str(i) for i in block.ids], "path": [self.paths.get(str(i), "") for i in block.ids],
                 "label": labels, "class_name": [self.class_names[y] if y >= 0 else None for y in labels],
-                "split": [str(s) for s in block.splits],
-                "hash": [h.decode() for h in self.hashes[rows]]}
+                "split": [str(s) for s in block.splits], "hash": [h.decode() for h in hashes]}
 
 
 def _paths(made: Provenance, ids: np.ndarray) -> dict[str, str]:
-    from pipeline.engine.embed import paths_for_ids
+    if not (made.data or made.data_root):
+        return {}
+    from pipeline.sources.lookup import paths_for_ids
 
     return paths_for_ids(made, ids.tolist())
 
@@ -171,21 +173,37 @@ def _export_parquet(store: Path, out: Path, splits, part_rows: int, dtype: str) 
     return rows, files
 
 
-def exact_neighbors(train: h5py.Dataset | np.ndarray, queries: np.ndarray, k: int, *,
-                    block: int = BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+def _chunk_top(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column numbers and values of each row's `k` largest values, ties broken to the lower column (argpartition,
+    with an exact sort only for the rows where a tie straddles the k-th place)."""
+    part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(sims, part, 1)
+    kth = vals.min(axis=1, keepdims=True)
+    tied = np.flatnonzero((sims == kth).sum(axis=1) > (vals == kth).sum(axis=1))
+    if len(tied):
+        columns = np.broadcast_to(np.arange(sims.shape[1]), (len(tied), sims.shape[1]))
+        part[tied] = np.lexsort((columns, -sims[tied]), axis=1)[:, :k]
+        vals[tied] = np.take_along_axis(sims[tied], part[tied], 1)
+    return part, vals
+
+
+def exact_neighbors(train: h5py.Dataset | np.ndarray, queries: np.ndarray, k: int, *, block: int = 16_384,
+                    query_block: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """The `k` largest inner products of each query over `train`, read `block` rows at a time: (indices [Q, k],
-    similarities [Q, k]), best first, ties to the lower index."""
+    similarities [Q, k]), best first, ties to the lower index. Memory: one query block x one train block."""
     n = train.shape[0]
     k = min(k, n)
     best_sim = np.full((len(queries), k), -np.inf, dtype=np.float32)
     best_idx = np.zeros((len(queries), k), dtype=np.int64)
     for start in range(0, n, block):
         chunk = np.asarray(train[start:start + block], dtype=np.float32)
-        sims = np.concatenate([best_sim, queries @ chunk.T], axis=1)
-        idx = np.concatenate([best_idx, np.broadcast_to(np.arange(start, start + len(chunk)), (len(queries),
-                                                                                                len(chunk)))], axis=1)
-        order = np.lexsort((idx, -sims), axis=1)[:, :k]
-        best_sim, best_idx = np.take_along_axis(sims, order, 1), np.take_along_axis(idx, order, 1)
+        for q in range(0, len(queries), query_block):
+            rows = slice(q, q + query_block)
+            part, vals = _chunk_top(queries[rows] @ chunk.T, min(k, len(chunk)))
+            sims = np.concatenate([best_sim[rows], vals], axis=1)
+            idx = np.concatenate([best_idx[rows], part + start], axis=1)
+            order = np.lexsort((idx, -sims), axis=1)[:, :k]
+            best_sim[rows], best_idx[rows] = np.take_along_axis(sims, order, 1), np.take_along_axis(idx, order, 1)
     return best_idx, best_sim
 
 
@@ -262,6 +280,12 @@ def export_store(store: str | Path, out: str | Path, *, format: str, splits: tup
 
 
 def _split_counts(store: Path) -> dict[str, int]:
-    """Rows per split of a complete store (refusing an incomplete or damaged one first)."""
-    values, counts = np.unique(read_columns(store, "splits")["splits"].astype(str), return_counts=True)
-    return dict(zip(values.tolist(), counts.tolist(), strict=True))
+    """Rows per split of a complete store (refusing an incomplete or damaged one first), read a block at a time."""
+    counts: dict[str, int] = {}
+    with open_checked(store) as f:
+        n = int(check_complete(store, f)["committed_rows"])
+        for start in range(0, n, BLOCK_ROWS):
+            values, found = np.unique(f["splits"].asstr()[start:start + BLOCK_ROWS], return_counts=True)
+            for value, count in zip(values.tolist(), found.tolist(), strict=True):
+                counts[value] = counts.get(value, 0) + count
+    return counts

@@ -29,7 +29,7 @@ from pipeline.plan import Provenance
 from pipeline.splits import stratified_splits
 from pipeline.store.read import check_target
 from pipeline.store.reuse import Listing
-from pipeline.store.schema import NORM_TOLERANCE, SPLITS, cache_key, library_versions
+from pipeline.store.schema import NORM_TOLERANCE, SPLITS, cache_key
 from pipeline.store.writer import StoreWriter
 
 ID_COLUMNS = ("id", "key", "image_path", "path")
@@ -58,14 +58,19 @@ def _bad(path: Path, what: str) -> PipelineError:
     return PipelineError(f"cannot import {path}: {what}")
 
 
+METADATA_COLUMNS = ("label", "class_name", "split", "hash")  # with the first of ID_COLUMNS a file has
+
+
 def _read_metadata(files: list[Path], skip: str | None) -> dict[str, list]:
+    """The metadata columns the store needs (ids, labels, class names, splits, hashes), over all files in order."""
     import pyarrow.parquet as pq
 
     out: dict[str, list] = {}
     for file in files:
         try:
             schema = pq.read_schema(file)
-            names = [n for n in schema.names if n != skip]
+            id_name = next((n for n in ID_COLUMNS if n in schema.names and n != skip), None)
+            names = [id_name] * (id_name is not None) + [n for n in METADATA_COLUMNS if n in schema.names]
             table = pq.read_table(file, columns=names)
         except Exception as exc:  # noqa: BLE001 - any parquet problem: the user's file, one line
             raise _bad(file, f"not a readable Parquet file ({type(exc).__name__}: {str(exc)[:200]})") from None
@@ -266,7 +271,18 @@ def _provenance(source: Input, record: dict[str, Any], *, name: str | None, clas
         class_names=classes, decoding={"alpha": alpha}, data="", data_options={}, data_root=str(source.path.resolve()),
         source="import", source_description=f"features imported from {source.path.resolve()} ({source.layout})",
         split_source=split_source, label_source=label_source, num_images=n, data_fingerprint=fingerprint,
-        versions=library_versions())
+        versions=_versions())
+
+
+def _versions() -> dict[str, str]:
+    """The libraries that read and wrote these features here (no model ran: torch and timm are not loaded)."""
+    import platform
+
+    import h5py
+    import pyarrow
+
+    return {"python": platform.python_version(), "numpy": np.__version__, "h5py": h5py.__version__,
+            "pyarrow": pyarrow.__version__}
 
 
 def _unit_rows(vectors: np.ndarray, ids: list[str], start: int, tolerance: float) -> tuple[np.ndarray, int]:
