@@ -70,7 +70,9 @@ def scale(args: argparse.Namespace) -> list[dict]:
     try:
         for rows in args.sizes:
             store = work / f"s{rows}.h5"
-            synthetic(store, rows, args.dim)
+            # in a child: a parent that grew would inflate every later child's peak RSS (Linux keeps the peak of
+            # the forked image across exec)
+            subprocess.run([sys.executable, __file__, "store", str(store), str(rows), str(args.dim)], check=True)
             size = sum(f.stat().st_size for f in [store, *store.with_name(store.name + ".shards").glob("*.h5")])
             entry = {"rows": rows, "store_mib": round(size / 2**20, 1)}
             for fmt in ("clip-retrieval", "parquet", "ann-benchmarks"):
@@ -156,8 +158,14 @@ def main() -> None:
     s.add_argument("--dim", type=int, default=256)
     s.add_argument("--part-rows", type=int, default=25_000, help="rows per exported file (memory is one part)")
     sub.add_parser("alpha")
+    m = sub.add_parser("store", help="write one synthetic store (used by scale)")
+    m.add_argument("path", type=Path)
+    m.add_argument("rows", type=int)
+    m.add_argument("dim", type=int)
     args = parser.parse_args()
-    if args.what == "scale":
+    if args.what == "store":
+        synthetic(args.path, args.rows, args.dim)
+    elif args.what == "scale":
         print_scale(scale(args))
     else:
         print(json.dumps(alpha(args), indent=2))
