@@ -74,10 +74,10 @@ def test_alpha_drop_is_convert_rgb_bit_for_bit_on_real_rgba_icons(tango_icons):
 
 def test_alpha_policy_is_in_the_store_and_its_cache_key_and_drop_reproduces_the_timm_loader(tmp_path, tango_icons,
                                                                                             tiny):
-    root = tmp_path / "icons" / "icon"
-    root.mkdir(parents=True)
-    for path in tango_icons[:24]:
-        shutil.copy(path, root / f"{path.parent.name}-{path.name}")
+    for k, path in enumerate(tango_icons[:24]):  # two "classes", so that a probe can be fitted
+        folder = tmp_path / "icons" / ("even" if k % 2 == 0 else "odd")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / f"{path.parent.name}-{path.name}")
     white, drop = tmp_path / "white.h5", tmp_path / "drop.h5"
     for out, alpha in ((white, "white"), (drop, "drop")):
         extract_to_store(ExtractConfig.of(data=tmp_path / "icons", out=out, workers=0, progress=False, alpha=alpha),
@@ -93,6 +93,16 @@ def test_alpha_policy_is_in_the_store_and_its_cache_key_and_drop_reproduces_the_
     np.testing.assert_allclose(fs.features, expected, atol=1e-5)
     cosine = (load_store(white).features * fs.features).sum(axis=1)
     assert cosine.min() < 0.999  # the policies give different features for transparent images
+    # a head fitted on one policy's features is refused on the other's
+    from pipeline.config import ProbeConfig
+    from pipeline.evaluation.predict import load_head, predict_store
+    from pipeline.evaluation.probes import run_probe
+
+    run_probe(ProbeConfig(store=white, out=tmp_path / "white.json", grid=(1.0,), report=False))
+    head = load_head(tmp_path / "white.head.safetensors")
+    assert head.meta["alpha"] == "white"
+    with pytest.raises(PipelineError, match="alpha"):
+        predict_store(head, drop)
     # the same --out with another policy is another configuration: refused, not silently mixed
     with pytest.raises(PipelineError, match="another configuration"):
         extract_to_store(ExtractConfig.of(data=tmp_path / "icons", out=white, workers=0, progress=False,
@@ -397,3 +407,18 @@ def test_the_package_says_what_it_holds():
     import pipeline.interchange
 
     assert all(word in pipeline.interchange.__doc__ for word in ("export", "import", "FeatureEncoder"))
+
+
+def test_import_reads_what_hugging_face_datasets_writes(store, tmp_path):
+    import datasets
+
+    fs = load_store(store)
+    written = datasets.Dataset.from_dict({"image_path": [str(i) for i in fs.ids], "label": fs.labels.tolist(),
+                                          "split": fs.splits.tolist(), "embeddings": fs.features.tolist()})
+    written.to_parquet(str(tmp_path / "hf.parquet"))  # a variable-length list<float> column, as datasets writes it
+    assert pa.types.is_list(pq.read_schema(tmp_path / "hf.parquet").field("embeddings").type)
+    import_features(tmp_path / "hf.parquet", tmp_path / "hf.h5", backbone="hf")
+    back = load_store(tmp_path / "hf.h5")
+    assert back.ids.tolist() == fs.ids.tolist() and back.splits.tolist() == fs.splits.tolist()
+    np.testing.assert_allclose(back.features, fs.features, rtol=1e-6)  # float64 lists back to float32
+    assert back.labels.tolist() == fs.labels.tolist()

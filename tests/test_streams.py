@@ -163,3 +163,23 @@ def test_shard_names_keep_the_split_hint():
     assert shard_name("https://host/data/test-001.tar?sig=x", 3) == "test-001.tar"
     assert shard_name("pipe:curl -s http://h/get?id=9", 4) == "shard-00004.tar"
     assert spool_root().name.startswith("featpipe-spool") or os.environ.get("FEATPIPE_SPOOL")
+
+
+def test_shards_written_by_webdataset_stream_as_webdataset_reads_them(tmp_path, spool):
+    import braceexpand
+    import webdataset as wds
+
+    from pipeline.sources.tar import expand_braces
+
+    images, labels = digit_images(60)
+    for n in range(2):
+        with wds.TarWriter(str(tmp_path / f"train-{n:03d}.tar")) as sink:  # the real writer
+            for i in range(n * 30, n * 30 + 30):
+                sink.write({"__key__": f"sample{i:05d}", "png": png_bytes(images[i]), "cls": int(labels[i])})
+    pattern = str(tmp_path / "train-{000..001}.tar")
+    assert expand_braces(pattern) == list(braceexpand.braceexpand(pattern))
+    proc = _cli(tmp_path, *EXTRACT, "--data", f"pipe:cat {pattern}", "--out", "w.h5", "--split", "stratified")
+    assert proc.returncode == 0, proc.stderr
+    fs = load_store(tmp_path / "w.h5")
+    seen = {s["__key__"]: int(s["cls"]) for s in wds.WebDataset(f"pipe:cat {pattern}", shardshuffle=False).decode()}
+    assert dict(zip(fs.ids.tolist(), (int(fs.class_names[y]) for y in fs.labels), strict=True)) == seen
