@@ -422,3 +422,20 @@ def test_import_reads_what_hugging_face_datasets_writes(store, tmp_path):
     assert back.ids.tolist() == fs.ids.tolist() and back.splits.tolist() == fs.splits.tolist()
     np.testing.assert_allclose(back.features, fs.features, rtol=1e-6)  # float64 lists back to float32
     assert back.labels.tolist() == fs.labels.tolist()
+
+
+def test_import_into_float16_keeps_unit_rows_and_normalises_large_ones(tmp_path):
+    rng = np.random.default_rng(3)
+    unit = rng.normal(size=(20, 16)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    rows = np.concatenate([unit, unit[:5] * 1e6])  # too large for float16 as given
+    table = pa.table({"id": [f"r{i}" for i in range(25)],
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), 16)})
+    pq.write_table(table, tmp_path / "big.parquet")
+    result = import_features(tmp_path / "big.parquet", tmp_path / "h.h5", feature_dtype="float16")
+    fs = load_store(tmp_path / "h.h5")
+    assert result.normalized == 5 and fs.attrs["feature_dtype"] == "float16"
+    with h5py.File(tmp_path / "h.h5", "r") as f:
+        stored = f["features"][...]
+    np.testing.assert_array_equal(stored[:20], unit.astype(np.float16))  # unit rows: the cast, bit for bit
+    np.testing.assert_allclose(stored[20:].astype(np.float32), unit[:5], atol=2e-3)

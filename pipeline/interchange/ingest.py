@@ -285,20 +285,23 @@ def _versions() -> dict[str, str]:
             "pyarrow": pyarrow.__version__}
 
 
-def _unit_rows(vectors: np.ndarray, ids: list[str], start: int, tolerance: float) -> tuple[np.ndarray, int]:
-    """The rows as unit vectors (rows already unit-norm kept bit for bit) and how many were normalised here."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    finite = np.isfinite(vectors).all(axis=1)
-    norms = np.linalg.norm(np.where(finite[:, None], vectors, 0), axis=1)
-    bad = ~finite | (norms == 0)
+def _unit_rows(vectors: np.ndarray, ids: list[str], start: int, dtype: str) -> tuple[np.ndarray, int]:
+    """The rows in the storage dtype as unit vectors (rows already unit-norm there, within the readers' tolerance,
+    kept bit for bit) and how many were normalised here."""
+    given = np.asarray(vectors)
+    finite = np.isfinite(given).all(axis=1)
+    bad = ~finite | ~np.any(given != 0, axis=1)
     if bad.any():
         raise PipelineError(f"cannot import row {ids[start + int(np.argmax(bad))]!r}: its vector is not finite or is "
                             "zero; fix or drop it and import again")
-    off = np.abs(norms - 1.0) > tolerance
+    with np.errstate(over="ignore"):  # a row too large for float16 is normalised below
+        stored = given.astype(dtype)
+    norms = np.linalg.norm(stored.astype(np.float32), axis=1)
+    off = ~np.isfinite(norms) | (np.abs(norms - 1.0) > NORM_TOLERANCE[dtype])
     if off.any():
-        vectors = vectors.copy()
-        vectors[off] /= norms[off, None]
-    return vectors, int(off.sum())
+        exact = given[off].astype(np.float64)
+        stored[off] = (exact / np.linalg.norm(exact, axis=1, keepdims=True)).astype(dtype)
+    return stored, int(off.sum())
 
 
 @dataclass
@@ -339,7 +342,7 @@ def import_features(path: str | Path, out: str | Path, *, embedding_column: str 
                 raise _bad(source.path, f"vectors of {block.shape[1]} numbers after vectors of {source.dim}")
             if start + len(block) > len(ids):
                 raise _bad(source.path, f"more vectors than the {len(ids)} metadata rows")
-            vectors, fixed = _unit_rows(block, ids, start, NORM_TOLERANCE[dtype] / 2)
+            vectors, fixed = _unit_rows(block, ids, start, dtype)
             writer.write(np.arange(start, start + len(block)), vectors, hashes[start:start + len(block)])
             normalized, start = normalized + fixed, start + len(block)
         if start != len(ids):
