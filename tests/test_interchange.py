@@ -130,6 +130,11 @@ def test_preprocessing_overrides_are_recorded_keyed_and_reproduced(tmp_path, sma
     assert made.preprocessing_overrides == {"input_size": [3, 64, 64], "crop_pct": 1.0, "interpolation": "bilinear",
                                             "mean": [0.5] * 3, "std": [0.25] * 3}
     assert made.cache_key != plain.cache_key
+    from pipeline.store.verify import store_info
+
+    info = store_info(changed)
+    assert info["overrides"] == made.preprocessing_overrides and info["alpha"] == "white"
+    assert info["transform"] == made.transform and store_info(base)["overrides"] is None
     assert "size=64" in made.transform and "bilinear" in made.transform.lower()
     assert "size=(64, 64)" not in plain.transform and plain.transform
     # the store's backbone is rebuilt with the same overrides (predict, search), and gives the stored features
