@@ -127,6 +127,10 @@ class AuditConfig:
             raise ConfigError(f"the temperature must be a finite positive number, got {self.temperature}")
 
 
+# What happens to transparency (`--alpha`): composited over a colour (white, the default, so that the RGBA and RGB
+# versions of an image agree and the colour a file keeps under its transparent pixels never reaches the model), or
+# dropped as timm's, torchvision's, open_clip's and clip-retrieval's loaders do (`convert("RGB")`, which keeps that
+# colour). `drop` reproduces features computed by those tools; the policy is in the cache key.
 ALPHA_NAMES = {"white": (255, 255, 255), "black": (0, 0, 0)}
 DEFAULT_ALPHA = "white"
 
@@ -142,3 +146,10 @@ def parse_alpha(text: str) -> str:
         named = [name for name, colour in ALPHA_NAMES.items() if colour == rgb]
         return named[0] if named else ",".join(str(c) for c in rgb)
     raise ValueError(f"--alpha {text!r} is not drop, white, black or R,G,B (three integers 0-255)")
+
+
+def alpha_background(alpha: str) -> tuple[int, int, int] | None:
+    """The colour transparent pixels are composited over (None: alpha dropped)."""
+    if alpha == "drop":
+        return None
+    return ALPHA_NAMES.get(alpha) or tuple(int(p) for p in alpha.split(","))

@@ -84,7 +84,9 @@ def test_alpha_policy_is_in_the_store_and_its_cache_key_and_drop_reproduces_the_
                          backbone=tiny)
     a, b = read_attrs(white), read_attrs(drop)
     assert a["cache_key"] != b["cache_key"]
-    assert json.loads(b["decoding"])["alpha"] == "drop" and json.loads(a["decoding"])["alpha"] == "white"
+    assert json.loads(b["decoding"])["alpha"] == "drop" and "alpha" not in json.loads(a["decoding"])
+    assert json.loads(a["decoding"])["alpha_background"] == [255, 255, 255]  # as before the policy existed
+    assert Provenance.from_store(white).alpha == "white" and Provenance.from_store(drop).alpha == "drop"
     fs = load_store(drop)
     files = [tmp_path / "icons" / i for i in fs.ids]
     with torch.inference_mode():
@@ -444,3 +446,15 @@ def test_import_into_float16_keeps_unit_rows_and_normalises_large_ones(tmp_path)
         stored = f["features"][...]
     np.testing.assert_array_equal(stored[:20], unit.astype(np.float16))  # unit rows: the cast, bit for bit
     np.testing.assert_allclose(stored[20:].astype(np.float32), unit[:5], atol=2e-3)
+
+
+def test_the_default_alpha_leaves_existing_stores_fingerprints_and_keys_as_they_were():
+    from pipeline.store.schema import cache_key
+
+    # what Decoding().as_attrs() was before the policy existed: its hash is in every store's data fingerprint
+    assert Decoding().as_attrs() == {"max_pixels": 89_478_485, "max_aspect": 16.0, "alpha_background": [255, 255, 255],
+                                     "plugins": [], "max_file_bytes": 1 << 30}
+    same = dict(backbone="b", weights="w", preprocessing="{}", layer="pre_logits")
+    assert cache_key(**same) == cache_key(**same, alpha="white") != cache_key(**same, alpha="drop")
+    assert Decoding.from_attrs(Decoding(alpha="10,20,30").as_attrs()).alpha == "10,20,30"
+    assert Decoding.from_attrs({"alpha_background": [255, 255, 255]}).alpha == "white"

@@ -31,22 +31,15 @@ from pipeline.config import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_PIXELS,
     PLUGIN_SPEC,
+    alpha_background,
     parse_alpha,
 )
 from pipeline.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 SPLITS = ("train", "val", "test")
-# What happens to transparency (`--alpha`): composited over a colour (white, the default, so that the RGBA and RGB
-# versions of an image agree and a transparent icon's hidden pixels never reach the model), or dropped as timm's,
-# torchvision's, open_clip's and clip-retrieval's loaders do (`convert("RGB")`: the colour under transparent pixels,
-# often black, is kept). `drop` reproduces features computed by those tools; the policy is in the cache key.
-ALPHA_BACKGROUND = (255, 255, 255)
-def alpha_background(alpha: str) -> tuple[int, int, int] | None:
-    """The colour transparent pixels are composited over (None: alpha dropped)."""
-    if alpha == "drop":
-        return None
-    return ALPHA_NAMES.get(alpha) or tuple(int(p) for p in alpha.split(","))
+# Transparency (`--alpha`, see `pipeline.config.parse_alpha`): composited over white by default, or dropped.
+ALPHA_BACKGROUND = ALPHA_NAMES[DEFAULT_ALPHA]
 # Long side / short side beyond which the long side is cropped (centrally) before a resize-shorter-side transform.
 # Such a transform scales a 1x5000 strip to 256x1.28M pixels (1.3 GB, seconds) only for the centre crop to keep a
 # 224x224 square from its middle; cropping first keeps that middle, at a fixed cost. 16:1 leaves real photos alone.
@@ -84,10 +77,13 @@ class Decoding:
             raise ValueError(f"max_file_bytes must be >= 1 (or None for no limit), got {self.max_file_bytes}")
 
     def as_attrs(self) -> dict[str, Any]:
+        """As recorded in a store (and hashed into its data fingerprint). The default alpha policy is recorded by its
+        background alone, as before the policy could be chosen, so that existing stores stay up to date."""
         background = alpha_background(self.alpha)
-        return {"max_pixels": self.max_pixels or 0, "max_aspect": self.max_aspect or 0.0, "alpha": self.alpha,
+        return {"max_pixels": self.max_pixels or 0, "max_aspect": self.max_aspect or 0.0,
                 "alpha_background": list(background) if background else [], "plugins": list(self.plugins),
-                "max_file_bytes": self.max_file_bytes or 0}
+                "max_file_bytes": self.max_file_bytes or 0, **({} if self.alpha == DEFAULT_ALPHA else
+                                                                 {"alpha": self.alpha})}
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> Decoding:
