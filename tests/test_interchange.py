@@ -458,3 +458,12 @@ def test_the_default_alpha_leaves_existing_stores_fingerprints_and_keys_as_they_
     assert cache_key(**same) == cache_key(**same, alpha="white") != cache_key(**same, alpha="drop")
     assert Decoding.from_attrs(Decoding(alpha="10,20,30").as_attrs()).alpha == "10,20,30"
     assert Decoding.from_attrs({"alpha_background": [255, 255, 255]}).alpha == "white"
+
+
+def test_an_input_size_the_model_cannot_take_is_one_line(tmp_path, small_digits_root):
+    with pytest.raises(PipelineError, match=r"does not take input of size \[160, 160\].*its own is \[224, 224\]"):
+        create_backbone("timm:vit_tiny_patch16_224", random_init=True, overrides={"input_size": [3, 160, 160]})
+    proc = _cli(tmp_path, "extract", "--data", str(small_digits_root), "--out", "v.h5", "--backbone",
+                "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "160", "--workers", "0")
+    _one_line_error(proc, "does not take input of size")
+    assert not (tmp_path / "v.h5").exists()

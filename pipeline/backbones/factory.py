@@ -84,7 +84,14 @@ def create_backbone(name: str, *, device: str | torch.device = "cpu", random_ini
     data_config, transform = preprocessing_for(loaded, overrides)
     with torch.inference_mode():
         probe = torch.zeros(1, *data_config["input_size"], device=torch_device)
-        dim = int(model.features(probe).shape[-1])
+        try:
+            dim = int(model.features(probe).shape[-1])
+        except (AssertionError, RuntimeError, ValueError) as exc:
+            if not overrides:
+                raise
+            raise PipelineError(f"{name} does not take input of size {data_config['input_size'][1:]} "
+                                f"({str(exc).splitlines()[0][:200]}); drop --img-size or choose a size it "
+                                f"accepts (its own is {loaded.data_config['input_size'][1:]})") from None
     runner = torch.compile(model, dynamic=True) if compile else None
     return Backbone(name=name, model=model, transform=transform, data_config=data_config, dim=dim,
                     weights=weights, random_init=random_init, device=torch_device,
