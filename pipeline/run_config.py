@@ -22,6 +22,7 @@ from pipeline.errors import ConfigError
 from pipeline.evaluation.heads import HEADS
 from pipeline.index.plan import INDEX_KINDS, parse_memory_size
 from pipeline.plan import SPECS, spec_fields
+from pipeline.sources.stream import is_stream
 
 HeadName = Literal[tuple(HEADS)]  # the valid choices come from the registries, so they cannot drift
 IndexKind = Literal[INDEX_KINDS]
@@ -199,7 +200,7 @@ def load_run_config(path: str | Path) -> RunConfig:
         raise ConfigError(validation_message(exc, str(path))) from None
     base = path.parent.resolve()
     for ds in config.datasets:
-        if not ds.data.startswith(("torchvision:", "http://", "https://")) and not Path(ds.data).is_absolute():
+        if not ds.data.startswith("torchvision:") and not is_stream(ds.data) and not Path(ds.data).is_absolute():
             ds.data = str(base / ds.data)
         if ds.root is not None and not Path(ds.root).is_absolute():
             ds.root = base / ds.root

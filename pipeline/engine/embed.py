@@ -51,20 +51,27 @@ def embed_files(paths: Iterable[str | Path], backbone: Backbone, *, decoding: De
                 batch_size: int = 32) -> np.ndarray:
     """L2-normalised features [n, dim] of image files, in order, decoded as the store's images were (`decoding`,
     default: this backbone's policy). An unreadable file is an error naming it."""
+    return embed_files_hashed(paths, backbone, decoding=decoding, batch_size=batch_size)[0]
+
+
+def embed_files_hashed(paths: Iterable[str | Path], backbone: Backbone, *, decoding: Decoding | None = None,
+                       batch_size: int = 32) -> tuple[np.ndarray, list[str]]:
+    """`embed_files`, with each file's content hash (the one a store records)."""
     decoding = decoding or decoding_policy(backbone.data_config)
     load_plugins(decoding.plugins)
-    tensors = []
+    tensors, hashes = [], []
     for path in paths:
         try:
-            image, _ = decode(read_file(path, decoding.max_file_bytes), decoding)
+            image, digest = decode(read_file(path, decoding.max_file_bytes), decoding)
         except Exception as exc:  # noqa: BLE001 - any decode problem is the user's file: say which and why
             raise PipelineError(f"cannot read the image {path}: {type(exc).__name__}: {exc}") from None
         tensors.append(backbone.transform(image))
+        hashes.append(digest)
     if not tensors:
         raise PipelineError("no image files given")
     out = [l2_normalize(backbone.features(torch.stack(tensors[i:i + batch_size]))).cpu().numpy()
            for i in range(0, len(tensors), batch_size)]
-    return np.concatenate(out).astype(np.float32)
+    return np.concatenate(out).astype(np.float32), hashes
 
 
 def images_for_ids(made: Provenance, ids: Iterable[str], *, size: int = 96) -> dict[str, Image.Image]:

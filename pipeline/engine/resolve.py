@@ -22,6 +22,7 @@ from pipeline.outputs import check_writable_dir
 from pipeline.plan import DecodeSpec, ExtractConfig, Provenance
 from pipeline.sources import open_source
 from pipeline.sources.base import ListOptions, Source
+from pipeline.sources.stream import is_stream
 from pipeline.store.read import check_target, is_current, known_hashes, read_attrs, read_columns
 from pipeline.store.reuse import Listing
 from pipeline.store.schema import cache_key, layout_attrs, library_versions
@@ -31,7 +32,7 @@ def absolute_data(data: str | Path) -> str:
     """`--data` as recorded: absolute (a shard pattern keeps its braces and globs), so that the store finds its
     images again from any working directory; `torchvision:NAME` as given."""
     text = str(data)
-    if text.startswith(("torchvision:", "pipe:", "http://", "https://")):
+    if text.startswith("torchvision:") or is_stream(text):
         return text
     return os.path.abspath(os.path.expanduser(text))
 

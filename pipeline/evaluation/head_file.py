@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import DEFAULT_ALPHA
 from pipeline.errors import PipelineError
 
 HEAD_FORMAT = "featpipe-head/2"
@@ -28,7 +29,7 @@ SCORINGS = ("softmax", "logistic", "margin")
 # What a head's features must share with the features it is applied to.
 FEATURE_SPACE = ("backbone", "weights", "layer", "preprocessing", "feature_dim", "alpha")
 # Metadata fields a head may lack (written before they existed), with the value such a head means.
-_OPTIONAL_META = {"alpha": "white"}
+_OPTIONAL_META = {"alpha": DEFAULT_ALPHA}
 _META_TYPES: dict[str, type | tuple[type, ...]] = {
     "format": str, "head": str, "param": str, "chosen": (int, float), "test_top1": (int, float),
     "class_names": list, "store": str, "cache_key": str, "random_init": bool, "scoring": str, "layers": int,

@@ -49,11 +49,11 @@ def predict_store(head: SavedHead, store: str | Path, *, top: int = 1) -> list[d
 def predict_images(head: SavedHead, paths: list[str | Path], *, top: int = 1, device: str = "auto",
                    weights_path: str | Path | None = None) -> list[dict[str, Any]]:
     """Apply a saved head to image files, embedded by the backbone the head's features came from."""
-    from pipeline.engine.decode import Decoding
     from pipeline.engine.embed import backbone_for, embed_files
     from pipeline.engine.resolve import decoding_policy
+    from pipeline.plan import DecodeSpec
 
     backbone = backbone_for(Provenance.from_attrs(head.meta), device=device, weights_path=weights_path)
-    decoding = Decoding(**{**vars(decoding_policy(backbone.data_config)), "alpha": head.meta.get("alpha", "white")})
+    decoding = decoding_policy(backbone.data_config, DecodeSpec(alpha=head.meta["alpha"]))
     predictions = predict_features(head, embed_files(paths, backbone, decoding=decoding), top=top)
     return [{"id": str(p), "predictions": pred} for p, pred in zip(paths, predictions, strict=True)]

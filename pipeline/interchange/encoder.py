@@ -94,12 +94,12 @@ def _stored(store: Path, key: str) -> tuple[list[str], np.ndarray]:
 
 def _cache(encoder: FeatureEncoder, paths: list[str]) -> dict[str, int]:
     """Make the store hold every path (adding the missing or changed ones); path -> row in the store."""
-    from pipeline.engine.decode import Decoding
     from pipeline.engine.resolve import backbone_key, decoding_policy
+    from pipeline.plan import DecodeSpec
 
     store = Path(encoder.store)
     backbone = encoder.model()
-    decoding = Decoding(**{**vars(decoding_policy(backbone.data_config)), "alpha": encoder.alpha})
+    decoding = decoding_policy(backbone.data_config, DecodeSpec(alpha=encoder.alpha))
     key = backbone_key(backbone, "float32", decoding.alpha)
     ids, stamps = _stored(store, key)
     wanted = {p: _stamp(p) for p in paths}
@@ -113,10 +113,7 @@ def _cache(encoder: FeatureEncoder, paths: list[str]) -> dict[str, int]:
 
 def _add(store: Path, backbone, decoding, key: str, stamps: dict[str, tuple[int, int]], *, batch_size: int) -> None:
     """Rewrite the cache store with these rows: rows whose stamp is unchanged are kept, the others computed."""
-    import torch
-
-    from pipeline.engine.decode import decode, read_file
-    from pipeline.engine.forward import l2_normalize
+    from pipeline.engine.embed import embed_files_hashed
     from pipeline.plan import Provenance
     from pipeline.store.reuse import Listing
     from pipeline.store.schema import library_versions
@@ -135,17 +132,7 @@ def _add(store: Path, backbone, decoding, key: str, stamps: dict[str, tuple[int,
         todo = writer.prepare()
         for start in range(0, len(todo), CHUNK):
             chunk = todo[start:start + CHUNK]
-            tensors, hashes = [], []
-            for position in chunk:
-                path = ids[position]
-                try:
-                    image, digest = decode(read_file(path, decoding.max_file_bytes), decoding)
-                except Exception as exc:  # noqa: BLE001 - any decode problem is the user's file: say which and why
-                    raise PipelineError(f"cannot read the image {path}: {type(exc).__name__}: {exc}") from None
-                tensors.append(backbone.transform(image))
-                hashes.append(digest)
-            with torch.inference_mode():
-                features = torch.cat([l2_normalize(backbone.features(torch.stack(tensors[i:i + batch_size])))
-                                      for i in range(0, len(tensors), batch_size)]).cpu().numpy()
+            features, hashes = embed_files_hashed([ids[p] for p in chunk], backbone, decoding=decoding,
+                                                  batch_size=batch_size)
             writer.write(chunk, features, hashes)
         writer.finish()

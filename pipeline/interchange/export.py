@@ -78,7 +78,7 @@ class _Rows:
     def __init__(self, store: Path) -> None:
         made = Provenance.from_store(store)
         self.store, self.class_names = store, made.class_names
-        self.paths = _paths(made, read_columns(store, "ids")["ids"]) if made.data or made.data_root else {}
+        self.paths = _paths(made, store)
 
     def table(self, block: Block, rows: np.ndarray) -> dict[str, Any]:
         labels = block.labels.astype(np.int64)
@@ -89,12 +89,13 @@ class _Rows:
                 "split": [str(s) for s in block.splits], "hash": [h.decode() for h in hashes]}
 
 
-def _paths(made: Provenance, ids: np.ndarray) -> dict[str, str]:
+def _paths(made: Provenance, store: Path) -> dict[str, str]:
+    """id -> image path, when the store records a source that can still be listed."""
     if not (made.data or made.data_root):
         return {}
     from pipeline.sources.lookup import paths_for_ids
 
-    return paths_for_ids(made, ids.tolist())
+    return paths_for_ids(made, read_columns(store, "ids")["ids"].tolist())
 
 
 def _blocks(store: Path, splits: tuple[str, ...] | None) -> Iterator[tuple[Block, np.ndarray]]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import DEFAULT_ALPHA
 from pipeline.errors import PipelineError
 from pipeline.interchange.export import METADATA
 from pipeline.plan import Provenance
@@ -76,7 +77,7 @@ def _read_metadata(files: list[Path], skip: str | None) -> dict[str, list]:
             raise _bad(file, f"not a readable Parquet file ({type(exc).__name__}: {str(exc)[:200]})") from None
         for name in names:
             out.setdefault(name, []).extend(table.column(name).to_pylist())
-        if any(len(v) != len(out[names[0]]) for v in out.values()) if names else False:
+        if names and any(len(v) != len(out[names[0]]) for v in out.values()):
             raise _bad(file, "its files do not have the same columns")
     return out
 
@@ -262,7 +263,7 @@ def _provenance(source: Input, record: dict[str, Any], *, name: str | None, clas
     backbone = record.get("backbone") if name is None and record.get("backbone") else f"external:{name or 'unknown'}"
     weights = record.get("weights", "external") if backbone == record.get("backbone") else "external"
     layer, precision = record.get("layer", "external"), record.get("precision", "")
-    alpha = record.get("alpha", "white")
+    alpha = record.get("alpha", DEFAULT_ALPHA)
     key = cache_key(backbone=backbone, weights=weights, preprocessing=json.dumps(preprocessing, sort_keys=True),
                     layer=layer, feature_dtype=feature_dtype, precision=precision, alpha=alpha)
     return Provenance(

@@ -10,6 +10,7 @@ from pipeline.errors import PipelineError
 from pipeline.plan import Provenance
 from pipeline.sources import open_source
 from pipeline.sources.base import ListOptions, Source, printable
+from pipeline.sources.stream import is_stream
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ def source_for(made: Provenance) -> Source:
     data = made.data or made.data_root
     if not data:
         raise PipelineError("the store does not record its image source")
-    if str(data).startswith(("pipe:", "http://", "https://")):  # never run a command or a download from a record
+    if is_stream(data):  # never run a command or a download from a record
         raise PipelineError(f"the store's images were streamed ({data}); they are not re-read from its record")
     options = made.data_options if isinstance(made.data_options, dict) else {}
     return open_source(data, ListOptions(split="none", root=options.get("root"),

@@ -27,6 +27,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from pipeline.config import DEFAULT_ALPHA
+
 SCHEMA_VERSION = 2
 STR_DTYPE = h5py.string_dtype("utf-8")
 HASH_DTYPE = "S32"  # hex BLAKE2b-128
@@ -37,12 +39,12 @@ NORM_TOLERANCE = {"float32": 1e-4, "float16": 2e-3}
 
 
 def cache_key(*, backbone: str, weights: str, preprocessing: str, layer: str, feature_dtype: str = "float32",
-              precision: str = "fp32", alpha: str = "white") -> str:
+              precision: str = "fp32", alpha: str = DEFAULT_ALPHA) -> str:
     """Hash of everything that changes the stored feature bytes for a given image (the compute precision and the
     alpha policy too; the default policy, white, is left out so that stores made before it existed keep their key)."""
     payload = {"schema_version": SCHEMA_VERSION, "backbone": backbone, "weights": weights,
                "preprocessing": preprocessing, "layer": layer, "feature_dtype": feature_dtype, "precision": precision}
-    if alpha != "white":
+    if alpha != DEFAULT_ALPHA:
         payload["alpha"] = alpha
     payload = json.dumps(payload, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
