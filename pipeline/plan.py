@@ -84,6 +84,8 @@ class ModelSpec:
     layer: str | None = option(None, "pool this module's output (e.g. layer3) instead of the pre-logits")
     precision: str = option("auto", "autocast dtype: auto = bf16 (or fp16) on CUDA, fp32 on CPU; fp32 forces full "
                                     "precision", choices=PRECISIONS)
+    keep_spatial: bool = option(False, "also store the un-pooled output of --layer (e.g. layer3: 1024x14x14 for "
+                                       "ResNet-50) next to the pre-logits features, for finetune")
     compile: bool = option(False, "torch.compile the model (slow start, faster after)")
     optimize: bool = option(True, "plain eager forward pass (by default on CPU a frozen TorchScript trace is used "
                                   "when it reproduces eager)", flag="--eager")
@@ -114,6 +116,12 @@ class ModelSpec:
                        f"{name} must be three finite numbers (R,G,B), got {value!r}")
                 _check(name == "mean" or all(v > 0 for v in value), f"std must be positive, got {value!r}")
                 object.__setattr__(self, name, value)
+
+    def keeps_spatial(self) -> bool:
+        """--keep-spatial given, checked: it needs the module whose output to keep."""
+        _check(not self.keep_spatial or bool(self.layer), "--keep-spatial needs --layer MODULE: the block whose "
+                                                           "un-pooled output to store (e.g. --layer layer3)")
+        return self.keep_spatial
 
     def preprocessing_overrides(self) -> dict[str, Any]:
         """The overrides given, in timm's data-config keys (empty: the weights' own preprocessing)."""
@@ -179,12 +187,16 @@ class LayoutSpec:
     compression: str = option("none", "HDF5 compression of the features", choices=COMPRESSIONS)
     shard_rows: int | None = option(None, "write fixed-size shards of N rows plus one entry file (for millions of "
                                           "images)", parse="positive_int")
+    spatial_dtype: str = option("float16", "storage type of --keep-spatial activations (default float16)",
+                                choices=FEATURE_DTYPES)
 
     def __post_init__(self) -> None:
         _check(self.feature_dtype in FEATURE_DTYPES, f"feature dtype {self.feature_dtype!r} is not one of "
                                                      f"{FEATURE_DTYPES}")
         _check(self.compression in COMPRESSIONS, f"compression {self.compression!r} is not one of {COMPRESSIONS}")
         _check(self.shard_rows is None or self.shard_rows >= 1, f"shard_rows must be >= 1, got {self.shard_rows}")
+        _check(self.spatial_dtype in FEATURE_DTYPES, f"spatial dtype {self.spatial_dtype!r} is not one of "
+                                                     f"{FEATURE_DTYPES}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -253,7 +265,8 @@ def spec_fields(part: str) -> list[dataclasses.Field]:
 
 # -- provenance ------------------------------------------------------------------------------------------------------
 
-_JSON = ("preprocessing", "class_names", "decoding", "data_options", "versions", "preprocessing_overrides")
+_JSON = ("preprocessing", "class_names", "decoding", "data_options", "versions", "preprocessing_overrides",
+         "spatial_shape")
 
 
 @dataclass(frozen=True)
@@ -285,6 +298,9 @@ class Provenance:
     normalized: bool = True
     preprocessing_overrides: dict = field(default_factory=dict)  # what --img-size, --crop-pct, ... changed
     transform: str = ""  # the transform that ran, as its library prints it (torchvision's own preset, or timm's)
+    spatial_layer: str = ""  # --keep-spatial: the module whose un-pooled output is in `spatial` ("" when none)
+    spatial_shape: list = field(default_factory=list)  # that output's shape per image
+    spatial_dtype: str = ""
 
     def to_attrs(self) -> dict[str, Any]:
         """The store attributes: JSON strings for the structured ones (h5py stores only plain values)."""
@@ -302,7 +318,7 @@ class Provenance:
                     raw = json.loads(raw) if isinstance(raw, str) and raw else None
                 except ValueError:
                     raw = None
-                raw = raw if raw is not None else ([] if f.name == "class_names" else {})
+                raw = raw if raw is not None else ([] if f.name in ("class_names", "spatial_shape") else {})
             elif raw is None:
                 raw = {"random_init": False, "feature_dim": 0, "num_images": 0, "normalized": True}.get(f.name, "")
             values[f.name] = raw

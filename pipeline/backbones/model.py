@@ -42,6 +42,16 @@ def _set_module(root: torch.nn.Module, path: str, module: torch.nn.Module) -> No
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
+def module_named(net: torch.nn.Module, name: str) -> torch.nn.Module:
+    """A module of the network by its `named_modules()` name; unknown: close matches listed."""
+    modules = dict(net.named_modules())
+    if name not in modules or not name:
+        close = difflib.get_close_matches(name, [n for n in modules if n], n=5)
+        raise PipelineError(f"--layer {name!r} is not a module of this backbone; close matches: "
+                            f"{', '.join(close) or 'none'}; module names are those of model.named_modules()")
+    return modules[name]
+
+
 def global_pool(x: torch.Tensor, *, channels_last_tokens: bool = False) -> torch.Tensor:
     """Pool a layer's output to [N, C]: mean over H, W of NCHW maps (or NHWC ones), over tokens of [N, L, C]."""
     if x.ndim == 2:
@@ -62,7 +72,8 @@ class FeatureModel(torch.nn.Module):
     is that module's output, globally average-pooled, and the rest of the network is not run.
     """
 
-    def __init__(self, net: torch.nn.Module, *, library: str, layer: str | None = None) -> None:
+    def __init__(self, net: torch.nn.Module, *, library: str, layer: str | None = None,
+                 keep: str | None = None) -> None:
         super().__init__()
         self.net = net
         self.library = library
@@ -75,17 +86,31 @@ class FeatureModel(torch.nn.Module):
         self.layer = layer
         self._nhwc = getattr(net, "output_fmt", "NCHW") == "NHWC" or type(net).__name__.startswith("SwinTransformer")
         self._capture = False
+        self.keep, self._keeping, self._kept = keep, False, None
         if layer is not None:
-            modules = dict(net.named_modules())
-            if layer not in modules or not layer:
-                close = difflib.get_close_matches(layer, [n for n in modules if n], n=5)
-                raise PipelineError(f"--layer {layer!r} is not a module of this backbone; close matches: "
-                                    f"{', '.join(close) or 'none'}; module names are those of model.named_modules()")
-            modules[layer].register_forward_hook(self._on_layer)
+            module_named(net, layer).register_forward_hook(self._on_layer)
+        if keep is not None:
+            module_named(net, keep).register_forward_hook(self._on_keep)
 
     def _on_layer(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if self._capture:
             raise _LayerReached(output[0] if isinstance(output, (tuple, list)) else output)
+
+    def _on_keep(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if self._keeping:
+            self._kept = output[0] if isinstance(output, (tuple, list)) else output
+
+    def features_and_activation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features and, from the same forward pass, the un-pooled output of the `keep` module."""
+        self._keeping, self._kept = True, None
+        try:
+            feats = self.features(x)
+        finally:
+            self._keeping = False
+        kept, self._kept = self._kept, None
+        if kept is None:
+            raise PipelineError(f"--layer {self.keep!r} did not run in the forward pass; choose another module")
+        return feats, kept
 
     def _pre_logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.library == "timm":
@@ -134,6 +159,8 @@ class Backbone:
     runner: Callable | None = None  # what runs the forward pass when not the eager model (compiled or frozen)
     optimization: str = "eager"  # eager | torch.compile | jit-freeze
     overrides: dict = dataclasses.field(default_factory=dict)  # preprocessing overrides applied to data_config
+    spatial_layer: str | None = None  # --keep-spatial: the module whose un-pooled output is kept too
+    spatial_shape: tuple[int, ...] = ()  # that output's shape for one image (e.g. (1024, 14, 14))
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
@@ -145,6 +172,14 @@ class Backbone:
         with torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES.get(self.precision),
                             enabled=self.precision != "fp32"):
             return run(self._to_device(images)).float()
+
+    @torch.inference_mode()
+    def features_and_activations(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`features` and the un-pooled output of `spatial_layer` from one forward pass, both float32."""
+        with torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES.get(self.precision),
+                            enabled=self.precision != "fp32"):
+            feats, kept = self.model.features_and_activation(self._to_device(images))
+        return feats.float(), kept.float()
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -159,7 +194,8 @@ class Backbone:
         result is checked against eager on two batch sizes and dropped on any difference (cosine < 0.9999).
         Only for fp32 on CPU, without --layer and without torch.compile.
         """
-        if self.device.type != "cpu" or self.precision != "fp32" or self.layer != PRE_LOGITS or self.runner:
+        if (self.device.type != "cpu" or self.precision != "fp32" or self.layer != PRE_LOGITS or self.runner
+                or self.spatial_layer):
             return self
         shape = self.data_config["input_size"]
         probe = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))

@@ -59,7 +59,8 @@ def add_probe(p: argparse.ArgumentParser) -> None:
 
 
 def add_predict(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--head", required=True, type=Path, help="a .head.safetensors written by probe")
+    p.add_argument("--head", required=True, type=Path,
+                   help="a .head.safetensors written by probe, or a .model.safetensors written by finetune")
     p.add_argument("images", nargs="*", type=Path, help="image files to classify")
     p.add_argument("--store", type=Path, default=None, help="classify every row of this store instead")
     p.add_argument("--top", type=positive_int, default=1, help="classes per image (default 1)")
@@ -67,6 +68,51 @@ def add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", type=Path, default=None, help="the checkpoint, for heads on --weights features")
+
+
+def add_finetune(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, type=Path, help="a store extracted with --layer BLOCK --keep-spatial")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results JSON (default: STORE.finetune.json beside the store)")
+    p.add_argument("--blocks", type=bounded_int(0, 1000), default=1,
+                   help="trailing blocks of the network after BLOCK to train with the head (default 1; 0: the head "
+                        "alone)")
+    p.add_argument("--epochs", type=bounded_int(1, 100_000), default=30, help="at most this many (default 30)")
+    p.add_argument("--patience", type=bounded_int(1, 100_000), default=5,
+                   help="stop after this many epochs without a lower validation loss (default 5)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--lr-block", type=finite_float(0), default=1e-4, help="learning rate of the blocks (1e-4)")
+    p.add_argument("--lr-head", type=finite_float(0), default=1e-3, help="learning rate of the head (1e-3)")
+    p.add_argument("--weight-decay", type=finite_float(0), default=0.05, help="AdamW weight decay (0.05)")
+    p.add_argument("--label-smoothing", type=finite_float(0, 1, high_open=True), default=0.0)
+    p.add_argument("--views", action="store_true", help="also train on the store's augmented views (extract --views)")
+    p.add_argument("--val-fraction", type=finite_float(0, 1, low_open=True, high_open=True), default=0.2,
+                   help="train slice held out when there is no val split")
+    p.add_argument("--max-memory", type=memory_size, default=2 << 30,
+                   help="activations held in memory (default 2GiB); beyond it they are read per batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_resamples(p)
+    p.add_argument("--no-report", action="store_true", help="only the JSON (no markdown/HTML report)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from pipeline.evaluation.finetune import FinetuneConfig, run_finetune
+    from pipeline.report.blocks import format_table
+
+    result, out = run_finetune(FinetuneConfig(
+        store=args.store, out=args.out, blocks=args.blocks, epochs=args.epochs, patience=args.patience,
+        batch_size=args.batch_size, lr_block=args.lr_block, lr_head=args.lr_head, weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing, views=args.views, val_fraction=args.val_fraction,
+        max_memory=args.max_memory, seed=args.seed, device=args.device, resamples=args.resamples,
+        report=not args.no_report, overwrite=args.overwrite))
+    print(f"best epoch {result['chosen']} of {result['epochs_run']} (val top-1 "
+          f"{100 * result['val_top1_by_value'][str(result['chosen'])]:.2f}%), {result['seconds']:.1f} s")
+    print(format_table(result, None))
+    files = [f"results: {out}", f"model: {result['model_file']}"]
+    files += [f"report: {result['report'][1]}"] if result.get("report") else []
+    print("  ".join(files))
 
 
 def add_knn(p: argparse.ArgumentParser) -> None:
@@ -209,9 +255,18 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.out:
         target = check_output(args.out, owned=owned_text(",".join(header)), overwrite=args.overwrite,
                               protect=[p for p in (args.store, args.head) if p])
-    head = load_head(args.head)
-    rows = predict_store(head, args.store, top=args.top) if args.store else \
-        predict_images(head, args.images, top=args.top, device=args.device, weights_path=args.weights)
+    from pipeline.evaluation.finetune_model import is_tuned_model, load_tuned, predict_images_tuned
+
+    if is_tuned_model(args.head):
+        if args.store:
+            raise PipelineError("a fine-tuned model classifies image files (it needs their activations); give "
+                                "image files instead of --store")
+        rows = predict_images_tuned(load_tuned(args.head, device=args.device, weights_path=args.weights),
+                                    args.images, top=args.top)
+    else:
+        head = load_head(args.head)
+        rows = predict_store(head, args.store, top=args.top) if args.store else \
+            predict_images(head, args.images, top=args.top, device=args.device, weights_path=args.weights)
     text = csv_text(header, [[r["id"], *[v for name, score in r["predictions"] for v in (name, f"{score:.4f}")]]
                              for r in rows])
     if target is None:
@@ -292,7 +347,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 COMMANDS = [
     Command("probe", "a head on a store's features: hyper-parameter chosen on validation, refit, tested once; or "
                      "few-shot probes", add_probe, cmd_probe),
-    Command("predict", "apply a saved probe head to image files or to a store", add_predict, cmd_predict),
+    Command("finetune", "train the last blocks of the backbone and a new head on a store's cached activations "
+                        "(extract --keep-spatial), early stopping on validation, tested once", add_finetune,
+            cmd_finetune),
+    Command("predict", "apply a saved probe head or fine-tuned model to image files or to a store", add_predict,
+            cmd_predict),
     Command("knn", "kNN classification and retrieval metrics on an exact FAISS index", add_knn, cmd_knn),
     Command("index", "build, update or inspect a FAISS index for a store", add_index, cmd_index),
     Command("search", "nearest images to query image files or ids", add_search, cmd_search),

@@ -23,14 +23,16 @@ from pipeline.sources.lookup import paths_for_ids, source_for  # noqa: F401 - re
 log = logging.getLogger(__name__)
 
 
-def backbone_for(made: Provenance, *, device: str = "auto", weights_path: str | Path | None = None) -> Backbone:
+def backbone_for(made: Provenance, *, device: str = "auto", weights_path: str | Path | None = None,
+                 keep: str | None = None) -> Backbone:
     """The backbone that produced a store (or a head's features), checked to give the same features: same name,
     weights, layer and preprocessing, at the precision the store recorded. A store made from a local checkpoint
-    needs that checkpoint again."""
+    needs that checkpoint again. `keep`: also keep that module's output (as `--keep-spatial` did)."""
     layer = made.layer or PRE_LOGITS
     backbone = create_backbone(made.backbone, device=device, random_init=made.random_init, weights_path=weights_path,
                                layer=None if layer == PRE_LOGITS else layer.split(":")[0],
-                               precision=made.precision or "auto", overrides=made.preprocessing_overrides or None)
+                               precision=made.precision or "auto", overrides=made.preprocessing_overrides or None,
+                               keep=keep)
     if backbone.weights != made.weights:
         raise PipelineError(f"the features come from {made.backbone} weights {made.weights!r}, but here that name "
                             f"gives {backbone.weights!r}; pass --weights with the checkpoint used to extract them")
@@ -40,7 +42,8 @@ def backbone_for(made: Provenance, *, device: str = "auto", weights_path: str | 
         if changed:
             backbone = create_backbone(made.backbone, device=device, random_init=made.random_init,
                                        weights_path=weights_path, layer=None if layer == PRE_LOGITS else
-                                       layer.split(":")[0], precision=made.precision or "auto", overrides=changed)
+                                       layer.split(":")[0], precision=made.precision or "auto", overrides=changed,
+                                       keep=keep)
     if backbone.data_config != made.preprocessing:
         raise PipelineError(f"{made.backbone} preprocesses differently here than when the features were extracted "
                             "(timm/torchvision version change?); re-extract the store")

@@ -54,8 +54,17 @@ def default_batch_size(backbone: Backbone, *, largest: int = 1024) -> int:
 
 def features_with_backoff(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
     """The backbone's features for a batch; on out-of-memory the batch is split in halves and retried."""
+    return _with_backoff(backbone.features, backbone, images)
+
+
+def activations_with_backoff(backbone: Backbone, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and kept activations (`Backbone.features_and_activations`), with the same back-off."""
+    return _with_backoff(backbone.features_and_activations, backbone, images)
+
+
+def _with_backoff(run, backbone: Backbone, images: torch.Tensor):
     try:
-        return backbone.features(images)
+        return run(images)
     except torch.OutOfMemoryError:
         if len(images) == 1:
             raise
@@ -64,8 +73,10 @@ def features_with_backoff(backbone: Backbone, images: torch.Tensor) -> torch.Ten
         half = len(images) // 2
         log.warning("out of memory on a batch of %d; retrying as two batches of %d and %d", len(images), half,
                     len(images) - half)
-        return torch.cat([features_with_backoff(backbone, images[:half]),
-                          features_with_backoff(backbone, images[half:])])
+        first, second = _with_backoff(run, backbone, images[:half]), _with_backoff(run, backbone, images[half:])
+        if isinstance(first, tuple):
+            return tuple(torch.cat(pair) for pair in zip(first, second, strict=True))
+        return torch.cat([first, second])
 
 
 NON_FINITE = "the backbone gave non-finite features (NaN or infinity) for this image"
@@ -73,37 +84,46 @@ ALL_ZERO = "the backbone gave all-zero features for this image (no direction to 
 ABORT_AFTER = 64  # computed images without one usable feature row before the run stops: the weights are broken
 
 
-def usable_rows(batch: Batch, features: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+def usable_rows(batch: Batch, features: torch.Tensor, kept: torch.Tensor | None = None) -> tuple:
     """Checked where features are made: a row that is not finite, or all zero, becomes a recorded failure of its
-    image (with the reason), never a row of the store."""
+    image (with the reason), never a row of the store. With `kept` activations, their rows are checked and kept
+    in step."""
     finite = torch.isfinite(features).all(dim=-1)
+    if kept is not None:
+        finite &= torch.isfinite(kept.flatten(1)).all(dim=-1)
     bad = ~finite | (features.abs().amax(dim=-1) == 0)
     if not bool(bad.any()):
-        return batch, features
+        return (batch, features) if kept is None else (batch, features, kept)
     bad_rows = bad.cpu().numpy()
     reasons = [NON_FINITE if not f else ALL_ZERO for f in finite[bad].cpu().numpy()]
     failures = batch.failures + list(zip(batch.indices[bad_rows].tolist(), reasons, strict=True))
-    kept = Batch(indices=batch.indices[~bad_rows], images=None, failures=failures,
+    batch_kept = Batch(indices=batch.indices[~bad_rows], images=None, failures=failures,
                  hashes=[h for h, b in zip(batch.hashes, bad_rows, strict=True) if not b])
-    return kept, features[~bad]
+    return (batch_kept, features[~bad]) if kept is None else (batch_kept, features[~bad], kept[~bad])
 
 
 def extract_features(backbone: Backbone, batches: Iterable[Batch]) -> Iterator[tuple[Batch, torch.Tensor]]:
     """Mapper: for each batch, its L2-normalised penultimate features as float32 on the backbone's device (rows
     follow `indices`); the copy to the host is left to the writer, so a GPU can go on with the next batch. Unusable
     rows become failures (`usable_rows`); when the first `ABORT_AFTER` computed images give no usable row at all,
-    the run stops with one line naming the weights, instead of recording every image of the data set as failed."""
+    the run stops with one line naming the weights, instead of recording every image of the data set as failed.
+    A backbone with a `spatial_layer` yields (batch, features, activations) instead, the activations un-normalised."""
     computed = usable = 0
+    spatial = backbone.spatial_layer is not None
     for batch in batches:
         if batch.images is None:
-            yield batch, torch.zeros((0, backbone.dim))
+            empty = torch.zeros((0, backbone.dim))
+            yield (batch, empty) if not spatial else (batch, empty, torch.zeros((0, *backbone.spatial_shape)))
             continue
-        raw = features_with_backoff(backbone, batch.images)
+        if spatial:
+            raw, kept = activations_with_backoff(backbone, batch.images)
+        else:
+            raw, kept = features_with_backoff(backbone, batch.images), None
         computed += len(raw)
-        batch, raw = usable_rows(batch, raw)
+        batch, raw, *rest = usable_rows(batch, raw, kept)
         usable += len(raw)
         if not usable and computed >= ABORT_AFTER:
             raise DataError(f"{backbone.name} with weights {backbone.weights} gave no usable features for the first "
                             f"{computed} images (NaN, infinite or all zero): the weights are broken; check --weights "
                             "or the checkpoint")
-        yield batch, l2_normalize(raw)
+        yield (batch, l2_normalize(raw), *rest)

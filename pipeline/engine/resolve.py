@@ -81,9 +81,11 @@ def data_fingerprint(source: Source, listing: Listing, decoding: Decoding) -> st
     return digest.hexdigest()[:32]
 
 
-def backbone_key(backbone: Backbone, feature_dtype: str, alpha: str = DEFAULT_ALPHA) -> str:
+def backbone_key(backbone: Backbone, feature_dtype: str, alpha: str = DEFAULT_ALPHA, spatial_dtype: str = "") -> str:
+    spatial = f"{backbone.spatial_layer}:{spatial_dtype}" if backbone.spatial_layer else ""
     return cache_key(backbone=backbone.name, weights=backbone.weights, preprocessing=backbone.preprocessing_json(),
-                     layer=backbone.layer, feature_dtype=feature_dtype, precision=backbone.precision, alpha=alpha)
+                     layer=backbone.layer, feature_dtype=feature_dtype, precision=backbone.precision, alpha=alpha,
+                     spatial=spatial)
 
 
 def check_output_path(out: Path) -> None:
@@ -152,7 +154,12 @@ class Plan:
             data_root=str(source.root.resolve()), source=source.kind, source_description=source.description,
             split_source=source.split_source, label_source=source.label_source, num_images=len(source),
             data_fingerprint=self.fingerprint, versions=library_versions(), preprocessing_overrides=b.overrides,
-            transform=transform_text(b.transform))
+            transform=transform_text(b.transform), spatial_layer=b.spatial_layer or "",
+            spatial_shape=list(b.spatial_shape), spatial_dtype=self.spatial_dtype)
+
+    @property
+    def spatial_dtype(self) -> str:
+        return self.config.layout.spatial_dtype if self.backbone.spatial_layer else ""
 
 
 def resolve_plan(config: ExtractConfig, *, backbone: Backbone | None = None, source: Source | None = None) -> Plan:
@@ -165,12 +172,15 @@ def resolve_plan(config: ExtractConfig, *, backbone: Backbone | None = None, sou
     built = backbone is None
     if built:
         m = config.model
+        spatial = m.keeps_spatial()
         backbone = create_backbone(m.backbone, device=config.run.device, random_init=m.random_init,
-                                   weights_path=m.weights, layer=m.layer, precision=m.precision, compile=m.compile,
-                                   overrides=m.preprocessing_overrides())
+                                   weights_path=m.weights, layer=None if spatial else m.layer, precision=m.precision,
+                                   compile=m.compile, overrides=m.preprocessing_overrides(),
+                                   keep=m.layer if spatial else None)
     decoding = decoding_policy(backbone.data_config, config.decode)
     listing = source_listing(source)
     return Plan(config=config, source=source, backbone=backbone, decoding=decoding, listing=listing,
-                key=backbone_key(backbone, config.layout.feature_dtype, decoding.alpha),
+                key=backbone_key(backbone, config.layout.feature_dtype, decoding.alpha,
+                                 config.layout.spatial_dtype if backbone.spatial_layer else ""),
                 fingerprint=data_fingerprint(source, listing, decoding),
                 data="" if given else absolute_data(config.source.data), optimize=built and config.model.optimize)

@@ -84,7 +84,8 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None,
     writer = StoreWriter(plan.out, listing=plan.listing, dim=model.dim, attrs=plan.provenance(model).to_attrs(),
                          feature_dtype=config.layout.feature_dtype, compression=config.layout.compression,
                          shard_rows=config.layout.shard_rows, check_content=config.run.check_content,
-                         lock_timeout=config.run.lock_timeout, keep_store_id=not config.run.overwrite)
+                         lock_timeout=config.run.lock_timeout, keep_store_id=not config.run.overwrite,
+                         spatial=(model.spatial_shape, plan.spatial_dtype) if model.spatial_layer else None)
     try:
         with writer:
             todo = writer.prepare(reuse=not config.run.overwrite)
@@ -118,8 +119,9 @@ def _compute(plan: Plan, model: Backbone, writer: StoreWriter, todo: np.ndarray,
     with tqdm(total=total, initial=total - len(todo), unit="img", desc=f"extract {model.name}",
               disable=not config.run.progress, dynamic_ncols=True) as bar:
 
-        def write(batch, feats) -> None:  # in the writer thread
-            writer.write(todo[batch.indices], feats.cpu().numpy(), batch.hashes)
+        def write(batch, feats, kept=None) -> None:  # in the writer thread
+            writer.write(todo[batch.indices], feats.cpu().numpy(), batch.hashes,
+                         None if kept is None else kept.cpu().numpy())
             writer.fail([todo[i] for i, _ in batch.failures], [r for _, r in batch.failures])
             bar.update(len(batch.indices) + len(batch.failures))
             if on_progress is not None:
@@ -128,8 +130,8 @@ def _compute(plan: Plan, model: Backbone, writer: StoreWriter, todo: np.ndarray,
 
         background = BackgroundWriter(write)
         try:
-            for batch, feats in extract_features(model, batches):
-                background.submit(batch, feats)
+            for batch, *outputs in extract_features(model, batches):
+                background.submit(batch, *outputs)
         finally:
             background.close()
 

@@ -86,8 +86,8 @@ class BackgroundWriter:
             self._hand.error = exc
             self._hand.stopped.set()
 
-    def submit(self, batch: Any, features: Any) -> None:
-        if not self._hand.put((batch, features)) and self._hand.error is not None:
+    def submit(self, batch: Any, *outputs: Any) -> None:
+        if not self._hand.put((batch, *outputs)) and self._hand.error is not None:
             raise self._hand.error
 
     def close(self) -> None:

@@ -78,6 +78,9 @@ def results_rows(probe: dict[str, Any] | None, knn: dict[str, Any] | None) -> li
                          + (f" [{pct(ci[0])}, {pct(ci[1])}]" if ci else ""), "-",
                          pct(float(np.mean([r["balanced_accuracy"] for r in runs]))),
                          pct(float(np.mean([r["macro_f1"] for r in runs])))))
+    elif probe and "history" in probe:
+        rows.append((f"finetune {probe['blocks_trained']} block(s) (epoch {probe['chosen']})",
+                     *_cells(probe, "test_")))
     elif probe:
         rows.append((f"{probe['head']} probe ({probe['param']}={probe['chosen']:g})", *_cells(probe, "test_")))
     if knn:
@@ -145,12 +148,20 @@ def _probe_blocks(fs: Any, probe: dict[str, Any]) -> list[Block]:
         return blocks + [Block("table", header=("shots per class", "test top-1 % (mean ± std over seeds)",
                                                 "mean [95% interval over test images]", "per seed",
                                                 "train images"), rows=rows)]
-    blocks.append(Block("p", f"{probe['param']}={probe['chosen']:g} chosen on the {probe['val_source']} "
-                             f"({probe['n_train']} train / {probe['n_val']} val / {probe['n_test']} test), "
-                             "refit on train+val, scored once on test."))
-    blocks.append(Block("table", header=(probe["param"], "val top-1 %", "converged"),
-                        rows=[(v, pct(a), str(probe["converged_by_value"][v]))
-                              for v, a in probe["val_top1_by_value"].items()]))
+    if "history" in probe:  # finetune: one row per epoch, the best one kept
+        blocks.append(Block("p", f"epoch {probe['chosen']} of {probe['epochs_run']} kept (lowest loss on the "
+                                 f"{probe['val_source']}; {probe['n_train']} train / {probe['n_val']} val / "
+                                 f"{probe['n_test']} test), scored once on test."))
+        blocks.append(Block("table", header=("epoch", "train loss", "val loss", "val top-1 %"),
+                            rows=[(str(h["epoch"]), f"{h['train_loss']:.4f}", f"{h['val_loss']:.4f}",
+                                   pct(h["val_top1"])) for h in probe["history"]]))
+    else:
+        blocks.append(Block("p", f"{probe['param']}={probe['chosen']:g} chosen on the {probe['val_source']} "
+                                 f"({probe['n_train']} train / {probe['n_val']} val / {probe['n_test']} test), "
+                                 "refit on train+val, scored once on test."))
+        blocks.append(Block("table", header=(probe["param"], "val top-1 %", "converged"),
+                            rows=[(v, pct(a), str(probe["converged_by_value"][v]))
+                                  for v, a in probe["val_top1_by_value"].items()]))
     blocks += _seed_spread_blocks(probe)
     names = fs.class_names
     blocks.append(Block("figure", "Confusion matrix of the probe on the test split", png=confusion_png(

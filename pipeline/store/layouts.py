@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.store.reuse import Listing, ReusePlanner
 from pipeline.store.schema import SCHEMA_VERSION, partial_path, shards_dir
-from pipeline.store.segment import COLUMNS, Segment, read_index
+from pipeline.store.segment import COLUMNS, SPATIAL, Segment, read_index
 
 log = logging.getLogger(__name__)
 Index = tuple[dict[str, Any], list[str], np.ndarray, np.ndarray]  # what `read_index` gives for a segment file
@@ -29,9 +29,10 @@ class Layout:
     """The steps every layout has; `target` is the segment being appended to."""
 
     def __init__(self, path: Path, listing: Listing, *, dim: int, dtype: str, compression: str,
-                 attrs: dict[str, Any], shard_rows: int | None = None) -> None:
+                 attrs: dict[str, Any], shard_rows: int | None = None,
+                 spatial: tuple[tuple[int, ...], str] | None = None) -> None:
         self.path, self.listing, self.dim, self.dtype, self.compression = path, listing, dim, dtype, compression
-        self.attrs, self.shard_rows = attrs, shard_rows
+        self.attrs, self.shard_rows, self.spatial = attrs, shard_rows, spatial
         self.target: Segment | None = None
 
     def begin(self, planner: ReusePlanner, partial: Path | None, shards: list[Path],
@@ -40,8 +41,15 @@ class Layout:
         still to be copied, in order."""
         raise NotImplementedError
 
-    def append(self, features: np.ndarray, positions: np.ndarray, hashes: np.ndarray) -> None:
+    def append(self, features: np.ndarray, positions: np.ndarray, hashes: np.ndarray,
+               spatial: np.ndarray | None = None) -> None:
         raise NotImplementedError
+
+    def columns(self, positions: np.ndarray, hashes: np.ndarray, spatial: np.ndarray | None) -> dict[str, Any]:
+        columns = self.listing.columns(positions, hashes)
+        if self.spatial is not None:
+            columns[SPATIAL] = spatial
+        return columns
 
     def finish(self, final_attrs: Callable[[h5py.File], None]) -> None:
         """Write what makes the partial complete (`final_attrs` adds failures and attributes to the entry)."""
@@ -82,7 +90,7 @@ class SingleFile(Layout):
         path = partial_path(self.path)
         if partial is None:
             self.target = Segment.create(path, dim=self.dim, dtype=self.dtype, compression=self.compression,
-                                         attrs=self.attrs)
+                                         attrs=self.attrs, spatial=self.spatial)
             return shards
         _, ids, stamps, hashes = read_index(path)
         positions, usable, _ = planner.valid(ids, stamps, hashes)
@@ -110,8 +118,9 @@ class SingleFile(Layout):
                 f.attrs[key] = self.attrs[key]
         f.flush()
 
-    def append(self, features: np.ndarray, positions: np.ndarray, hashes: np.ndarray) -> None:
-        self.target.append(features, self.listing.columns(positions, hashes))
+    def append(self, features: np.ndarray, positions: np.ndarray, hashes: np.ndarray,
+               spatial: np.ndarray | None = None) -> None:
+        self.target.append(features, self.columns(positions, hashes, spatial))
 
     def finish(self, final_attrs: Callable[[h5py.File], None]) -> None:
         target, self.target = self.target, None
@@ -154,9 +163,10 @@ class Sharded(Layout):
         self.new_shards.append({"file": name, "rows": 0})
         attrs = {k: v for k, v in self.attrs.items() if k != "layout"}
         return Segment.create(folder / name, dim=self.dim, dtype=self.dtype, compression=self.compression,
-                              attrs={**attrs, "layout": "shard"}, max_rows=self.shard_rows)
+                              attrs={**attrs, "layout": "shard"}, max_rows=self.shard_rows, spatial=self.spatial)
 
-    def append(self, features: np.ndarray, positions: np.ndarray, hashes: np.ndarray) -> None:
+    def append(self, features: np.ndarray, positions: np.ndarray, hashes: np.ndarray,
+               spatial: np.ndarray | None = None) -> None:
         start = 0
         while start < len(features):
             if self.target is None or self.target.rows >= self.shard_rows:
@@ -165,7 +175,8 @@ class Sharded(Layout):
                 self.target = self._next_shard()
             take = min(len(features) - start, self.shard_rows - self.target.rows)
             part = slice(start, start + take)
-            self.target.append(features[part], self.listing.columns(positions[part], hashes[part]))
+            self.target.append(features[part], self.columns(positions[part], hashes[part],
+                                                            None if spatial is None else spatial[part]))
             self.new_shards[-1]["rows"] = self.target.rows
             start += take
 
@@ -179,19 +190,23 @@ class Sharded(Layout):
         shards = self.kept_shards + [s for s in self.new_shards if s["rows"]]
         n = sum(s["rows"] for s in shards)
         with h5py.File(partial_path(self.path), "w") as f:
-            f.create_virtual_dataset("features", self._virtual_features(shards, n), fillvalue=np.nan)
+            f.create_virtual_dataset("features", self._virtual(shards, n, "features", (self.dim,), self.dtype),
+                                     fillvalue=np.nan)
+            if self.spatial is not None:
+                f.create_virtual_dataset(SPATIAL, self._virtual(shards, n, SPATIAL, *self.spatial), fillvalue=np.nan)
             self._entry_columns(f, shards, n)
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["committed_rows"] = n
             f.attrs["shards"] = json.dumps(shards)
             final_attrs(f)
 
-    def _virtual_features(self, shards: list[dict[str, Any]], n: int) -> h5py.VirtualLayout:
+    def _virtual(self, shards: list[dict[str, Any]], n: int, name: str, shape: tuple[int, ...],
+                 dtype: str) -> h5py.VirtualLayout:
         folder = shards_dir(self.path)
-        layout = h5py.VirtualLayout(shape=(n, self.dim), dtype=self.dtype)
+        layout = h5py.VirtualLayout(shape=(n, *shape), dtype=dtype)
         start = 0
         for shard in shards:  # relative to the entry's folder, so the store can be moved or copied as a whole
-            source = h5py.VirtualSource(f"{folder.name}/{shard['file']}", "features", shape=(shard["rows"], self.dim))
+            source = h5py.VirtualSource(f"{folder.name}/{shard['file']}", name, shape=(shard["rows"], *shape))
             layout[start:start + shard["rows"]] = source
             start += shard["rows"]
         return layout

@@ -27,6 +27,7 @@ from pipeline.store.schema import (
     shard_list,
     shards_dir,
 )
+from pipeline.store.views import view_mask
 
 log = logging.getLogger(__name__)
 
@@ -229,9 +230,10 @@ def read_attrs(path: str | Path) -> dict[str, Any]:
         return attrs_to_dict(f.attrs)
 
 
-def load_store(path: str | Path) -> FeatureSet:
+def load_store(path: str | Path, *, views: bool = False) -> FeatureSet:
     """Read a complete store into memory (features as float32); refuse incomplete, foreign, inconsistent or damaged
-    files (non-finite or non-unit rows, labels outside the class list, unknown splits) with one line."""
+    files (non-finite or non-unit rows, labels outside the class list, unknown splits) with one line. Augmented
+    views (`extract --views`) are left out unless `views` (`pipeline.store.views`)."""
     path = Path(path)
     with open_checked(path) as f:
         attrs = check_complete(path, f)
@@ -247,7 +249,8 @@ def load_store(path: str | Path) -> FeatureSet:
             hashes=f["files/hash"][...],
         )
     _refuse_bad_rows(path, attrs, fs.features, fs.ids, fs.labels, fs.splits)
-    return fs
+    extra = view_mask(fs.ids, attrs)
+    return fs.subset(~extra) if extra.any() and not views else fs
 
 
 def read_columns(path: str | Path, *names: str) -> dict[str, np.ndarray]:
@@ -332,8 +335,10 @@ def iter_store(path: str | Path, *, rows: int = 65536, splits: tuple[str, ...] |
                           np.asarray(f["ids"].asstr()[start:stop], dtype=object), f["labels"][start:stop],
                           np.asarray(f["splits"].asstr()[start:stop], dtype=object))
             _refuse_bad_rows(path, attrs, block.features, block.ids, block.labels, block.splits)
+            keep = ~view_mask(block.ids, attrs)
             if splits is not None:
-                keep = np.isin(block.splits, list(splits))
+                keep &= np.isin(block.splits, list(splits))
+            if not keep.all():
                 block = Block(start, block.features[keep], block.ids[keep], block.labels[keep], block.splits[keep])
             yield block
 

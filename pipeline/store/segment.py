@@ -19,8 +19,19 @@ from pipeline.store.schema import HASH_DTYPE, SCHEMA_VERSION, STR_DTYPE, attrs_t
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: fast sequential writes and chunk-aligned reads (see NOTES)
 COPY_BYTES = 64 << 20  # rows are copied from an old store in blocks of about this size
+SPATIAL = "spatial"  # --keep-spatial activations [N, *shape]
+ARRAYS = ("features", SPATIAL)
 COLUMNS = (("ids", STR_DTYPE), ("labels", np.int64), ("splits", STR_DTYPE), ("files/size", np.int64),
            ("files/mtime_ns", np.int64), ("files/hash", HASH_DTYPE))
+
+
+def row_bytes(ds: h5py.Dataset) -> int:
+    return int(ds.dtype.itemsize * np.prod(ds.shape[1:], dtype=np.int64))
+
+
+def copy_step(datasets: dict[str, h5py.Dataset]) -> int:
+    """Rows per block when copying rows, so that a block of the widest dataset is about COPY_BYTES."""
+    return max(1, COPY_BYTES // max(1, max(row_bytes(ds) for name, ds in datasets.items() if name in ARRAYS)))
 
 
 def as_hashes(hashes: Sequence[str] | np.ndarray) -> np.ndarray:
@@ -37,16 +48,23 @@ class Segment:
         # Hold every dataset open: HDF5 writes a dataset's cached chunks when its last handle closes, and an error
         # there (disk full) is only printed; with the handles held, it surfaces at flush() as an exception.
         self.datasets = {name: file[name] for name in ("features", *(c for c, _ in COLUMNS))}
+        if SPATIAL in file:  # --keep-spatial: un-pooled activations, row-aligned like the features
+            self.datasets[SPATIAL] = file[SPATIAL]
 
     @classmethod
     def create(cls, path: Path, *, dim: int, dtype: str, compression: str, attrs: dict[str, Any],
-               max_rows: int | None = None) -> Segment:
+               max_rows: int | None = None, spatial: tuple[tuple[int, ...], str] | None = None) -> Segment:
+        """A new segment; `spatial` = (shape per row, dtype) adds the activations dataset, chunked per row."""
         f = h5py.File(path, "w")
         rows_per_chunk = max(1, min(CHUNK_BYTES // (np.dtype(dtype).itemsize * dim), max_rows or 1 << 62))
         f.create_dataset("features", shape=(0, dim), maxshape=(None, dim), dtype=dtype, chunks=(rows_per_chunk, dim),
                          fillvalue=np.nan, compression=None if compression == "none" else compression)
         for name, dtype_ in COLUMNS:
             f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype_, chunks=(min(4096, max_rows or 4096),))
+        if spatial is not None:
+            shape, spatial_dtype = spatial
+            f.create_dataset(SPATIAL, shape=(0, *shape), maxshape=(None, *shape), dtype=spatial_dtype,
+                             chunks=(1, *shape), fillvalue=np.nan)
         for key, value in attrs.items():
             f.attrs[key] = value
         f.attrs["schema_version"] = SCHEMA_VERSION
@@ -87,7 +105,7 @@ class Segment:
         f.attrs["committed_rows"] = 0
         f.flush()
         ds = self.datasets
-        step = max(1, COPY_BYTES // max(1, ds["features"].dtype.itemsize * ds["features"].shape[1]))
+        step = copy_step(ds)
         write = 0
         for start in range(0, self.rows, step):
             stop = min(self.rows, start + step)

@@ -27,7 +27,7 @@ from pipeline.store.layouts import LAYOUTS, Layout
 from pipeline.store.lock import LockTimeout, StoreLock
 from pipeline.store.reuse import Listing, ReusePlanner
 from pipeline.store.schema import STR_DTYPE, layout_attrs, lock_path, partial_path
-from pipeline.store.segment import COPY_BYTES, as_hashes, read_index, short_error
+from pipeline.store.segment import SPATIAL, as_hashes, copy_step, read_index, short_error
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ class StoreWriter:
 
     def __init__(self, path: str | Path, *, listing: Listing, dim: int, attrs: dict[str, Any],
                  feature_dtype: str = "float32", compression: str = "none", shard_rows: int | None = None,
-                 check_content: bool = False, lock_timeout: float = 0.0, keep_store_id: bool = True) -> None:
+                 check_content: bool = False, lock_timeout: float = 0.0, keep_store_id: bool = True,
+                 spatial: tuple[tuple[int, ...], str] | None = None) -> None:
         self.path, self.listing, self.dim = Path(path), listing, int(dim)
         if feature_dtype not in FEATURE_DTYPES:
             raise StoreError(f"feature dtype {feature_dtype!r} is not supported; choose one of {FEATURE_DTYPES}")
@@ -50,13 +51,14 @@ class StoreWriter:
         if shard_rows is not None and shard_rows < 1:
             raise StoreError(f"shard rows must be >= 1, got {shard_rows}")
         self.dtype, self.keep_store_id = feature_dtype, keep_store_id
+        self.spatial = None if spatial is None else (tuple(int(n) for n in spatial[0]), spatial[1])
         self.attrs = {**attrs, "feature_dtype": feature_dtype, "feature_dim": self.dim,
                       **layout_attrs(shard_rows=shard_rows, compression=compression)}
         self.planner = ReusePlanner(self.path, listing, key=attrs.get("cache_key"), dim=self.dim,
                                     check_content=check_content)
         self.layout: Layout = LAYOUTS[self.attrs["layout"]](self.path, listing, dim=self.dim, dtype=feature_dtype,
                                                             compression=compression, attrs=self.attrs,
-                                                            shard_rows=shard_rows)
+                                                            shard_rows=shard_rows, spatial=self.spatial)
         self._lock = StoreLock(lock_path(self.path), timeout=lock_timeout)
         self._failed: list[tuple[str, str]] = []
         self.computed = 0
@@ -143,35 +145,50 @@ class StoreWriter:
             return
         with h5py.File(source, "r") as f:
             ds = f["features"]
-            step = max(1, COPY_BYTES // (ds.dtype.itemsize * self.dim))
+            spatial = f[SPATIAL] if self.spatial is not None else None
+            if spatial is not None and tuple(spatial.shape[1:]) != self.spatial[0]:
+                raise StoreError(f"{source} holds activations of shape {spatial.shape[1:]}, not {self.spatial[0]}; "
+                                 "pass --overwrite to extract again")
+            step = copy_step({"features": ds} if spatial is None else {"features": ds, SPATIAL: spatial})
             for start in range(0, len(ids), step):
                 keep = usable[start:start + step]
                 if keep.any():
-                    self._append(ds[start:start + step][keep], positions[start:start + step][keep],
-                                 hashes[start:start + step][keep])
+                    block = slice(start, start + step)
+                    self._append(ds[block][keep], positions[block][keep], hashes[block][keep],
+                                 None if spatial is None else spatial[block][keep])
         self.planner.done[positions[usable]] = True
         self.planner.count(source, int(usable.sum()))
 
     # -- writing ----------------------------------------------------------------------------------------------------
 
-    def _append(self, features: np.ndarray, positions: np.ndarray, hashes: np.ndarray) -> None:
+    def _append(self, features: np.ndarray, positions: np.ndarray, hashes: np.ndarray,
+                spatial: np.ndarray | None = None) -> None:
+        if self.spatial is not None:
+            spatial = np.asarray(spatial, dtype=self.spatial[1])
         try:
-            self.layout.append(np.asarray(features, dtype=self.dtype), positions, hashes)
+            self.layout.append(np.asarray(features, dtype=self.dtype), positions, hashes, spatial)
         except (OSError, RuntimeError) as exc:
             where = self.layout.target.path if self.layout.target is not None else self.path
             exc.__traceback__ = None  # frees the frames holding dataset handles now, while write errors are quiet
             raise StoreError(f"writing {where} failed ({short_error(exc)}); the rows committed so far are kept: free "
                              "space or fix the cause, then run the same command again to resume") from exc
 
-    def write(self, positions: Sequence[int] | np.ndarray, features: np.ndarray, hashes: Sequence[str]) -> None:
-        """Append computed rows for these listing positions; committed once flushed."""
+    def write(self, positions: Sequence[int] | np.ndarray, features: np.ndarray, hashes: Sequence[str],
+              spatial: np.ndarray | None = None) -> None:
+        """Append computed rows for these listing positions (with their activations when the store keeps them);
+        committed once flushed."""
         positions = np.asarray(positions, dtype=np.int64)
         if features.ndim != 2 or features.shape != (len(positions), self.dim):
             raise StoreError(f"features have shape {features.shape}; the store expects [{len(positions)}, {self.dim}]")
+        if (spatial is None) != (self.spatial is None) or (
+                spatial is not None and tuple(spatial.shape) != (len(positions), *self.spatial[0])):
+            want = "none" if self.spatial is None else f"[{len(positions)}, {self.spatial[0]}]"
+            raise StoreError(f"activations of shape {None if spatial is None else spatial.shape}; the store expects "
+                             f"{want}")
         if len(hashes) != len(positions):
             raise StoreError("write() needs one content hash per row")
         self._claim(positions)
-        self._append(features, positions, as_hashes(hashes))
+        self._append(features, positions, as_hashes(hashes), spatial)
         self.computed += len(positions)
 
     def fail(self, positions: Sequence[int] | np.ndarray, reasons: Sequence[str]) -> None:
