@@ -58,6 +58,7 @@ class ProbeConfig:
     overwrite: bool = False  # replace output files this tool did not write
     resamples: int = DEFAULT_RESAMPLES  # bootstrap resamples for the 95% intervals (0: no intervals)
     val_seeds: tuple[int, ...] = ()  # also choose on the validation slice drawn with each of these seeds: the spread
+    views: bool = False  # also train on the store's augmented views of the training images (extract --views)
 
     def __post_init__(self) -> None:
         check_resamples(self.resamples)
@@ -71,6 +72,9 @@ class ProbeConfig:
             raise ConfigError(f"shots must be positive integers, got {list(self.shots)}")
         if self.shots and not self.seeds:
             raise ConfigError("few-shot probes need at least one seed")
+        if self.views and (self.shots or self.val_seeds):
+            raise ConfigError("--views trains the standard probe on augmented views; it does not combine with --shots "
+                              "or --val-seeds")
 
 
 @dataclass(frozen=True)

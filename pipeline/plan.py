@@ -66,11 +66,15 @@ class SourceSpec:
                                 "them", choices=SPLIT_MODES)
     follow_links: bool = option(False, "read symbolic links that lead out of the data folder (by default they are "
                                        "not followed)")
+    views: int = option(0, "also store K augmented views of every training image (the model's training transform, "
+                           "seeded by --seed), as rows <id>#view<k>; val and test images get none",
+                        parse="non_negative_int", metavar="K")
 
     def __post_init__(self) -> None:
         _check(isinstance(self.test_fraction, int | float) and 0.0 < self.test_fraction < 1.0,
                f"test_fraction must be in (0, 1), got {self.test_fraction}")
         _check(self.split in SPLIT_MODES, f"split must be one of {', '.join(SPLIT_MODES)}, got {self.split!r}")
+        _check(isinstance(self.views, int) and 0 <= self.views <= 1000, f"views must be 0 to 1000, got {self.views!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -301,6 +305,8 @@ class Provenance:
     spatial_layer: str = ""  # --keep-spatial: the module whose un-pooled output is in `spatial` ("" when none)
     spatial_shape: list = field(default_factory=list)  # that output's shape per image
     spatial_dtype: str = ""
+    views: int = 0  # --views: augmented views stored per training image
+    view_transform: str = ""  # their transform, as its library prints it
 
     def to_attrs(self) -> dict[str, Any]:
         """The store attributes: JSON strings for the structured ones (h5py stores only plain values)."""
@@ -320,7 +326,8 @@ class Provenance:
                     raw = None
                 raw = raw if raw is not None else ([] if f.name in ("class_names", "spatial_shape") else {})
             elif raw is None:
-                raw = {"random_init": False, "feature_dim": 0, "num_images": 0, "normalized": True}.get(f.name, "")
+                raw = {"random_init": False, "feature_dim": 0, "num_images": 0, "normalized": True,
+                       "views": 0}.get(f.name, "")
             values[f.name] = raw
         return cls(**values)
 

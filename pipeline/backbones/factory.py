@@ -106,3 +106,22 @@ def create_backbone(name: str, *, device: str | torch.device = "cpu", random_ini
                     precision=resolve_precision(precision, torch_device), compiled=compile, runner=runner,
                     optimization="torch.compile" if compile else "eager", overrides=dict(overrides or {}),
                     spatial_layer=keep, spatial_shape=spatial)
+
+
+def training_transform(backbone: Backbone) -> Callable:
+    """The model's own training augmentation at its input size and normalisation: timm's
+    `create_transform(is_training=True)` for timm models, and for torchvision ones its reference recipe's
+    (RandomResizedCrop and a horizontal flip), as `extract --views` stores them."""
+    config = backbone.data_config
+    if backbone.model.library == "timm":
+        return create_transform(input_size=tuple(config["input_size"]), is_training=True,
+                                interpolation=config["interpolation"], mean=tuple(config["mean"]),
+                                std=tuple(config["std"]))
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+
+    return transforms.Compose([
+        transforms.RandomResizedCrop(int(config["input_size"][-1]),
+                                     interpolation=InterpolationMode(config["interpolation"])),
+        transforms.RandomHorizontalFlip(), transforms.PILToTensor(), transforms.ConvertImageDtype(torch.float),
+        transforms.Normalize(mean=tuple(config["mean"]), std=tuple(config["std"]))])

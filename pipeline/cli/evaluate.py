@@ -52,6 +52,8 @@ def add_probe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-seeds", type=number_list(int, "0,1,2", positive=False), default=(),
                    help="without a val split: also choose on the slice drawn with each of these seeds and report the "
                         "spread of test top-1 over them")
+    p.add_argument("--views", action="store_true",
+                   help="also train on the store's augmented views of the training images (extract --views K)")
     add_resamples(p)
     p.add_argument("--device", default="auto", help="torch-logreg only: auto | cpu | cuda")
     p.add_argument("--no-report", action="store_true", help="only the JSON (no markdown/HTML report)")
@@ -236,7 +238,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
                                         val_fraction=args.val_fraction, seed=args.seed, shots=args.shots,
                                         seeds=args.seeds, device=args.device, report=not args.no_report,
                                         overwrite=args.overwrite, resamples=args.resamples,
-                                        val_seeds=args.val_seeds))
+                                        val_seeds=args.val_seeds, views=args.views))
     print(format_table(result, None))
     files = [f"results: {out}"] + ([f"head: {result['head_file']}"] if "head_file" in result else [])
     files += [f"report: {result['report'][1]}"] if result.get("report") else []

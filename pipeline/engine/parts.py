@@ -22,14 +22,13 @@ from pipeline.engine.resolve import (
     check_output_path,
     data_fingerprint,
     data_options,
-    list_options,
+    open_source_with_views,
     source_listing,
 )
 from pipeline.engine.runner import ExtractResult, extract_to_store
 from pipeline.errors import StoreError
 from pipeline.outputs import store_stem
 from pipeline.plan import ExtractConfig, Provenance
-from pipeline.sources import open_source
 from pipeline.sources.base import Source
 from pipeline.store.read import check_target, is_current, read_attrs, read_columns, read_failed, read_features
 from pipeline.store.reuse import Listing
@@ -51,7 +50,7 @@ def part_path(out: str | Path, part: int, parts: int) -> Path:
 
 def _open(config: ExtractConfig) -> Source:
     """The whole source, split as one unsharded run splits it (content hashes known to the merged store reused)."""
-    return open_source(config.source.data, list_options(config))
+    return open_source_with_views(config)
 
 
 def part_source(source: Source, part: int, parts: int) -> Source:

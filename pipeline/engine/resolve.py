@@ -64,6 +64,14 @@ def decoding_policy(data_config: dict, decode: DecodeSpec | None = None) -> Deco
                     alpha=decode.alpha)
 
 
+def open_source_with_views(config: ExtractConfig) -> Source:
+    """The configured source, listed, with its augmented view rows when --views is given."""
+    from pipeline.sources.views import with_views
+
+    return with_views(open_source(config.source.data, list_options(config)), config.source.views,
+                      seed=config.source.seed)
+
+
 def source_listing(source: Source) -> Listing:
     """What the store must hold for this source: every sample with its stamp, and how to hash its content."""
     samples = source.samples
@@ -81,11 +89,22 @@ def data_fingerprint(source: Source, listing: Listing, decoding: Decoding) -> st
     return digest.hexdigest()[:32]
 
 
-def backbone_key(backbone: Backbone, feature_dtype: str, alpha: str = DEFAULT_ALPHA, spatial_dtype: str = "") -> str:
+def backbone_key(backbone: Backbone, feature_dtype: str, alpha: str = DEFAULT_ALPHA, spatial_dtype: str = "",
+                 views: str = "") -> str:
     spatial = f"{backbone.spatial_layer}:{spatial_dtype}" if backbone.spatial_layer else ""
     return cache_key(backbone=backbone.name, weights=backbone.weights, preprocessing=backbone.preprocessing_json(),
                      layer=backbone.layer, feature_dtype=feature_dtype, precision=backbone.precision, alpha=alpha,
-                     spatial=spatial)
+                     spatial=spatial, views=views)
+
+
+def view_policy(config: ExtractConfig, backbone: Backbone) -> tuple[Any, str]:
+    """With --views: the training transform of the view rows and how the cache key spells it; else (None, "")."""
+    if not config.source.views:
+        return None, ""
+    from pipeline.backbones.factory import training_transform
+
+    train = training_transform(backbone)
+    return train, f"{transform_text(train)} seed={config.source.seed}"
 
 
 def check_output_path(out: Path) -> None:
@@ -126,6 +145,7 @@ class Plan:
     fingerprint: str
     data: str  # the source as recorded ("" when the source was passed in)
     optimize: bool  # trace the backbone for CPU before computing (only a backbone built here)
+    train_transform: Any = None  # --views: the seeded augmentation of the view rows
 
     @property
     def out(self) -> Path:
@@ -155,7 +175,8 @@ class Plan:
             split_source=source.split_source, label_source=source.label_source, num_images=len(source),
             data_fingerprint=self.fingerprint, versions=library_versions(), preprocessing_overrides=b.overrides,
             transform=transform_text(b.transform), spatial_layer=b.spatial_layer or "",
-            spatial_shape=list(b.spatial_shape), spatial_dtype=self.spatial_dtype)
+            spatial_shape=list(b.spatial_shape), spatial_dtype=self.spatial_dtype, views=self.config.source.views,
+            view_transform=transform_text(self.train_transform) if self.train_transform is not None else "")
 
     @property
     def spatial_dtype(self) -> str:
@@ -167,7 +188,7 @@ def resolve_plan(config: ExtractConfig, *, backbone: Backbone | None = None, sou
     cache key and fingerprint. Problems of the input are errors here, before any compute."""
     check_output_path(Path(config.out))
     given = source is not None
-    source = source if given else open_source(config.source.data, list_options(config))
+    source = source if given else open_source_with_views(config)
     load_plugins(config.decode.image_plugins)  # a missing plugin is an error now, not a failure for every image
     built = backbone is None
     if built:
@@ -179,8 +200,10 @@ def resolve_plan(config: ExtractConfig, *, backbone: Backbone | None = None, sou
                                    keep=m.layer if spatial else None)
     decoding = decoding_policy(backbone.data_config, config.decode)
     listing = source_listing(source)
+    train, views = view_policy(config, backbone)
     return Plan(config=config, source=source, backbone=backbone, decoding=decoding, listing=listing,
                 key=backbone_key(backbone, config.layout.feature_dtype, decoding.alpha,
-                                 config.layout.spatial_dtype if backbone.spatial_layer else ""),
+                                 config.layout.spatial_dtype if backbone.spatial_layer else "", views),
+                train_transform=train,
                 fingerprint=data_fingerprint(source, listing, decoding),
                 data="" if given else absolute_data(config.source.data), optimize=built and config.model.optimize)

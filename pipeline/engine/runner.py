@@ -20,6 +20,7 @@ from pipeline.engine.decode import ImageDataset
 from pipeline.engine.forward import ALL_ZERO, NON_FINITE, default_batch_size, default_workers, extract_features
 from pipeline.engine.resolve import Plan, resolve_plan
 from pipeline.engine.threads import BackgroundWriter, prefetch
+from pipeline.engine.views import ViewDataset
 from pipeline.engine.workers import supervised_batches
 from pipeline.errors import DataError, PipelineError
 from pipeline.plan import ExtractConfig
@@ -111,8 +112,12 @@ def _compute(plan: Plan, model: Backbone, writer: StoreWriter, todo: np.ndarray,
                  len(todo))
     workers = default_workers() if config.decode.workers is None else config.decode.workers
     batch_size = default_batch_size(model) if config.run.batch_size is None else config.run.batch_size
-    dataset = ImageDataset(plan.source.locators(todo), model.transform, reader=plan.source.reader,
-                           decoding=plan.decoding)
+    if plan.train_transform is None:
+        dataset = ImageDataset(plan.source.locators(todo), model.transform, reader=plan.source.reader,
+                               decoding=plan.decoding)
+    else:
+        dataset = ViewDataset(plan.source.locators(todo), model.transform, reader=plan.source.reader,
+                              decoding=plan.decoding, train_transform=plan.train_transform)
     batches = prefetch(supervised_batches(dataset, batch_size=batch_size, workers=workers,
                                           timeout=config.decode.decode_timeout,
                                           pin_memory=model.device.type == "cuda"))

@@ -25,10 +25,9 @@ import torch
 
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluation.metrics import classification_metrics, predicted
-from pipeline.evaluation.probes import canonical_order, correctness, protocol_splits
+from pipeline.evaluation.probes import correctness, image_splits, train_rows
 from pipeline.store.read import FeatureSet
 from pipeline.store.spatial import SpatialReader
-from pipeline.store.views import view_mask, view_rows_of
 
 log = logging.getLogger(__name__)
 
@@ -117,25 +116,68 @@ def _evaluate(top, head, inputs: Inputs, rows: np.ndarray, y: np.ndarray, *, sta
     return float(loss_fn(logits, torch.from_numpy(y))), logits.numpy()
 
 
-def image_splits(fs: FeatureSet, *, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                             str]:
-    """The probe protocol's (train, val, test) row numbers of `fs` (loaded with its views), in canonical order,
-    decided on the images alone: an image and its views are one image."""
-    originals = np.flatnonzero(~view_mask(fs.ids, fs.attrs))
-    images = fs.subset(originals)
-    *masks, val_source = protocol_splits(images, val_fraction=val_fraction, seed=seed)
-    train, val, test = (originals[canonical_order(images, m)] for m in masks)
-    return train, val, test, val_source
+class _Trainer:
+    """One fine-tuning run's moving parts: the top and head on their device, the optimiser and its schedule, the
+    inputs, and the row targets."""
 
+    def __init__(self, fs: FeatureSet, top: torch.nn.Module, reader: SpatialReader, config: FinetuneConfig,
+                 device: torch.device, rows: np.ndarray, classes: np.ndarray) -> None:
+        self.config, self.device = config, device
+        index = {int(c): i for i, c in enumerate(classes)}
+        self.target = np.array([index.get(int(v), -1) for v in fs.labels], dtype=np.int64)
+        torch.manual_seed(config.seed)
+        self.top = top.to(device).eval()
+        self.start = top.frozen_prefix(config.blocks)
+        self.params = _trainable(top, config.blocks)
+        self.head = torch.nn.Linear(fs.features.shape[1], len(classes)).to(device)
+        self.inputs = Inputs(reader, top, self.start, rows, device=device, max_memory=config.max_memory,
+                             batch=config.batch_size)
+        groups = [{"params": list(self.head.parameters()), "lr": config.lr_head}]
+        if self.params:
+            groups.append({"params": self.params, "lr": config.lr_block})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.eval_loss = torch.nn.CrossEntropyLoss()
 
-def train_rows(fs: FeatureSet, train: np.ndarray, *, views: bool) -> np.ndarray:
-    """The training rows: train, plus (with `views`) the augmented views of train images (never of val images)."""
-    if not views:
-        return train
-    extra = view_rows_of(fs, train)
-    if not len(extra):
-        raise PipelineError(f"{fs.path} holds no augmented views of its training images; extract it with --views K")
-    return np.concatenate([train, extra])
+    def evaluate(self, rows: np.ndarray) -> tuple[float, np.ndarray]:
+        return _evaluate(self.top, self.head, self.inputs, rows, self.target[rows], start=self.start,
+                         batch=self.config.batch_size, loss_fn=self.eval_loss)
+
+    def epoch(self, order: np.ndarray, schedule: Any) -> float:
+        """One pass over `order`; the mean training loss."""
+        total = 0.0
+        for i in range(0, len(order), self.config.batch_size):
+            rows = order[i:i + self.config.batch_size]
+            logits = self.head(self.top(self.inputs.get(rows), self.start))
+            loss = self.loss_fn(logits, torch.from_numpy(self.target[rows]).to(self.device))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            schedule.step()
+            total += float(loss.detach()) * len(rows)
+        return total / max(1, len(order))
+
+    def fit(self, fit_rows: np.ndarray, val: np.ndarray) -> tuple[list[dict[str, Any]], int]:
+        """Train with early stopping; the history and the best epoch, whose weights are restored."""
+        config = self.config
+        steps = config.epochs * math.ceil(len(fit_rows) / config.batch_size)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, steps))
+        generator = np.random.default_rng(config.seed)
+        history, best = [], None
+        for epoch in range(1, config.epochs + 1):
+            train_loss = self.epoch(fit_rows[generator.permutation(len(fit_rows))], schedule)
+            val_loss, logits = self.evaluate(val)
+            val_top1 = float(np.mean(logits.argmax(1) == self.target[val]))
+            history.append({"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
+                            "val_top1": val_top1})
+            log.info("epoch %d: train loss %.4f, val loss %.4f, val top-1 %.4f", epoch, train_loss, val_loss,
+                     val_top1)
+            if best is None or val_loss < best["val_loss"]:
+                best = {"epoch": epoch, "val_loss": val_loss, "state": _state(self.top, self.head, config.blocks)}
+            elif epoch - best["epoch"] >= config.patience:
+                break
+        _restore(self.top, self.head, best["state"])
+        return history, best["epoch"]
 
 
 def train_top(fs: FeatureSet, top: torch.nn.Module, reader: SpatialReader, config: FinetuneConfig,
@@ -145,53 +187,13 @@ def train_top(fs: FeatureSet, top: torch.nn.Module, reader: SpatialReader, confi
     train, val, test, val_source = image_splits(fs, val_fraction=config.val_fraction, seed=config.seed)
     fit_rows = train_rows(fs, train, views=config.views)
     classes = np.unique(fs.labels[np.concatenate([train, val])])
-    index = {int(c): i for i, c in enumerate(classes)}
-    target = np.array([index.get(int(v), -1) for v in fs.labels], dtype=np.int64)
-    if (target[test] < 0).any():
+    if not np.isin(fs.labels[test], classes).all():
         raise PipelineError("test classes have no train/val images; the model cannot predict them")
-    torch.manual_seed(config.seed)
-    top = top.to(device).eval()
-    start = top.frozen_prefix(config.blocks)
-    params = _trainable(top, config.blocks)
-    head = torch.nn.Linear(fs.features.shape[1], len(classes)).to(device)
-    inputs = Inputs(reader, top, start, np.concatenate([fit_rows, val, test]), device=device,
-                    max_memory=config.max_memory, batch=config.batch_size)
-    groups = [{"params": list(head.parameters()), "lr": config.lr_head}]
-    if params:
-        groups.append({"params": params, "lr": config.lr_block})
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    steps = config.epochs * math.ceil(len(fit_rows) / config.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    eval_loss = torch.nn.CrossEntropyLoss()
-    history, best = [], None
-    generator = np.random.default_rng(config.seed)
     began = time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
-        order = fit_rows[generator.permutation(len(fit_rows))]
-        train_loss = 0.0
-        for i in range(0, len(order), config.batch_size):
-            rows = order[i:i + config.batch_size]
-            loss = loss_fn(head(top(inputs.get(rows), start)), torch.from_numpy(target[rows]).to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            train_loss += float(loss.detach()) * len(rows)
-        val_loss, val_logits = _evaluate(top, head, inputs, val, target[val], start=start, batch=config.batch_size,
-                                         loss_fn=eval_loss)
-        val_top1 = float(np.mean(val_logits.argmax(1) == target[val]))
-        history.append({"epoch": epoch, "train_loss": round(train_loss / len(order), 6),
-                        "val_loss": round(val_loss, 6), "val_top1": val_top1})
-        log.info("epoch %d: train loss %.4f, val loss %.4f, val top-1 %.4f", epoch, history[-1]["train_loss"],
-                 val_loss, val_top1)
-        if best is None or val_loss < best["val_loss"]:
-            best = {"epoch": epoch, "val_loss": val_loss, "state": _state(top, head, config.blocks)}
-        elif epoch - best["epoch"] >= config.patience:
-            break
-    _restore(top, head, best["state"])
-    _, test_logits = _evaluate(top, head, inputs, test, target[test], start=start, batch=config.batch_size,
-                               loss_fn=eval_loss)
+    trainer = _Trainer(fs, top, reader, config, device, np.concatenate([fit_rows, val, test]), classes)
+    initial_loss, _ = trainer.evaluate(val)
+    history, best = trainer.fit(fit_rows, val)
+    _, test_logits = trainer.evaluate(test)
     scores = torch.softmax(torch.from_numpy(test_logits), 1).numpy()
     metrics = classification_metrics(fs.labels[test], scores, classes, fs.class_names, resamples=config.resamples,
                                      seed=config.seed)
@@ -199,18 +201,19 @@ def train_top(fs: FeatureSet, top: torch.nn.Module, reader: SpatialReader, confi
         "protocol": f"partial fine-tuning: the last {config.blocks} block(s) after {reader.layer} and a new linear "
                     f"head trained on cached activations (AdamW, cosine schedule), early stopping on validation "
                     f"loss (patience {config.patience}), the best epoch kept, tested once",
-        "head": "finetune", "param": "epoch", "chosen": best["epoch"],
+        "head": "finetune", "param": "epoch", "chosen": best,
         "val_top1_by_value": {str(h["epoch"]): h["val_top1"] for h in history},
         "val_loss_by_value": {str(h["epoch"]): h["val_loss"] for h in history},
-        "history": history, "epochs_run": len(history), "stopped_early": len(history) < config.epochs,
-        "val_source": val_source, "n_train": int(len(fit_rows)), "n_val": int(len(val)), "n_test": int(len(test)),
-        "n_train_views": int(len(fit_rows) - len(train)), "seconds": round(time.perf_counter() - began, 3),
-        "blocks_trained": config.blocks, "top_blocks": len(top.blocks), "layer": reader.layer,
-        "trainable_parameters": int(sum(p.numel() for p in [*params, *head.parameters()])),
-        "activations_cached": inputs.cache is not None,
+        "history": history, "initial_val_loss": round(initial_loss, 6), "epochs_run": len(history),
+        "stopped_early": len(history) < config.epochs, "val_source": val_source, "n_train": int(len(fit_rows)),
+        "n_val": int(len(val)), "n_test": int(len(test)), "n_train_views": int(len(fit_rows) - len(train)),
+        "seconds": round(time.perf_counter() - began, 3), "blocks_trained": config.blocks,
+        "top_blocks": len(top.blocks), "layer": reader.layer,
+        "trainable_parameters": int(sum(p.numel() for p in [*trainer.params, *trainer.head.parameters()])),
+        "activations_cached": trainer.inputs.cache is not None,
         **{f"test_{k}" if k != "n" else "n_test_scored": v for k, v in metrics.items()},
         "test_correct": correctness(fs, test, predicted(scores, classes)),
-        "_model": (head, classes),
+        "_model": (trainer.head, classes),
     }
 
 

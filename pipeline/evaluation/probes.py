@@ -35,6 +35,7 @@ from pipeline.evaluation.intervals import (
 from pipeline.evaluation.metrics import classification_metrics, predicted
 from pipeline.outputs import check_output, owned_json, results_stem, sibling, store_stem, write_atomic
 from pipeline.sources.hints import how_to
+from pipeline.sources.views import view_mask, view_rows_of
 from pipeline.splits import holdout_mask
 from pipeline.store.read import FeatureSet, load_store
 
@@ -81,6 +82,27 @@ def protocol_splits(fs: FeatureSet, *, val_fraction: float, seed: int) -> tuple[
     return train, val, test, val_source
 
 
+def image_splits(fs: FeatureSet, *, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                             str]:
+    """The probe protocol's (train, val, test) row numbers of `fs` (loaded with its views), in canonical order,
+    decided on the images alone: an image and its views are one image."""
+    originals = np.flatnonzero(~view_mask(fs.ids, fs.attrs))
+    images = fs.subset(originals)
+    *masks, val_source = protocol_splits(images, val_fraction=val_fraction, seed=seed)
+    train, val, test = (originals[canonical_order(images, m)] for m in masks)
+    return train, val, test, val_source
+
+
+def train_rows(fs: FeatureSet, train: np.ndarray, *, views: bool) -> np.ndarray:
+    """The training rows: train, plus (with `views`) the augmented views of train images (never of val images)."""
+    if not views:
+        return train
+    extra = view_rows_of(fs, train)
+    if not len(extra):
+        raise PipelineError(f"{fs.path} holds no augmented views of its training images; extract it with --views K")
+    return np.concatenate([train, extra])
+
+
 def _sweep(spec: HeadSpec, grid: tuple[float, ...], x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
            y_val: np.ndarray, *, max_iter: int, seed: int, device: str) -> tuple[float, dict, dict]:
     """Fit one head per grid value on train, score on val; the best value (ties: the stronger regularisation)."""
@@ -106,21 +128,25 @@ def canonical_order(fs: FeatureSet, mask: np.ndarray) -> np.ndarray:
 
 def fit_probe(fs: FeatureSet, *, head: str = "logreg", grid: tuple[float, ...] | None = None,
               val_fraction: float = 0.2, seed: int = 0, max_iter: int = 5000, device: str = "auto",
-              resamples: int = DEFAULT_RESAMPLES, val_seeds: tuple[int, ...] = ()) -> tuple[Any, dict[str, Any]]:
+              resamples: int = DEFAULT_RESAMPLES, val_seeds: tuple[int, ...] = (),
+              views: bool = False) -> tuple[Any, dict[str, Any]]:
     """Run the probe protocol on a feature set; returns the refit head and a JSON-ready result dict.
 
     The grid value is chosen on validation only, the head refit on train+val with it, and the test split scored
     once: test rows are never passed to a fit or a choice. The test figures carry bootstrap intervals (`resamples`),
     and the result records which test images were right (`test_correct`) for paired comparisons. With `val_seeds`
-    and no `val` split, the choice is also made on the slice drawn with each seed: the spread over seeds.
+    and no `val` split, the choice is also made on the slice drawn with each seed: the spread over seeds. With
+    `views` (`fs` loaded with its views), the augmented views of the training images are trained on too.
     """
     spec = head_spec(head)
     grid = spec.grid if grid is None else tuple(grid)
     if not grid:
         raise PipelineError(f"the {spec.param} grid is empty; give at least one value")
-    train, val, test, val_source = protocol_splits(fs, val_fraction=val_fraction, seed=seed)
-    train, val, refit = canonical_order(fs, train), canonical_order(fs, val), canonical_order(fs, train | val)
-    test = canonical_order(fs, test)
+    train, val, test, val_source = image_splits(fs, val_fraction=val_fraction, seed=seed)
+    refit = np.concatenate([train, val])
+    refit = refit[np.argsort(np.array([fs.row_keys()[i] for i in refit], dtype=object), kind="stable")]
+    if views:  # the views of the training images join them (of train+val ones for the refit)
+        train, refit = train_rows(fs, train, views=True), train_rows(fs, refit, views=True)
     x, y = fs.features, fs.labels
     start = time.perf_counter()
     best, val_scores, converged = _sweep(spec, grid, x[train], y[train], x[val], y[val], max_iter=max_iter,
@@ -140,6 +166,7 @@ def fit_probe(fs: FeatureSet, *, head: str = "logreg", grid: tuple[float, ...] |
         "refit_converged": refit_converged,
         "val_source": val_source,
         "n_train": int(len(train)),
+        "n_train_views": int(view_mask(fs.ids[train], fs.attrs).sum()),
         "n_val": int(len(val)),
         "n_test": int(len(test)),
         "seconds": fit_seconds,
@@ -321,7 +348,7 @@ def run_probe(config: ProbeConfig) -> tuple[dict[str, Any], Path]:
     from pipeline.report.blocks import report_blocks, save_json, title_for
     from pipeline.report.render import write_report_blocks
 
-    fs = load_store(config.store)
+    fs = load_store(config.store, views=config.views)
     _check_device(config.head, config.device)
     targets = probe_outputs(config)
     saved = None
@@ -332,7 +359,7 @@ def run_probe(config: ProbeConfig) -> tuple[dict[str, Any], Path]:
     else:
         model, result = fit_probe(fs, head=config.head, grid=config.grid, val_fraction=config.val_fraction,
                                   seed=config.seed, max_iter=config.max_iter, device=config.device,
-                                  resamples=config.resamples, val_seeds=config.val_seeds)
+                                  resamples=config.resamples, val_seeds=config.val_seeds, views=config.views)
         result.update(fs.provenance(), head_file=str(targets["head"].resolve()))
         saved = head_for(model, fs=fs, result=result)
     blocks = report_blocks(fs, title=title_for(fs), probe=result) if config.report else None

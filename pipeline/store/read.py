@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline.errors import StoreError
 from pipeline.plan import Provenance
+from pipeline.sources.views import view_mask
 from pipeline.store.schema import (
     NORM_TOLERANCE,
     ROW_DATASETS,
@@ -27,7 +28,6 @@ from pipeline.store.schema import (
     shard_list,
     shards_dir,
 )
-from pipeline.store.views import view_mask
 
 log = logging.getLogger(__name__)
 

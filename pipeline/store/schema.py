@@ -39,16 +39,19 @@ NORM_TOLERANCE = {"float32": 1e-4, "float16": 2e-3}
 
 
 def cache_key(*, backbone: str, weights: str, preprocessing: str, layer: str, feature_dtype: str = "float32",
-              precision: str = "fp32", alpha: str = DEFAULT_ALPHA, spatial: str = "") -> str:
+              precision: str = "fp32", alpha: str = DEFAULT_ALPHA, spatial: str = "", views: str = "") -> str:
     """Hash of everything that changes the stored feature bytes for a given image (the compute precision and the
     alpha policy too; the default policy, white, is left out so that stores made before it existed keep their key),
-    and, with --keep-spatial, which activations are stored beside the features and in what dtype."""
+    and, with --keep-spatial, which activations are stored beside the features and in what dtype; with --views,
+    how the views are augmented."""
     payload = {"schema_version": SCHEMA_VERSION, "backbone": backbone, "weights": weights,
                "preprocessing": preprocessing, "layer": layer, "feature_dtype": feature_dtype, "precision": precision}
     if alpha != DEFAULT_ALPHA:
         payload["alpha"] = alpha
     if spatial:  # --keep-spatial: which activations, stored how (absent: stores without them keep their key)
         payload["spatial"] = spatial
+    if views:  # --views: the augmentation of the view rows (their transform and seed)
+        payload["views"] = views
     payload = json.dumps(payload, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
