@@ -2,9 +2,10 @@
 stderr and exit code 2.
 
 The library's commands are here: `extract` (`pipeline.cli.extract`), `store` and `backbones`
-(`pipeline.cli.inspect`), and `probe`, `predict`, `knn`, `audit`, `index`, `search`, `bench`
-(`pipeline.cli.evaluate`). The Prefect-backed ones (`demo`, `run`, `serve`) are in `flows.commands`; the application
-entry point, `python -m pipeline` (`pipeline/__main__.py`), adds them, so that this package never imports Prefect.
+(`pipeline.cli.inspect`), `probe`, `finetune`, `predict`, `knn`, `audit`, `index`, `search`, `bench`
+(`pipeline.cli.evaluate`), and `finetune-images`, `transfer` (`pipeline.cli.transfer`). The Prefect-backed
+ones (`demo`, `run`, `serve`) are in `flows.commands`; the application entry point, `python -m pipeline`
+(`pipeline/__main__.py`), adds them, so that this package never imports Prefect.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def library_commands() -> list[Command]:
-    from pipeline.cli import evaluate, extract, inspect, interchange
+    from pipeline.cli import evaluate, extract, inspect, interchange, transfer
 
-    return [*extract.COMMANDS, *inspect.COMMANDS, *evaluate.COMMANDS, *interchange.COMMANDS]
+    return [*extract.COMMANDS, *inspect.COMMANDS, *evaluate.COMMANDS, *transfer.COMMANDS, *interchange.COMMANDS]
 
 
 def build_parser(commands: Iterable[Command]) -> argparse.ArgumentParser:
