@@ -264,3 +264,27 @@ def test_a_view_is_its_seed_s_and_leaves_the_callers_random_state_alone(small_di
     a, b, c = seeded(transform, image, 7), seeded(transform, image, 7), seeded(transform, image, 8)
     assert random.getstate() == state[0] and torch.equal(torch.get_rng_state(), state[1])
     assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == (3, *backbone.data_config["input_size"][1:])
+
+
+def test_index_search_export_and_knn_see_each_image_once(tmp_path, spatial_store):
+    import pyarrow.parquet as pq
+
+    from pipeline.config import KnnConfig
+    from pipeline.evaluation.knn import run_knn
+    from pipeline.index.build import build_index
+    from pipeline.index.search import search_store
+    from pipeline.interchange.export import export_store
+
+    images = load_store(spatial_store)
+    assert len(load_store(spatial_store, views=True)) > len(images)
+    infos = build_index(spatial_store, tmp_path / "index", queries=20)
+    assert infos.rows == len(images)
+    hits = search_store(index=tmp_path / "index", ids=[str(images.ids[3])], k=3)[0]["hits"]
+    assert hits[0]["id"] == images.ids[3] and not any("#view" in h["id"] for h in hits)
+    exact = search_store(store=spatial_store, ids=[str(images.ids[3])], k=len(images))[0]["hits"]
+    assert exact[0]["id"] == images.ids[3] and len(exact) == len(images)
+    export_store(spatial_store, tmp_path / "parquet", format="parquet")
+    table = pq.read_table(tmp_path / "parquet")
+    assert table.num_rows == len(images) and not any("#view" in i for i in table.column("id").to_pylist())
+    result, _ = run_knn(KnnConfig(store=spatial_store, out=tmp_path / "knn.json", report=False, resamples=0))
+    assert result["n_queries"] + result["n_bank"] == len(images)

@@ -43,7 +43,8 @@ from pipeline.index.plan import (
     sizes_of,
 )
 from pipeline.plan import Provenance
-from pipeline.store.read import iter_store, read_columns
+from pipeline.sources.views import view_mask
+from pipeline.store.read import iter_store, read_attrs, read_columns
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
 def _blocks(store: Path, rows: np.ndarray | None, block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(store row numbers, features) in blocks, optionally only the rows in `rows` (sorted store row numbers)."""
     for block in iter_store(store, rows=block_rows):
-        numbers = np.arange(block.start, block.start + len(block.ids))
+        numbers = block.rows
         if rows is not None:
             keep = np.isin(numbers, rows)
             numbers, block.features = numbers[keep], block.features[keep]
@@ -151,7 +152,7 @@ def tune_index(index: faiss.Index, kind: str, nlist: int, queries: np.ndarray, q
 def _select_rows(store: Path, splits: tuple[str, ...] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(store row numbers, ids, content hashes) of the rows to index: all, or those of `splits`."""
     columns = read_columns(store, "ids", "files/hash", "splits")
-    numbers = np.arange(len(columns["ids"]))
+    numbers = np.flatnonzero(~view_mask(columns["ids"], read_attrs(store)))  # augmented views are not indexed
     if splits is not None:
         numbers = numbers[np.isin(columns["splits"], list(splits))]
         if not len(numbers):

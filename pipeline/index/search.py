@@ -57,8 +57,9 @@ def search_store(*, index: str | Path | None = None, store: str | Path | None = 
     if loaded is not None:
         faiss_index, row_ids = loaded.index, loaded.ids
     else:
-        faiss_index = build_flat_index(np.concatenate([b.features for b in iter_store(store)]))
-        row_ids = columns["ids"]
+        blocks = list(iter_store(store))
+        faiss_index = build_flat_index(np.concatenate([b.features for b in blocks]))
+        row_ids = np.concatenate([b.ids for b in blocks])
 
     queries, names = [], []
     if images:

@@ -102,10 +102,10 @@ def _blocks(store: Path, splits: tuple[str, ...] | None) -> Iterator[tuple[Block
     """Blocks of the store (only `splits`), each with the store row numbers of its rows."""
     for block in iter_store(store, rows=BLOCK_ROWS):
         keep = np.ones(len(block.ids), dtype=bool) if splits is None else np.isin(block.splits, list(splits))
-        rows = block.start + np.flatnonzero(keep)
+        rows = block.rows[keep]
         if len(rows):
             yield Block(block.start, block.features[keep], block.ids[keep], block.labels[keep],
-                        block.splits[keep]), rows
+                        block.splits[keep], rows), rows
 
 
 def _parts(store: Path, splits: tuple[str, ...] | None, part_rows: int) -> Iterator[list[tuple[Block, np.ndarray]]]:
@@ -118,7 +118,7 @@ def _parts(store: Path, splits: tuple[str, ...] | None, part_rows: int) -> Itera
             take = min(part_rows - size, len(rows) - start)
             cut = slice(start, start + take)
             part.append((Block(block.start, block.features[cut], block.ids[cut], block.labels[cut],
-                               block.splits[cut]), rows[cut]))
+                               block.splits[cut], rows[cut]), rows[cut]))
             size += take
             start += take
             if size == part_rows:

@@ -309,13 +309,19 @@ class _KnownHashes(Mapping):
 
 @dataclass
 class Block:
-    """A contiguous block of rows from `iter_store`; `start` is the index of its first row in the store."""
+    """A block of rows from `iter_store`; `start` is the index of the first row of its stretch of the store, and
+    `rows` the store row number of each row it holds (rows may be left out: other splits, augmented views)."""
 
     start: int
     features: np.ndarray
     ids: np.ndarray
     labels: np.ndarray
     splits: np.ndarray
+    rows: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.rows is None:
+            self.rows = np.arange(self.start, self.start + len(self.ids))
 
 
 def iter_store(path: str | Path, *, rows: int = 65536, splits: tuple[str, ...] | None = None) -> Iterator[Block]:
@@ -339,7 +345,8 @@ def iter_store(path: str | Path, *, rows: int = 65536, splits: tuple[str, ...] |
             if splits is not None:
                 keep &= np.isin(block.splits, list(splits))
             if not keep.all():
-                block = Block(start, block.features[keep], block.ids[keep], block.labels[keep], block.splits[keep])
+                block = Block(start, block.features[keep], block.ids[keep], block.labels[keep], block.splits[keep],
+                              block.rows[keep])
             yield block
 
 

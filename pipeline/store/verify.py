@@ -73,6 +73,9 @@ def _info(path: Path, target: Path, f: h5py.File) -> dict[str, Any]:
         "overrides": made.preprocessing_overrides or None,
         "alpha": made.alpha,
         "transform": made.transform or None,
+        "spatial": (f"{made.spatial_layer} {'x'.join(map(str, made.spatial_shape))} {made.spatial_dtype}"
+                    if made.spatial_layer else None),
+        "views": int(made.views or 0),
         "splits": {str(k): int(v) for k, v in zip(names, counts, strict=True)},
         "classes": classes,
         "failed": _count(f, "failed/ids"),

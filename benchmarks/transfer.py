@@ -1,0 +1,106 @@
+"""Transfer learning on cached activations: what tuning the top adds over a linear probe, and at what cost.
+
+    python benchmarks/transfer.py storage               # activation size per image for common backbones
+    python benchmarks/transfer.py digits [--epochs 30 --full-epochs 3]
+    python benchmarks/transfer.py tango  [--epochs 30 --full-epochs 3]
+
+`storage` builds each backbone without weights (random init: nothing is downloaded) and prints the shape of the
+output of the blocks `extract --layer ... --keep-spatial` would keep, and its float16 size per image and per million
+images.
+
+`digits` and `tango` run `python -m pipeline transfer` (every method in its own process, wall time and peak RSS
+from wait4) on a real data set with the packaged EfficientNet-Lite0, and print its table: scikit-learn's 1,797
+digits (its own 70/30 split), and Debian's tango-icon-theme 32x32 icons classified by their context folder
+(actions, apps, devices, ...; apt-get download, unpacked in a temporary folder, never committed; a stratified
+70/30 split by content).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STORAGE = [  # (backbone, block kept, what finetune can then train)
+    ("timm:resnet50", "layer3", "layer4 (3 bottlenecks)"),
+    ("timm:resnet50", "layer4.1", "-- (not a trunk block: refused)"),
+    ("efficientnet_lite0", "blocks.4", "blocks.5, blocks.6"),
+    ("efficientnet_lite0", "blocks.5", "blocks.6"),
+    ("timm:convnext_tiny", "stages.2", "stages.3"),
+    ("timm:vit_base_patch16_224", "blocks.9", "blocks.10, blocks.11"),
+    ("timm:vit_small_patch16_224", "blocks.9", "blocks.10, blocks.11"),
+    ("torchvision:resnet50", "layer3", "layer4"),
+]
+
+
+def storage() -> None:
+    import numpy as np
+
+    from pipeline.backbones.factory import create_backbone
+    from pipeline.backbones.top import build_top
+    from pipeline.errors import PipelineError
+
+    print("| backbone | kept block | shape per image | float16 per image | per 1M images | trainable after it |")
+    print("|---|---|---|---|---|---|")
+    for name, layer, after in STORAGE:
+        backbone = create_backbone(name, random_init=True, keep=layer)
+        try:
+            top = build_top(backbone.model, layer, backbone.data_config["input_size"])
+            after = f"{len(top.blocks)} block(s): {after}"
+        except PipelineError as exc:
+            after = f"refused: {str(exc)[:60]}..."
+        size = int(np.prod(backbone.spatial_shape)) * 2
+        shape = "x".join(map(str, backbone.spatial_shape))
+        print(f"| {name} | {layer} | {shape} | {size / 1024:.0f} KiB | {size * 1e6 / 2**30:.0f} GiB | {after} |")
+
+
+def tango_folder(where: Path) -> Path:
+    """tango-icon-theme's 32x32 PNGs as ROOT/<context>/<icon>.png."""
+    subprocess.run(["apt-get", "download", "tango-icon-theme"], cwd=where, check=True, capture_output=True)
+    deb = next(where.glob("tango-icon-theme_*.deb"))
+    subprocess.run(["dpkg", "-x", str(deb), str(where / "x")], check=True)
+    root = where / "tango"
+    for path in sorted((where / "x").rglob("32x32/*/*.png")):
+        target = root / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    return root
+
+
+def transfer(data: Path, out: Path, args: argparse.Namespace) -> None:
+    argv = [sys.executable, "-m", "pipeline", "--quiet", "transfer", "--data", str(data), "--out-dir", str(out),
+            "--epochs", str(args.epochs), "--full-epochs", str(args.full_epochs), "--views", str(args.views),
+            "--extract-args", "--workers 0"]
+    print("$ python -m pipeline transfer --data", data.name, " ".join(argv[7:]), flush=True)
+    subprocess.run(argv, cwd=REPO, check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=("storage", "digits", "tango"))
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--full-epochs", type=int, default=3)
+    parser.add_argument("--views", type=int, default=2)
+    parser.add_argument("--keep", type=Path, default=None, help="keep the stores and results in this folder")
+    args = parser.parse_args()
+    if args.what == "storage":
+        storage()
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        out = args.keep or tmp / "out"
+        if args.what == "digits":
+            from pipeline.demo import write_digits_folder
+
+            data = write_digits_folder(tmp / "digits")
+        else:
+            data = tango_folder(tmp)
+        transfer(data, out, args)
+
+
+if __name__ == "__main__":
+    main()
