@@ -37,3 +37,11 @@ def test_the_throughput_benchmark_runs_every_stage(tmp_path):
 def test_the_heads_benchmark_runs(tmp_path):
     result = _run(tmp_path, "heads", "--rows", "2000", "--dim", "32", "--classes", "5", "--device", "cpu")
     assert set(result["results"]) == {"sklearn", "torch"} and result["agreement"] > 0.9
+
+
+def test_the_transfer_benchmark_sizes_the_activations_of_common_backbones(tmp_path):
+    rows = {(r["backbone"], r["layer"]): r for r in _run(tmp_path, "transfer", "storage")["storage"]}
+    resnet = rows[("timm:resnet50", "layer3")]
+    assert resnet["shape"] == [1024, 14, 14] and resnet["bytes"] == 1024 * 14 * 14 * 2  # the example
+    assert rows[("timm:vit_base_patch16_224", "blocks.9")]["shape"] == [197, 768]
+    assert rows[("timm:resnet50", "layer4.1")]["trainable"].startswith("refused")

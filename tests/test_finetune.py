@@ -288,3 +288,12 @@ def test_index_search_export_and_knn_see_each_image_once(tmp_path, spatial_store
     assert table.num_rows == len(images) and not any("#view" in i for i in table.column("id").to_pylist())
     result, _ = run_knn(KnnConfig(store=spatial_store, out=tmp_path / "knn.json", report=False, resamples=0))
     assert result["n_queries"] + result["n_bank"] == len(images)
+
+
+def test_activations_read_per_batch_train_the_same_model_as_cached_ones(tmp_path, spatial_store):
+    runs = [run_finetune(FinetuneConfig(store=spatial_store, out=tmp_path / f"{m}.json", blocks=2, epochs=2,
+                                        max_memory=m, resamples=0, report=False))[0] for m in (1 << 30, 1)]
+    assert runs[0]["activations_cached"] and not runs[1]["activations_cached"]
+    for a, b in zip(runs[0]["history"], runs[1]["history"], strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
+    assert runs[0]["test_top1"] == runs[1]["test_top1"]
