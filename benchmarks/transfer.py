@@ -1,8 +1,8 @@
 """Transfer learning on cached activations: what tuning the top adds over a linear probe, and at what cost.
 
     python benchmarks/transfer.py storage               # activation size per image for common backbones
-    python benchmarks/transfer.py digits [--epochs 30 --full-epochs 3]
-    python benchmarks/transfer.py icons  [--epochs 30 --full-epochs 3]
+    python benchmarks/transfer.py digits [--epochs 30 --full-epochs 15]
+    python benchmarks/transfer.py icons  [--epochs 30 --full-epochs 15]
 
 `storage` builds each backbone without weights (random init: nothing is downloaded) and prints the shape of the
 output of the blocks `extract --layer ... --keep-spatial` would keep, and its float16 size per image and per million
@@ -96,7 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=("storage", "digits", "icons"))
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--full-epochs", type=int, default=3)
+    parser.add_argument("--full-epochs", type=int, default=15)
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--keep", type=Path, default=None, help="keep the stores and results in this folder")
     parser.add_argument("--out", type=Path, default=None, help="storage: also write the rows as JSON")

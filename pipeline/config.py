@@ -157,3 +157,64 @@ def alpha_background(alpha: str) -> tuple[int, int, int] | None:
     if alpha == "drop":
         return None
     return ALPHA_NAMES.get(alpha) or tuple(int(p) for p in alpha.split(","))
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The trailing `blocks` of the top and a new head, trained on a store's cached activations."""
+
+    store: Path
+    out: Path | None = None
+    blocks: int = 1  # trailing blocks of the top to train (0: the head alone, on the frozen top)
+    epochs: int = 30
+    batch_size: int = 64
+    lr_block: float = 1e-4
+    lr_head: float = 1e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.0
+    patience: int = 5  # epochs without a better validation loss before stopping
+    val_fraction: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    views: bool = False  # also train on the augmented views the store holds (extract --views)
+    max_memory: int = 2 << 30  # bytes of activations held in memory (beyond it, read per batch)
+    resamples: int = DEFAULT_RESAMPLES
+    report: bool = True
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [(self.blocks >= 0, f"blocks must be >= 0, got {self.blocks}"),
+                  (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+                  (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+                  (self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
+                  (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
+                  (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")]
+        checks += [(math.isfinite(v) and v >= 0, f"{name} must be a finite number >= 0, got {v}")
+                   for name, v in (("lr_block", self.lr_block), ("lr_head", self.lr_head),
+                                   ("weight_decay", self.weight_decay))]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class FullFinetuneConfig:
+    """The reference loop (`finetune-images`): the whole backbone and a new head trained from the images."""
+
+    store: Path  # its splits, labels and source; the features are not used
+    out: Path
+    epochs: int = 15
+    patience: int = 3
+    batch_size: int = 32
+    lr_block: float = 1e-4
+    lr_head: float = 1e-3
+    weight_decay: float = 0.05
+    val_fraction: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    max_images: int = 5000  # refuse larger data sets: this loop is the slow reference
+    resamples: int = DEFAULT_RESAMPLES
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.patience < 1 or self.batch_size < 1:
+            raise ConfigError("epochs, patience and batch size must be >= 1")

@@ -69,8 +69,9 @@ DatasetSpec = _model(
 ExtractSpec = _model(
     "ExtractSpec", "How each backbone extracts: the extraction options that are not per backbone, and shards.",
     ("model", "decode", "layout", "run"),
-    {**_spec_fields("model", skip=("backbone", "weights", "layer")), **_spec_fields("decode"),
-     **_spec_fields("layout"), **_spec_fields("run", skip=("overwrite", "progress")),
+    # --layer is per backbone, so --keep-spatial (which keeps that layer) is a command-line option only
+    {**_spec_fields("model", skip=("backbone", "weights", "layer", "keep_spatial")), **_spec_fields("decode"),
+     **_spec_fields("layout", skip=("spatial_dtype",)), **_spec_fields("run", skip=("overwrite", "progress")),
      "shards": (int, Field(1, ge=1, description="split each extraction over this many parallel Dask workers"))})
 
 

@@ -33,7 +33,7 @@ class TransferConfig:
     blocks: tuple[int, ...] = (1, 2)
     epochs: int = 30
     full: bool = True  # also the full fine-tune loop from images (small sets)
-    full_epochs: int = 3
+    full_epochs: int = 15
     full_max_images: int = 5000
     extract_args: tuple[str, ...] = ()  # passed on to extract (e.g. --workers 0, --random-init)
     finetune_args: tuple[str, ...] = ()  # passed on to finetune and finetune-images (e.g. --device cuda)

@@ -18,9 +18,10 @@ from PIL import Image
 from pipeline.backbones.factory import create_backbone
 from pipeline.backbones.top import build_top
 from pipeline.cli import main
+from pipeline.config import FinetuneConfig
 from pipeline.engine.runner import extract_to_store
 from pipeline.errors import PipelineError
-from pipeline.evaluation.finetune import FinetuneConfig, run_finetune
+from pipeline.evaluation.finetune import run_finetune
 from pipeline.evaluation.finetune_model import load_tuned, predict_images_tuned
 from pipeline.evaluation.probes import image_splits
 from pipeline.plan import ExtractConfig

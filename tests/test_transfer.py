@@ -66,9 +66,10 @@ def test_the_full_loop_refuses_large_sets_and_bad_options_are_one_line(tmp_path,
 
     from pipeline.cli import main
     from pipeline.cli.transfer import add_transfer
+    from pipeline.config import FullFinetuneConfig
     from pipeline.engine.runner import extract_to_store
     from pipeline.errors import PipelineError
-    from pipeline.evaluation.full_finetune import FullFinetuneConfig, full_finetune
+    from pipeline.evaluation.full_finetune import full_finetune
     from pipeline.plan import ExtractConfig
 
     store = tmp_path / "s.h5"

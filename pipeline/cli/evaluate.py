@@ -100,7 +100,8 @@ def add_finetune(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from pipeline.evaluation.finetune import FinetuneConfig, run_finetune
+    from pipeline.config import FinetuneConfig
+    from pipeline.evaluation.finetune import run_finetune
     from pipeline.report.blocks import format_table
 
     result, out = run_finetune(FinetuneConfig(

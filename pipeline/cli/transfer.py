@@ -17,8 +17,9 @@ from pipeline.config import DEFAULT_BACKBONE
 def add_finetune_images(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, type=Path, help="a store of the data set: its splits, labels and images")
     p.add_argument("--out", required=True, type=Path, help="results JSON")
-    p.add_argument("--epochs", type=bounded_int(1, 10_000), default=5)
-    p.add_argument("--patience", type=bounded_int(1, 10_000), default=2)
+    p.add_argument("--epochs", type=bounded_int(1, 10_000), default=15, help="at most this many (15)")
+    p.add_argument("--patience", type=bounded_int(1, 10_000), default=3,
+                   help="stop after this many epochs without a lower validation loss (3)")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr-block", type=finite_float(0), default=1e-4, help="learning rate of the backbone (1e-4)")
     p.add_argument("--lr-head", type=finite_float(0), default=1e-3, help="learning rate of the head (1e-3)")
@@ -30,7 +31,8 @@ def add_finetune_images(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_finetune_images(args: argparse.Namespace) -> None:
-    from pipeline.evaluation.full_finetune import FullFinetuneConfig, full_finetune
+    from pipeline.config import FullFinetuneConfig
+    from pipeline.evaluation.full_finetune import full_finetune
 
     result = full_finetune(FullFinetuneConfig(
         store=args.store, out=args.out, epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
@@ -50,7 +52,7 @@ def add_transfer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blocks", type=number_list(int, "1,2", positive=False), default=(1, 2),
                    help="fine-tune this many trailing blocks, one run each (default 1,2)")
     p.add_argument("--epochs", type=positive_int, default=30, help="finetune epochs at most (30)")
-    p.add_argument("--full-epochs", type=positive_int, default=3, help="full fine-tune epochs at most (3)")
+    p.add_argument("--full-epochs", type=positive_int, default=15, help="full fine-tune epochs at most (15)")
     p.add_argument("--no-full", action="store_true", help="leave out the full fine-tune loop from images")
     p.add_argument("--full-max-images", type=positive_int, default=5000)
     p.add_argument("--extract-args", type=shlex.split, default=[], help="more extract options, e.g. '--workers 0'")

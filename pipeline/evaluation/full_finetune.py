@@ -10,40 +10,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.config import FullFinetuneConfig
+from pipeline.errors import PipelineError
 from pipeline.evaluation.metrics import classification_metrics, predicted
 from pipeline.evaluation.probes import correctness, image_splits
 from pipeline.store.read import FeatureSet
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FullFinetuneConfig:
-    store: Path  # its splits, labels and source; the features are not used
-    out: Path
-    epochs: int = 5
-    patience: int = 2
-    batch_size: int = 32
-    lr_block: float = 1e-4
-    lr_head: float = 1e-3
-    weight_decay: float = 0.05
-    val_fraction: float = 0.2
-    seed: int = 0
-    device: str = "auto"
-    max_images: int = 5000  # refuse larger data sets: this loop is the slow reference
-    resamples: int = 1000
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.patience < 1 or self.batch_size < 1:
-            raise ConfigError("epochs, patience and batch size must be >= 1")
 
 
 def _batches(model, transform, paths: list[str], rows: np.ndarray, batch: int, decoding, device):
