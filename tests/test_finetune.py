@@ -137,7 +137,7 @@ def test_finetune_lowers_validation_loss_and_keeps_the_best_epoch(tmp_path, spat
     out = tmp_path / "ft.json"
     # learning rates that fit 40 images fast, so that validation loss turns up and the best epoch matters
     result, _ = run_finetune(FinetuneConfig(store=spatial_store, out=out, blocks=1, epochs=15, patience=4,
-                                            lr_block=1e-3, lr_head=1e-2, batch_size=8, resamples=0, report=False))
+                                            lr_block=1e-3, lr_head=1e-2, batch_size=8, resamples=0))
     losses = [h["val_loss"] for h in result["history"]]
     assert min(losses) < result["initial_val_loss"] - 1.0  # training learns (an untrained head: about ln 10)
     best = int(np.argmin(losses)) + 1
@@ -145,6 +145,8 @@ def test_finetune_lowers_validation_loss_and_keeps_the_best_epoch(tmp_path, spat
     assert result["stopped_early"] and len(losses) == best + 4
     saved = json.loads(out.read_text())
     assert saved["test_top1"] == result["test_top1"] and saved["featpipe"]["kind"] == "finetune-results"
+    report = (tmp_path / "ft.md").read_text()  # the report: the results row and one row per epoch
+    assert f"finetune 1 block(s) (epoch {best})" in report and "| epoch | train loss | val loss |" in report
     # the saved model is the best epoch's: applied to the validation images it gives the best validation loss
     fs = load_store(spatial_store, views=True)
     _, val, test, _ = image_splits(fs, val_fraction=0.2, seed=0)
@@ -205,12 +207,21 @@ def test_finetune_refuses_a_store_without_activations_and_a_tampered_model(tmp_p
     path = Path(result["model_file"])
     with open(path, "rb") as fh:
         header = json.loads(fh.read(8 + int.from_bytes(open(path, "rb").read(8), "little"))[8:])
-    tensors = load_file(path)
-    tensors["head.weight"][0, 0] = float("nan")
-    save_file(tensors, path, metadata=header["__metadata__"])
+    original = load_file(path)
     image = sorted(Path(small_digits_root).rglob("*.png"))[0]
-    assert main(["--quiet", "predict", "--head", str(path), str(image)]) == 2
-    assert "not finite" in capsys.readouterr().err
+    meta = json.loads(header["__metadata__"]["featpipe"])
+    tampered = [
+        ({**original, "head.weight": original["head.weight"].clone().fill_(float("nan"))}, meta, "not finite"),
+        ({**original, "top.blocks.9.weight": torch.zeros(3)}, meta, "not a parameter of the rebuilt network"),
+        (original, {**meta, "class_names": [{"x": 1}] * len(meta["class_names"])}, "not strings"),
+        (original, {**meta, "classes": [99] * len(meta["classes"])}, "classes outside its class list"),
+        (original, {**meta, "blocks": "1"}, "'blocks' is missing or not int"),
+    ]
+    for tensors, fields, needle in tampered:
+        save_file(tensors, path, metadata={"featpipe": json.dumps(fields)})
+        assert main(["--quiet", "predict", "--head", str(path), str(image)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_a_killed_spatial_extraction_resumes_to_the_uninterrupted_store(tmp_path, digits_root):

@@ -124,6 +124,8 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     for key, kind in _META_TYPES.items():
         if not isinstance(meta.get(key), kind) or (kind is int and isinstance(meta.get(key), bool)):
             raise _refuse(path, f"metadata field {key!r} is missing or not {getattr(kind, '__name__', kind)}")
+    if not all(isinstance(c, str) for c in meta["class_names"]):
+        raise _refuse(path, "class names that are not strings")
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise _refuse(path, f"tensor {bad[0]!r} is not finite")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from typing import Any
 
@@ -46,7 +47,9 @@ class _Loop:
 
         made = fs.made
         self.config, self.device = config, resolve_device(config.device)
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # and the augmentations' random state (timm's transforms draw from `random`)
+        random.seed(config.seed)
+        np.random.seed(config.seed)
         self.backbone = backbone_for(made, device=str(self.device))
         self.net = self.backbone.model.requires_grad_(True)
         self.head = torch.nn.Linear(self.backbone.dim, len(classes)).to(self.device)
