@@ -309,3 +309,16 @@ def test_activations_read_per_batch_train_the_same_model_as_cached_ones(tmp_path
     for a, b in zip(runs[0]["history"], runs[1]["history"], strict=True):
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
     assert runs[0]["test_top1"] == runs[1]["test_top1"]
+
+
+def test_more_views_compute_only_the_new_ones_and_a_plain_store_is_another_configuration(tmp_path,
+                                                                                       small_digits_root):
+    out = tmp_path / "s.h5"
+    base = dict(data=small_digits_root, out=out, backbone=TINY_BACKBONE, random_init=True, workers=0,
+                progress=False)
+    first = extract_to_store(ExtractConfig.of(**base, views=1))
+    train_images = int((load_store(out).splits == "train").sum())
+    second = extract_to_store(ExtractConfig.of(**base, views=2))
+    assert second.computed == train_images and second.kept == first.rows  # only the second view of each image
+    with pytest.raises(PipelineError, match="--overwrite"):
+        extract_to_store(ExtractConfig.of(**base))  # no views: another cache key
