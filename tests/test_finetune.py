@@ -322,3 +322,18 @@ def test_more_views_compute_only_the_new_ones_and_a_plain_store_is_another_confi
     assert second.computed == train_images and second.kept == first.rows  # only the second view of each image
     with pytest.raises(PipelineError, match="--overwrite"):
         extract_to_store(ExtractConfig.of(**base))  # no views: another cache key
+
+
+def test_damaged_activations_are_refused_not_trained_on(tmp_path, capsys, spatial_store):
+    store = Path(shutil.copy(spatial_store, tmp_path / "s.h5"))
+    with h5py.File(store, "r+") as f:
+        f["spatial"][3, 0, 0, 0] = np.nan
+    assert any("non-finite activations" in p for p in verify_store(store))
+    assert main(["--quiet", "finetune", "--store", str(store), "--epochs", "1", "--resamples", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "not finite" in err and len(err.strip().splitlines()) == 1, err
+    with h5py.File(store, "r+") as f:  # activations of another shape than the backbone gives
+        del f["spatial"]
+        f.create_dataset("spatial", data=np.zeros((f.attrs["committed_rows"], 8, 2, 2), np.float16))
+    assert main(["--quiet", "finetune", "--store", str(store), "--epochs", "1", "--resamples", "0"]) == 2
+    assert "holds activations of shape [8, 2, 2]" in capsys.readouterr().err

@@ -214,6 +214,10 @@ def run_finetune(config: FinetuneConfig) -> tuple[dict[str, Any], Path]:
         raise ConfigError(f"--blocks {config.blocks}: the network after {made.spatial_layer} has only "
                           f"{len(top.blocks)} block(s); extract with an earlier --layer to train more")
     with SpatialReader(config.store) as reader:
+        if reader.shape != tuple(model.spatial_shape):
+            raise PipelineError(f"{config.store} holds activations of shape {list(reader.shape)}, but "
+                                f"{made.backbone} gives {list(model.spatial_shape)} after {made.spatial_layer}; the "
+                                "store is damaged: extract it again")
         result = train_top(fs, top, reader, config, device)
     head, classes = result.pop("_model")
     result.update(fs.provenance(), model_file=str(targets["model"].resolve()))

@@ -27,9 +27,14 @@ class SpatialReader:
             raise StoreError(f"{self.path} holds no activations; extract it with --layer MODULE --keep-spatial "
                              "to fine-tune from it")
         self._ds = self._file[SPATIAL]
+        if self._ds.dtype.kind != "f" or self._ds.ndim < 2:
+            self._file.close()
+            raise StoreError(f"{self.path}: its activations are {self._ds.dtype} of {self._ds.ndim} dimension(s), not "
+                             "floating point rows; the store is damaged: extract it again")
         self.shape = tuple(int(n) for n in self._ds.shape[1:])
         self.layer = str(attrs.get("spatial_layer", ""))
         if len(self._ds) != int(attrs["committed_rows"]):
+            self._file.close()
             raise StoreError(f"{self.path}: {len(self._ds)} activation rows for {attrs['committed_rows']} feature "
                              "rows; the store is damaged: extract it again")
 
@@ -40,6 +45,10 @@ class SpatialReader:
         order = np.argsort(rows, kind="stable")
         unique, inverse = np.unique(rows[order], return_inverse=True)
         block = self._ds[unique].astype(np.float32, copy=False)
+        finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+        if not finite.all():
+            raise StoreError(f"{self.path}: the activations of row {int(unique[np.argmin(finite)])} are not finite; "
+                             "the store is damaged: extract it again (store verify lists every problem)")
         out = np.empty((len(rows), *self.shape), np.float32)
         out[order] = block[inverse]
         return out

@@ -141,13 +141,26 @@ def _row_problems(f: h5py.File, attrs: dict[str, Any], n: int, step: int) -> tup
     return [f"{counts[w]} row(s) with {w} (e.g. {examples[w]!r})" for w in counts], seen
 
 
+def _spatial_problems(f: h5py.File, n: int, *, step: int = 256) -> list[str]:
+    """Kept activations (`--keep-spatial`): one floating-point row per feature row, every number finite."""
+    if "spatial" not in f:
+        return []
+    ds = f["spatial"]
+    if ds.dtype.kind != "f" or len(ds) != n:
+        return [f"the activations are {ds.dtype} with {len(ds)} rows; the store has {n} feature rows"]
+    bad = sum(int((~np.isfinite(ds[i:i + step].reshape(min(step, n - i), -1)).all(axis=1)).sum())
+              for i in range(0, n, step))
+    return [f"{bad} row(s) with non-finite activations"] if bad else []
+
+
 def verify_store(path: str | Path, *, rows: int = 65536) -> list[str]:
     """Check a store thoroughly, streaming it in blocks; return the problems found (empty when it is sound). Never
     raises on a damaged or foreign file: that is a problem to report.
 
     Checks: what the readers check (complete, row counts, features 2-D of `feature_dim` columns, class list, cache
     key, preprocessing, shards); shards hold the rows and ids the entry expects; features finite and of unit norm;
-    labels within the class list; splits known; ids unique and disjoint from failed ids; `failed_count`.
+    labels within the class list; splits known; ids unique and disjoint from failed ids; `failed_count`; kept
+    activations finite and row-aligned.
     """
     path = Path(path)
     try:
@@ -157,7 +170,7 @@ def verify_store(path: str | Path, *, rows: int = 65536) -> list[str]:
             n = int(attrs["committed_rows"])
             problems = _shard_problems(path, f, attrs, n)
             found, seen = _row_problems(f, attrs, n, max(1, int(rows)))
-            problems += found
+            problems += found + _spatial_problems(f, n)
             failed = set(failed_rows(f))
     except StoreError as exc:
         return [str(exc)]
