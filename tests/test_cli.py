@@ -195,16 +195,16 @@ def test_other_dtype_is_another_configuration(tmp_path, capsys, small_digits_roo
 
 
 def test_every_command_is_one_registry_entry_listed_in_help():
-    """cli/{extract,inspect,evaluate,interchange}.COMMANDS and flows/commands.COMMANDS: names are unique, each is
-    listed by `--help` of the real entry point, and each has its own --help."""
+    """cli/{extract,inspect,evaluate,transfer,interchange}.COMMANDS and flows/commands.COMMANDS: names are unique,
+    each is listed by `--help` of the real entry point, and each has its own --help."""
     from flows import commands as app
-    from pipeline.cli import evaluate, extract, inspect, interchange, library_commands
+    from pipeline.cli import evaluate, extract, inspect, interchange, library_commands, transfer
 
-    library = [*extract.COMMANDS, *inspect.COMMANDS, *evaluate.COMMANDS, *interchange.COMMANDS]
+    library = [*extract.COMMANDS, *inspect.COMMANDS, *evaluate.COMMANDS, *transfer.COMMANDS, *interchange.COMMANDS]
     assert [c.name for c in library_commands()] == [c.name for c in library]
     names = [c.name for c in (*library, *app.COMMANDS)]
-    assert len(names) == len(set(names)) and {"extract", "store", "probe", "bench", "run", "serve", "export",
-                                                 "import"} <= set(names)
+    assert len(names) == len(set(names)) and {"extract", "store", "probe", "finetune", "finetune-images",
+                                                 "transfer", "bench", "run", "serve", "export", "import"} <= set(names)
     out = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     assert all(f"    {name}" in out.stdout for name in names), out.stdout
