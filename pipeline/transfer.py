@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ class TransferConfig:
     extract_args: tuple[str, ...] = ()  # passed on to extract (e.g. --workers 0, --random-init)
     finetune_args: tuple[str, ...] = ()  # passed on to finetune and finetune-images (e.g. --device cuda)
     resamples: int = 1000
-    env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.views < 0 or any(b < 0 for b in self.blocks) or self.epochs < 1 or self.full_epochs < 1:
@@ -55,12 +54,12 @@ class Measured:
     error: str
 
 
-def measured(argv: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None) -> Measured:
+def measured(argv: list[str]) -> Measured:
     """Run `python -m pipeline ARGV` and measure that process alone (wait4's rusage of the child)."""
     with tempfile.TemporaryFile(mode="w+") as err:
         began = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--quiet", *argv], cwd=cwd,
-                                stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--quiet", *argv],
+                                stdout=subprocess.DEVNULL, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - began
@@ -109,7 +108,7 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
     store = out / "store.h5"
     rows: list[dict[str, Any]] = []
     for key, method, argv, results in _steps(config, store):
-        run = measured(argv, env=config.env)
+        run = measured(argv)
         if run.returncode != 0:
             raise PipelineError(f"transfer: {method} failed (exit {run.returncode}): {run.error}")
         row = {"key": key, "method": method, "seconds": round(run.seconds, 2), "peak_rss_mib": round(run.peak_mib, 1),

@@ -11,6 +11,7 @@ understand is refused, never rebuilt wrong.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 
@@ -87,19 +88,13 @@ def _candidates(model: FeatureModel, trunk: str) -> list[tuple[list[torch.nn.Mod
     pool = getattr(net, "avgpool", torch.nn.Identity())
     rest = [getattr(net, n) for n in ("fc", "classifier") if isinstance(getattr(net, n, None), torch.nn.Module)]
 
-    def flat(x: torch.Tensor) -> torch.Tensor:
-        x = torch.flatten(pool(x), 1)
+    def finish(x: torch.Tensor, *, flatten: bool) -> torch.Tensor:
+        x = torch.flatten(pool(x), 1) if flatten else pool(x)
         for module in rest:
             x = module(x)
         return x
 
-    def unflat(x: torch.Tensor) -> torch.Tensor:
-        x = pool(x)
-        for module in rest:
-            x = module(x)
-        return x
-
-    return [([], flat), ([], unflat)]
+    return [([], functools.partial(finish, flatten=True)), ([], functools.partial(finish, flatten=False))]
 
 
 def build_top(model: FeatureModel, layer: str, input_size: tuple[int, ...] | list[int]) -> Top:

@@ -61,6 +61,16 @@ def embed_files_hashed(paths: Iterable[str | Path], backbone: Backbone, *, decod
                        batch_size: int = 32) -> tuple[np.ndarray, list[str]]:
     """`embed_files`, with each file's content hash (the one a store records)."""
     decoding = decoding or decoding_policy(backbone.data_config)
+    tensors, hashes = transformed_files(paths, backbone.transform, decoding)
+    out = [l2_normalize(backbone.features(torch.stack(tensors[i:i + batch_size]))).cpu().numpy()
+           for i in range(0, len(tensors), batch_size)]
+    return np.concatenate(out).astype(np.float32), hashes
+
+
+def transformed_files(paths: Iterable[str | Path], transform, decoding: Decoding) -> tuple[list[torch.Tensor],
+                                                                                       list[str]]:
+    """Image files decoded as a store's images were and passed through `transform`, with their content hashes. An
+    unreadable file is an error naming it; no files at all is an error too."""
     load_plugins(decoding.plugins)
     tensors, hashes = [], []
     for path in paths:
@@ -68,13 +78,11 @@ def embed_files_hashed(paths: Iterable[str | Path], backbone: Backbone, *, decod
             image, digest = decode(read_file(path, decoding.max_file_bytes), decoding)
         except Exception as exc:  # noqa: BLE001 - any decode problem is the user's file: say which and why
             raise PipelineError(f"cannot read the image {path}: {type(exc).__name__}: {exc}") from None
-        tensors.append(backbone.transform(image))
+        tensors.append(transform(image))
         hashes.append(digest)
     if not tensors:
         raise PipelineError("no image files given")
-    out = [l2_normalize(backbone.features(torch.stack(tensors[i:i + batch_size]))).cpu().numpy()
-           for i in range(0, len(tensors), batch_size)]
-    return np.concatenate(out).astype(np.float32), hashes
+    return tensors, hashes
 
 
 def images_for_ids(made: Provenance, ids: Iterable[str], *, size: int = 96) -> dict[str, Image.Image]:

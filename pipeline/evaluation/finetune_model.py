@@ -180,21 +180,12 @@ def load_tuned(path: str | Path, *, device: str = "auto", weights_path: str | Pa
 def predict_images_tuned(model: TunedModel, paths: list[str | Path], *, top: int = 1,
                          batch_size: int = 32) -> list[dict[str, Any]]:
     """The `top` (class, probability) pairs for each image file, decoded as the store's images were."""
-    from pipeline.engine.decode import decode, load_plugins, read_file
+    from pipeline.engine.embed import transformed_files
     from pipeline.engine.resolve import decoding_policy
     from pipeline.plan import DecodeSpec
 
     decoding = decoding_policy(model.backbone.data_config, DecodeSpec(alpha=model.meta["alpha"]))
-    load_plugins(decoding.plugins)
-    tensors = []
-    for path in paths:
-        try:
-            image, _ = decode(read_file(path, decoding.max_file_bytes), decoding)
-        except Exception as exc:  # noqa: BLE001 - the user's file: say which and why
-            raise PipelineError(f"cannot read the image {path}: {type(exc).__name__}: {exc}") from None
-        tensors.append(model.backbone.transform(image))
-    if not tensors:
-        raise PipelineError("no image files given")
+    tensors, _ = transformed_files(paths, model.backbone.transform, decoding)
     scores = np.concatenate([model.scores(torch.stack(tensors[i:i + batch_size]))
                              for i in range(0, len(tensors), batch_size)])
     names, classes = model.meta["class_names"], model.meta["classes"]

@@ -25,13 +25,12 @@ from pipeline.store.read import FeatureSet
 log = logging.getLogger(__name__)
 
 
-def _batches(model, transform, paths: list[str], rows: np.ndarray, batch: int, decoding, device):
-    from pipeline.engine.decode import decode, read_file
+def _batches(transform, paths: list[str], rows: np.ndarray, batch: int, decoding, device):
+    from pipeline.engine.embed import transformed_files
 
     for i in range(0, len(rows), batch):
         chunk = rows[i:i + batch]
-        images = [transform(decode(read_file(paths[r], decoding.max_file_bytes), decoding)[0]) for r in chunk]
-        yield chunk, torch.stack(images).to(device)
+        yield chunk, torch.stack(transformed_files([paths[r] for r in chunk], transform, decoding)[0]).to(device)
 
 
 class _Loop:
@@ -75,7 +74,7 @@ class _Loop:
         self.net.eval()
         outs = []
         with torch.no_grad():
-            for _, images in _batches(self.net, self.backbone.transform, self.paths, rows, self.config.batch_size,
+            for _, images in _batches(self.backbone.transform, self.paths, rows, self.config.batch_size,
                                       self.decoding, self.device):
                 outs.append(self.logits(images).float().cpu())
         logits = torch.cat(outs)
@@ -84,7 +83,7 @@ class _Loop:
     def epoch(self, order: np.ndarray, schedule: Any) -> float:
         self.net.train()
         total = 0.0
-        for chunk, images in _batches(self.net, self.train_transform, self.paths, order, self.config.batch_size,
+        for chunk, images in _batches(self.train_transform, self.paths, order, self.config.batch_size,
                                       self.decoding, self.device):
             loss = self.loss(self.logits(images), torch.from_numpy(self.target[chunk]).to(self.device))
             self.optimizer.zero_grad(set_to_none=True)

@@ -143,8 +143,9 @@ def fit_probe(fs: FeatureSet, *, head: str = "logreg", grid: tuple[float, ...] |
     if not grid:
         raise PipelineError(f"the {spec.param} grid is empty; give at least one value")
     train, val, test, val_source = image_splits(fs, val_fraction=val_fraction, seed=seed)
-    refit = np.concatenate([train, val])
-    refit = refit[np.argsort(np.array([fs.row_keys()[i] for i in refit], dtype=object), kind="stable")]
+    both = np.zeros(len(fs), dtype=bool)
+    both[np.concatenate([train, val])] = True
+    refit = canonical_order(fs, both)
     if views:  # the views of the training images join them (of train+val ones for the refit)
         train, refit = train_rows(fs, train, views=True), train_rows(fs, refit, views=True)
     x, y = fs.features, fs.labels
