@@ -130,12 +130,14 @@ def merge_task(dataset: DatasetSpec, backbone: str, output_dir: str, spec: Extra
     return merged
 
 
-def dask_runner(workers: int) -> Any:
-    """A local Dask cluster with one single-threaded worker process per part. Workers are not daemonic, so an
-    extraction inside one can still start its decode processes."""
+def dask_runner(workers: int, address: str | None = None) -> Any:
+    """A local Dask cluster with one single-threaded worker process per part (workers not daemonic, so an extraction
+    inside one can still start its decode processes), or the existing cluster at `address`."""
     import dask
     from prefect_dask import DaskTaskRunner
 
+    if address:
+        return DaskTaskRunner(address=address)
     dask.config.set({"distributed.worker.daemon": False})
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
                                           "dashboard_address": None})
@@ -150,8 +152,9 @@ def extract_sharded(dataset: DatasetSpec, backbone: str, output_dir: str, spec: 
 
 
 def _extract_backbone(dataset: DatasetSpec, backbone: str, output_dir: str, spec: ExtractSpec) -> dict:
-    if spec.shards > 1:
-        return extract_sharded.with_options(task_runner=dask_runner(spec.shards))(dataset, backbone, output_dir, spec)
+    if spec.shards > 1 or spec.dask_address:
+        runner = dask_runner(spec.shards, spec.dask_address)
+        return extract_sharded.with_options(task_runner=runner)(dataset, backbone, output_dir, spec)
     return extract_store(dataset, backbone, output_dir, spec)
 
 

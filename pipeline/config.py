@@ -59,6 +59,8 @@ class ProbeConfig:
     resamples: int = DEFAULT_RESAMPLES  # bootstrap resamples for the 95% intervals (0: no intervals)
     val_seeds: tuple[int, ...] = ()  # also choose on the validation slice drawn with each of these seeds: the spread
     views: bool = False  # also train on the store's augmented views of the training images (extract --views)
+    max_memory: int | None = None  # bytes of feature data held at once (None: half the available memory)
+    epochs: int = 30  # streamed probe: at most this many passes over the training rows per grid value
 
     def __post_init__(self) -> None:
         check_resamples(self.resamples)
@@ -93,9 +95,18 @@ class KnnConfig:
     report: bool = True
     overwrite: bool = False  # replace output files this tool did not write
     resamples: int = DEFAULT_RESAMPLES  # bootstrap resamples for the 95% intervals (0: no intervals)
+    max_memory: int | None = None  # bytes of feature data held at once (None: half the available memory)
+    index: Path | None = None  # search through this index folder (built with --splits of the searched rows)
+    approx: bool = False  # build a tuned index over the searched rows and search through it
+    memory_budget: int = 4 * 2**30  # the size of the index --approx builds
+    queries: int = 0  # score a seeded sample of this many queries (0: all of them)
 
     def __post_init__(self) -> None:
         check_resamples(self.resamples)
+        if self.index is not None and self.approx:
+            raise ConfigError("give --index DIR or --approx, not both")
+        if self.queries < 0:
+            raise ConfigError(f"queries must be >= 0 (0: all), got {self.queries}")
         if not self.ks or any(k < 1 for k in self.ks):
             raise ConfigError(f"k must be positive integers, got {list(self.ks)}")
         if not math.isfinite(self.temperature) or self.temperature <= 0:

@@ -71,7 +71,8 @@ def extract_config(dataset: DatasetSpec, backbone: str, output_dir: str | Path, 
                    progress: bool = True) -> ExtractConfig:
     """The one extraction spec, from a data set and extract section (their fields are the spec's)."""
     return ExtractConfig.of(out=store_for(output_dir, dataset.name, backbone), backbone=backbone, progress=progress,
-                            **dataset.model_dump(exclude={"name"}), **spec.model_dump(exclude={"shards"}))
+                            **dataset.model_dump(exclude={"name"}),
+                            **spec.model_dump(exclude={"shards", "dask_address"}))
 
 
 # -- the steps, as plain library calls -------------------------------------------------------------------------------

@@ -72,7 +72,10 @@ ExtractSpec = _model(
     # --layer is per backbone, so --keep-spatial (which keeps that layer) is a command-line option only
     {**_spec_fields("model", skip=("backbone", "weights", "layer", "keep_spatial")), **_spec_fields("decode"),
      **_spec_fields("layout", skip=("spatial_dtype",)), **_spec_fields("run", skip=("overwrite", "progress")),
-     "shards": (int, Field(1, ge=1, description="split each extraction over this many parallel Dask workers"))})
+     "shards": (int, Field(1, ge=1, description="split each extraction over this many parallel Dask workers")),
+     "dask_address": (str | None, Field(None, pattern=r"^(tcp|tls|ucx|inproc)://\S+$",
+                                        description="run the parts on this existing Dask scheduler (e.g. "
+                                                    "tcp://10.0.0.5:8786) instead of a local cluster"))})
 
 
 class ProbeSpec(_Strict):

@@ -62,10 +62,15 @@ def test_the_type_follows_rows_and_memory_budget():
     big = plan_index(2_000_000, d, memory_budget=16 * 2**30)
     assert big.kind == "hnsw" and big.memory_bytes <= 16 * 2**30
     assert plan_index(20_000_000, d, memory_budget=200 * 2**30).kind == "ivf-flat"  # too many rows for HNSW
-    pq = plan_index(20_000_000, d, memory_budget=4 * 2**30)
-    assert pq.kind == "ivf-pq" and pq.memory_bytes <= 4 * 2**30 and d % pq.pq_m == 0
-    assert pq.factory == f"IVF{pq.nlist},PQ{pq.pq_m}x8"
-    assert memory_estimate("ivf-pq", 20_000_000, d, nlist=pq.nlist, pq_m=pq.pq_m) == pq.memory_bytes
+    pq = plan_index(20_000_000, d, memory_budget=4 * 2**30)  # even 8-bit vectors (15 GB) exceed it: rotated codes
+    assert pq.kind == "ivf-opq" and pq.memory_bytes <= 4 * 2**30 and d % pq.pq_m == 0
+    assert pq.factory == f"OPQ{pq.pq_m},IVF{pq.nlist},PQ{pq.pq_m}x8"
+    assert memory_estimate("ivf-opq", 20_000_000, d, nlist=pq.nlist, pq_m=pq.pq_m) == pq.memory_bytes
+    refine = plan_index(2_000_000, d, memory_budget=4 * 2**30)  # raw 6.1 GB do not fit, 8-bit vectors (1.5 GB) do
+    assert refine.kind == "ivf-pq-refine" and refine.factory == f"IVF{refine.nlist},PQ{refine.pq_m}x8,Refine(SQ8)"
+    assert refine.memory_bytes <= 4 * 2**30 and refine.memory_bytes > 2_000_000 * d  # the 8-bit vectors are in it
+    plain = plan_index(20_000_000, d, kind="ivf-pq", memory_budget=4 * 2**30)
+    assert plain.factory == f"IVF{plain.nlist},PQ{plain.pq_m}x8"  # asked for, plain PQ as before
     with pytest.raises(PipelineError, match="raise --memory-budget"):
         plan_index(20_000_000, d, memory_budget=2**20)
     with pytest.raises(PipelineError, match="unknown index type 'annoy'"):
@@ -75,8 +80,8 @@ def test_the_type_follows_rows_and_memory_budget():
 
 
 def test_default_budget_sends_two_million_rows_to_pq():
-    # 2M x 768-d: raw 6.1 GB > 4 GiB, so not HNSW (it stores raw vectors) but IVF-PQ
-    assert plan_index(2_000_000, 768).kind == "ivf-pq"
+    # 2M x 768-d: raw 6.1 GB > 4 GiB, so not HNSW (it stores raw vectors) but IVF-PQ, re-ranked on 8-bit vectors
+    assert plan_index(2_000_000, 768).kind == "ivf-pq-refine"
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf-flat"])

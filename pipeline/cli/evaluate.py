@@ -22,6 +22,12 @@ from pipeline.errors import PipelineError
 OVERWRITE_HELP = "replace output files that exist and were not written by this command"
 
 
+def add_max_memory(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-memory", type=memory_size, default=None,
+                   help="feature data held in memory at once (e.g. 4GiB; default half the available memory): within "
+                        "it the store is loaded whole, beyond it streamed in blocks")
+
+
 def add_resamples(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resamples", type=bounded_int(0, MAX_RESAMPLES), default=DEFAULT_RESAMPLES,
                    help=f"bootstrap resamples of the test images for the 95%% intervals (default {DEFAULT_RESAMPLES}; "
@@ -55,6 +61,9 @@ def add_probe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--views", action="store_true",
                    help="also train on the store's augmented views of the training images (extract --views K)")
     add_resamples(p)
+    add_max_memory(p)
+    p.add_argument("--epochs", type=bounded_int(1, 100_000), default=30,
+                   help="streamed torch-logreg (a store beyond --max-memory): at most this many passes per C")
     p.add_argument("--device", default="auto", help="torch-logreg only: auto | cpu | cuda")
     p.add_argument("--no-report", action="store_true", help="only the JSON (no markdown/HTML report)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
@@ -130,6 +139,17 @@ def add_knn(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loo-split", default=None, help="the split for leave-one-out (default train)")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: STORE.knn.json beside the store)")
     add_resamples(p)
+    add_max_memory(p)
+    p.add_argument("--index", type=Path, default=None,
+                   help="approximate: search through this index folder (index build --splits of the searched rows); "
+                        "the gap to exact search is measured on a sample and recorded")
+    p.add_argument("--approx", action="store_true",
+                   help="approximate: build a tuned index over the searched rows (within --memory-budget) and search "
+                        "through it; the gap to exact search is measured on a sample and recorded")
+    p.add_argument("--memory-budget", type=memory_size, default=4 * 2**30,
+                   help="--approx: the memory the index may take (default 4GiB)")
+    p.add_argument("--queries", type=positive_int, default=None,
+                   help="score a seeded sample of this many queries (default: all); for quick figures at scale")
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
@@ -148,6 +168,7 @@ def add_index(p: argparse.ArgumentParser) -> None:
                    help="recall@10 to tune for (default 0.95)")
     q.add_argument("--splits", type=names, default=None, help="only these splits (default: all rows)")
     q.add_argument("--queries", type=positive_int, default=1000, help="rows sampled to measure recall (default 1000)")
+    add_max_memory(q)
     q.add_argument("--overwrite", action="store_true", help="replace an index folder of another store at --out")
     q = actions.add_parser("add", help="add the store's new rows (rebuilds when indexed rows changed)")
     q.add_argument("index", type=Path)
@@ -165,6 +186,7 @@ def add_search(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", type=Path, default=None, help="the checkpoint, for stores made with --weights")
+    add_max_memory(p)
 
 
 def add_audit(p: argparse.ArgumentParser) -> None:
@@ -239,7 +261,8 @@ def cmd_probe(args: argparse.Namespace) -> None:
                                         val_fraction=args.val_fraction, seed=args.seed, shots=args.shots,
                                         seeds=args.seeds, device=args.device, report=not args.no_report,
                                         overwrite=args.overwrite, resamples=args.resamples,
-                                        val_seeds=args.val_seeds, views=args.views))
+                                        val_seeds=args.val_seeds, views=args.views, max_memory=args.max_memory,
+                                        epochs=args.epochs))
     print(format_table(result, None))
     files = [f"results: {out}"] + ([f"head: {result['head_file']}"] if "head_file" in result else [])
     files += [f"report: {result['report'][1]}"] if result.get("report") else []
@@ -287,8 +310,15 @@ def cmd_knn(args: argparse.Namespace) -> None:
     temperature = args.temperature if args.temperature is not None else DINOV2_TEMPERATURE
     result, out = run_knn(KnnConfig(store=args.store, out=args.out, ks=tuple(ks), temperature=temperature,
                                     loo=args.loo, loo_split=args.loo_split, report=not args.no_report,
-                                    overwrite=args.overwrite, resamples=args.resamples))
-    print(f"{result['mode']}: {result['n_queries']} queries, {result['n_bank']} rows searched")
+                                    overwrite=args.overwrite, resamples=args.resamples, max_memory=args.max_memory,
+                                    index=args.index, approx=args.approx, memory_budget=args.memory_budget,
+                                    queries=args.queries or 0))
+    print(f"{result['mode']}: {result['n_queries']} queries, {result['n_bank']} rows searched"
+          + (f" (streamed, blocks of {result['streamed']['block_rows']} rows)" if "streamed" in result else ""))
+    if "approximate" in result:
+        gaps = ", ".join(f"k={key} {g['gap_points']:+.2f}" for key, g in result["approximate"]["gap"].items())
+        print(f"approximate: {result['approximate']['factory']}; top-1 below exact on "
+              f"{result['approximate']['gap_queries']} sampled queries, in points: {gaps}")
     print(format_table(None, result))
     if result["retrieval"]:
         print(text_table(("k", "recall@k %", "precision@k %", "mAP@k %"), retrieval_rows(result["retrieval"])))
@@ -310,7 +340,7 @@ def cmd_index(args: argparse.Namespace) -> None:
     else:
         infos = build_index(args.store, args.out, kind=args.kind, memory_budget=args.memory_budget,
                             target_recall=args.target_recall, splits=tuple(args.splits) if args.splits else None,
-                            queries=args.queries, overwrite=args.overwrite)
+                            queries=args.queries, overwrite=args.overwrite, max_memory=args.max_memory)
         out = args.out
     setting = f", {infos.search_param}={infos.search_value}" if infos.search_param else ""
     print(f"{out}: {infos.factory} over {infos.rows} rows ({infos.reason}){setting}; recall@10 "
@@ -322,7 +352,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     from pipeline.index.search import search_store
 
     hits = search_store(index=args.index, store=args.store, images=args.images, ids=args.ids, k=args.k,
-                        device=args.device, weights_path=args.weights)
+                        device=args.device, weights_path=args.weights, max_memory=args.max_memory)
     if args.json:
         print(json.dumps(hits, indent=2))
         return

@@ -40,12 +40,23 @@ def config_from_args(args: argparse.Namespace, **given: object) -> ExtractConfig
 def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="the HDF5 store to write (e.g. data/stores/x.h5)")
     add_spec_arguments(p)
+    p.add_argument("--shards", type=PARSERS["positive_int"], default=1,
+                   help="extract in this many parts (each its own incremental store), then merge them")
+    p.add_argument("--dask-address", default=None, metavar="ADDRESS",
+                   help="run the parts on this existing Dask cluster, e.g. tcp://10.0.0.5:8786 (README: Slurm, "
+                        "Kubernetes, GPUs)")
 
 
 def _run(args: argparse.Namespace) -> None:
     from pipeline.engine.runner import extract_to_store
 
-    print(extract_to_store(config_from_args(args, out=args.out)).summary())
+    config = config_from_args(args, out=args.out)
+    if args.shards > 1 or args.dask_address:
+        from pipeline.engine.parts import extract_in_parts
+
+        print(extract_in_parts(config, args.shards, dask_address=args.dask_address).summary())
+        return
+    print(extract_to_store(config).summary())
 
 
 COMMANDS = [Command("extract", "images -> L2-normalised penultimate features in an HDF5 store", _add, _run)]

@@ -145,3 +145,34 @@ def _copy_rows(writer: StoreWriter, listing: Listing, paths: list[Path], dim: in
                 order = np.argsort(rows)
                 features[mine[order]] = read_features(path, rows[order])
         writer.write(block, features, [part_hashes[k][row].decode() for k, row in located])
+
+
+def extract_in_parts(config: ExtractConfig, parts: int, *, dask_address: str | None = None,
+                     timeout: float = 30.0) -> ExtractResult:
+    """Extract the source in `parts` parts, then merge them into `config.out`. With `dask_address` the parts run on
+    that existing Dask cluster (`dask scheduler` + `dask worker`s sharing this filesystem: Slurm, Kubernetes, or
+    several GPUs of one machine), else one after another here. Each part is an incremental store of its own, so a
+    lost worker costs only its part: run the same command again and the finished parts are reused."""
+    if parts < 1:
+        raise StoreError(f"--shards must be >= 1, got {parts}")
+    if dask_address:
+        try:
+            from distributed import Client
+        except ImportError as exc:
+            raise StoreError("--dask-address needs the distributed package: pip install distributed") from exc
+        try:
+            client = Client(dask_address, timeout=timeout)
+        except (OSError, TimeoutError) as exc:
+            raise StoreError(f"cannot reach the Dask scheduler at {dask_address} ({str(exc).splitlines()[0]}); "
+                             "start one with `dask scheduler` and workers with `dask worker ADDRESS`, or check "
+                             "the address") from None
+        with client:
+            if not client.scheduler_info().get("workers"):
+                client.wait_for_workers(1, timeout=timeout)
+            futures = [client.submit(extract_part, config, k, parts, pure=False, key=f"extract-part-{k}-of-{parts}")
+                       for k in range(parts)]
+            client.gather(futures)
+    else:
+        for k in range(parts):
+            extract_part(config, k, parts)
+    return merge_parts(config, parts)

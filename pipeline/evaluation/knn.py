@@ -170,18 +170,34 @@ def _examples(fs: FeatureSet, bank: np.ndarray, queries: np.ndarray, idx: np.nda
 
 
 def run_knn(config: KnnConfig) -> tuple[dict[str, Any], Path]:
-    """Load a store, run kNN classification and retrieval, save the results JSON and the report."""
+    """Run kNN classification and retrieval on a store, save the results JSON and the report. The store is loaded
+    whole when its features fit `max_memory`, and streamed otherwise (`pipeline.evaluation.knn_stream`); with
+    `index`/`approx` the search goes through a FAISS index and the gap to exact search is measured."""
     from pipeline.evaluation.probes import default_results_path
     from pipeline.report.blocks import report_blocks, save_json, title_for
     from pipeline.report.render import check_report_outputs, write_report_blocks
+    from pipeline.store.budget import fits, resolve_max_memory
+    from pipeline.store.read import read_attrs
 
-    fs = load_store(config.store)
+    budget = resolve_max_memory(config.max_memory)
     out = Path(config.out) if config.out else default_results_path(Path(config.store), "knn")
     target = check_output(out, owned=owned_json("knn-results"), overwrite=config.overwrite, protect=[config.store])
     if config.report:
         check_report_outputs(results_stem(out), overwrite=config.overwrite, protect=[config.store])
-    result = knn_classify(fs, ks=config.ks, temperature=config.temperature, loo=config.loo,
-                          loo_split=config.loo_split, retrieval_ks=config.retrieval_ks, resamples=config.resamples)
+    attrs = read_attrs(config.store)
+    whole = fits(int(attrs.get("committed_rows", 0)), int(attrs.get("feature_dim", 0)), budget)
+    streamed = config.index is not None or config.approx or config.queries or not whole
+    if streamed:
+        from pipeline.evaluation.knn_stream import run_streamed
+        from pipeline.store.columns import scan_store
+
+        fs = scan_store(config.store)
+        result = run_streamed(fs, config, budget)
+    else:
+        fs = load_store(config.store)
+        result = knn_classify(fs, ks=config.ks, temperature=config.temperature, loo=config.loo,
+                              loo_split=config.loo_split, retrieval_ks=config.retrieval_ks,
+                              resamples=config.resamples)
     result.update(fs.provenance())
     if config.report:
         blocks = report_blocks(fs, title=title_for(fs), knn=result)

@@ -349,8 +349,12 @@ def run_probe(config: ProbeConfig) -> tuple[dict[str, Any], Path]:
     from pipeline.report.blocks import report_blocks, save_json, title_for
     from pipeline.report.render import write_report_blocks
 
-    fs = load_store(config.store, views=config.views)
     _check_device(config.head, config.device)
+    from pipeline.evaluation.stream_probe import run_streamed_probe, streams
+
+    if streams(config):
+        return run_streamed_probe(config)
+    fs = load_store(config.store, views=config.views)
     targets = probe_outputs(config)
     saved = None
     if config.shots:

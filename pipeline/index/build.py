@@ -36,6 +36,7 @@ from pipeline.index.files import (
 from pipeline.index.plan import (
     DEFAULT_MEMORY_BUDGET,
     EXACT_MAX_ROWS,
+    REFINE_K_FACTOR,
     IndexPlan,
     index_kind,
     memory_estimate,
@@ -72,8 +73,12 @@ def _blocks(store: Path, rows: np.ndarray | None, block_rows: int) -> Iterator[t
     """(store row numbers, features) in blocks, optionally only the rows in `rows` (sorted store row numbers)."""
     for block in iter_store(store, rows=block_rows):
         numbers = block.rows
-        if rows is not None:
-            keep = np.isin(numbers, rows)
+        if rows is not None and len(numbers):
+            lo, hi = np.searchsorted(rows, [numbers[0], numbers[-1] + 1])  # both sorted: no set lookups
+            wanted = rows[lo:hi]
+            at = np.minimum(np.searchsorted(numbers, wanted), len(numbers) - 1)
+            keep = np.zeros(len(numbers), dtype=bool)
+            keep[at[numbers[at] == wanted]] = True
             numbers, block.features = numbers[keep], block.features[keep]
         if len(numbers):
             yield numbers, block.features
@@ -92,14 +97,25 @@ def _gather(store: Path, rows: np.ndarray, d: int, block_rows: int) -> np.ndarra
 def exact_topk(store: Path, rows: np.ndarray | None, queries: np.ndarray, k: int,
                block_rows: int = 65536) -> np.ndarray:
     """Exact top-k store row numbers (among `rows`, or all) for each query, streaming the store."""
+    return exact_search(store, rows, queries, k, block_rows)[1]
+
+
+def exact_search(store: Path, rows: np.ndarray | None, queries: np.ndarray, k: int,
+                 block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k (similarities, store row numbers) among `rows` (or all) for each query, streaming the store: an
+    exact FAISS search per block, merged into the running top-k (ties to the earlier row). Memory: one block."""
     best_sims = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     best_rows = np.zeros((len(queries), 0), dtype=np.int64)
-    for numbers, feats in _blocks(store, rows, min(block_rows, 16384)):  # [queries, block] similarities at a time
-        sims = np.concatenate([best_sims, queries @ feats.T], axis=1)
-        found = np.concatenate([best_rows, np.broadcast_to(numbers, (len(queries), len(numbers)))], axis=1)
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    for numbers, feats in _blocks(store, rows, block_rows):
+        index = faiss.IndexFlatIP(feats.shape[1])
+        index.add(np.ascontiguousarray(feats))
+        s, i = index.search(q, min(k, len(numbers)))
+        sims = np.concatenate([best_sims, s], axis=1)
+        found = np.concatenate([best_rows, numbers[np.maximum(i, 0)]], axis=1)
         order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
         best_sims, best_rows = np.take_along_axis(sims, order, axis=1), np.take_along_axis(found, order, axis=1)
-    return best_rows
+    return best_sims, best_rows
 
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray, query_rows: np.ndarray, k: int = TUNE_K) -> float:
@@ -149,6 +165,19 @@ def tune_index(index: faiss.Index, kind: str, nlist: int, queries: np.ndarray, q
     return {"param": name, **chosen, "tried": tried}
 
 
+def new_index(plan: IndexPlan, d: int) -> faiss.Index:
+    """An empty index of the plan (inner product); a refine stage re-ranks `REFINE_K_FACTOR` times k candidates."""
+    index = faiss.index_factory(d, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    if "Refine" in plan.factory:
+        faiss.downcast_index(index).k_factor = REFINE_K_FACTOR
+    return index
+
+
+def training_size(plan: IndexPlan, n: int) -> int:
+    """Rows an index is trained on: a sample of 64 per IVF list (and per PQ centroid), not the whole store."""
+    return min(n, max(plan.nlist * 64, 256 * 64 if plan.pq_m else 0, 1))
+
+
 def _select_rows(store: Path, splits: tuple[str, ...] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(store row numbers, ids, content hashes) of the rows to index: all, or those of `splits`."""
     columns = read_columns(store, "ids", "files/hash", "splits")
@@ -175,10 +204,16 @@ def _measure(index: faiss.Index, plan: IndexPlan, store: Path, row_of: np.ndarra
 def build_index(store: str | Path, out: str | Path, *, kind: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
                 target_recall: float = 0.95, splits: tuple[str, ...] | None = None, queries: int = 1000,
                 exact_max_rows: int = EXACT_MAX_ROWS, seed: int = 0, block_rows: int = 65536,
-                history: list[dict[str, Any]] | None = None, overwrite: bool = False) -> IndexInfos:
-    """Build, tune and save an index over a store's rows (all of them, or those of `splits`) into folder `out`.
-    An existing index folder of another store is replaced only with `overwrite`."""
+                history: list[dict[str, Any]] | None = None, overwrite: bool = False,
+                max_memory: int | None = None) -> IndexInfos:
+    """Build, tune and save an index over a store's rows (all of them, or those of `splits`) into folder `out`,
+    streaming the store (trained on a sample, filled block by block; `max_memory` sizes the blocks). An existing
+    index folder of another store is replaced only with `overwrite`."""
     store, out = Path(store), Path(out)
+    if max_memory is not None:
+        from pipeline.store.budget import block_rows as budget_rows
+
+        block_rows = budget_rows(max_memory, Provenance.from_store(store).feature_dim)
     if not 0 < target_recall <= 1:
         raise ConfigError(f"the target recall must be in (0, 1], got {target_recall}")
     if queries < 1:
@@ -191,11 +226,11 @@ def build_index(store: str | Path, out: str | Path, *, kind: str = "auto", memor
     plan = plan_index(len(numbers), d, kind=kind, memory_budget=memory_budget, exact_max_rows=exact_max_rows)
     log.info("index %s: %s (%s)", store, plan.factory, plan.reason)
     seconds: dict[str, float] = {}
-    index = faiss.index_factory(d, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    index = new_index(plan, d)
     start = time.perf_counter()
     if not index.is_trained:
         rng = np.random.default_rng(seed)
-        size = min(len(numbers), max(plan.nlist * 64, 256 * 64 if plan.pq_m else 0))
+        size = training_size(plan, len(numbers))
         index.train(_gather(store, np.sort(rng.choice(numbers, size=size, replace=False)), d, block_rows))
     seconds["train"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()

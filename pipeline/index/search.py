@@ -9,10 +9,13 @@ import numpy as np
 
 from pipeline.engine.decode import Decoding
 from pipeline.errors import PipelineError
-from pipeline.index.build import build_flat_index, search
+from pipeline.index.build import exact_search, search
 from pipeline.index.files import check_rows, load_index, store_of
 from pipeline.plan import Provenance
-from pipeline.store.read import iter_store, read_columns
+from pipeline.sources.views import view_mask
+from pipeline.store.budget import block_rows as budget_rows
+from pipeline.store.budget import resolve_max_memory
+from pipeline.store.read import iter_store, read_attrs, read_columns
 
 
 def features_for_ids(store: str | Path, ids: list[str]) -> np.ndarray:
@@ -36,11 +39,12 @@ def features_for_ids(store: str | Path, ids: list[str]) -> np.ndarray:
 
 def search_store(*, index: str | Path | None = None, store: str | Path | None = None,
                  images: list[str | Path] = (), ids: list[str] = (), k: int = 10, device: str = "auto",
-                 weights_path: str | Path | None = None) -> list[dict[str, Any]]:
+                 weights_path: str | Path | None = None, max_memory: int | None = None) -> list[dict[str, Any]]:
     """Top-k hits (id, score, label, split, path) for each query image file and each query id.
 
-    With `index`, its saved (possibly approximate) index is searched; otherwise an exact index over the whole
-    store. Image files go through the store's own backbone (checked to reproduce its weights and preprocessing).
+    With `index`, its saved (possibly approximate) index is searched; otherwise the whole store exactly, streamed
+    in blocks sized by `max_memory`. Image files go through the store's own backbone (checked to reproduce its
+    weights and preprocessing).
     """
     if not images and not ids:
         raise PipelineError("nothing to search for; give --image FILE... and/or --id ID...")
@@ -54,12 +58,6 @@ def search_store(*, index: str | Path | None = None, store: str | Path | None = 
         check_rows(loaded, store)
     made = Provenance.from_store(store)
     columns = read_columns(store, "ids", "labels", "splits")
-    if loaded is not None:
-        faiss_index, row_ids = loaded.index, loaded.ids
-    else:
-        blocks = list(iter_store(store))
-        faiss_index = build_flat_index(np.concatenate([b.features for b in blocks]))
-        row_ids = np.concatenate([b.ids for b in blocks])
 
     queries, names = [], []
     if images:
@@ -71,7 +69,14 @@ def search_store(*, index: str | Path | None = None, store: str | Path | None = 
     if ids:
         queries.append(features_for_ids(store, list(ids)))
         names += list(ids)
-    sims, idx = search(faiss_index, np.concatenate(queries), min(k, faiss_index.ntotal))
+    if loaded is not None:
+        row_ids = loaded.ids
+        sims, idx = search(loaded.index, np.concatenate(queries), min(k, loaded.index.ntotal))
+    else:  # exact, the store streamed a block at a time (any size, bounded memory)
+        rows = np.flatnonzero(~view_mask(columns["ids"], read_attrs(store)))
+        row_ids = columns["ids"]
+        sims, idx = exact_search(Path(store), rows, np.concatenate(queries), min(k, len(rows)),
+                                 budget_rows(resolve_max_memory(max_memory), made.feature_dim))
 
     from pipeline.engine.embed import paths_for_ids
 

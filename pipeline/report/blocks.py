@@ -244,9 +244,11 @@ def report_blocks(fs: Any, *, title: Text, probe: dict[str, Any] | None = None, 
         blocks += _audit_blocks(audit)
     labelled = fs.labels >= 0
     if labelled.sum() >= 3:
+        features, labels = (fs.projection_sample() if hasattr(fs, "projection_sample")  # a store too big to load
+                            else (fs.features[labelled], fs.labels[labelled]))
         blocks.append(Block("figure", "The features on their first two principal components, one colour per class",
-                            png=projection_png(fs.features[labelled], fs.labels[labelled], fs.class_names,
-                                               title="features: PCA"), name="projection"))
+                            png=projection_png(features, labels, fs.class_names, title="features: PCA"),
+                            name="projection"))
     return blocks
 
 

@@ -1,0 +1,150 @@
+"""Stores beyond the memory budget: the compact columns, the streamed exact kNN (the same figures as the in-memory
+one), the approximate kNN with its measured gap, the streamed probe (within half a point of the full-batch head),
+the refine / OPQ index kinds, and the one-line refusals. Run through the CLI from another working directory, on
+synthetic stores written by the real writer (learnable, not separable)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.evaluation.knn import knn_classify
+from pipeline.evaluation.knn_stream import knn_streamed
+from pipeline.evaluation.stream_probe import hash_holdout
+from pipeline.store.budget import block_rows, fits, resolve_max_memory
+from pipeline.store.columns import hash_keys, scan_store
+from pipeline.store.read import load_store
+from pipeline.store.synthetic import write_synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("stream") / "s.h5"
+    write_synthetic(path, 12000, dim=32, classes=12, noise=1.2, dtype="float16", shard_rows=5000)
+    return path
+
+
+def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def _strip(d):
+    skip = {"seconds", "protocol", "streamed", "report", "examples"}
+    if isinstance(d, dict):
+        return {k: _strip(v) for k, v in d.items() if k not in skip}
+    if isinstance(d, list):
+        return [_strip(v) for v in d]
+    return round(d, 9) if isinstance(d, float) else d
+
+
+def test_the_columns_are_compact_and_agree_with_the_loaded_store(store):
+    ss, fs = scan_store(store), load_store(store)
+    assert len(ss) == len(fs) and ss.labels.dtype == np.int32 and ss.codes.dtype == np.int8
+    assert np.array_equal(ss.labels, fs.labels) and np.array_equal(ss.mask("test"), fs.mask("test"))
+    assert ss.keys.dtype == np.uint64 and len(np.unique(ss.keys)) == len(ss)
+    keys, ids = ss.row_keys_of(np.array([5, 1, 9000]))
+    assert keys == [fs.row_keys()[i] for i in (5, 1, 9000)] and ids == [fs.ids[i] for i in (5, 1, 9000)]
+    assert np.allclose(ss.features_of(np.array([9000, 3])), fs.features[[9000, 3]])
+    assert hash_keys(np.array([b"00000000000000ff" + b"0" * 16]))[0] == 255
+
+
+def test_streamed_exact_knn_gives_the_in_memory_figures(store):
+    fs, ss = load_store(store), scan_store(store)
+    whole = knn_classify(fs, ks=(1, 10), resamples=50)
+    streamed = knn_streamed(ss, ks=(1, 10), resamples=50, max_memory=1 << 20)
+    assert streamed["streamed"]["block_rows"] < len(ss) // 4  # really several query blocks and bank chunks
+    assert _strip(streamed) == _strip(whole)
+    assert 0.3 < streamed["by_k"]["10"]["weighted"]["top1"] < 0.99  # learnable, not trivially separable
+
+
+def test_streamed_leave_one_out_gives_the_in_memory_figures(store):
+    fs, ss = load_store(store), scan_store(store)
+    whole = knn_classify(fs, ks=(5,), loo=True, resamples=0)
+    streamed = knn_streamed(ss, ks=(5,), loo=True, resamples=0, max_memory=1 << 20)
+    assert _strip(streamed) == _strip(whole)
+
+
+def test_the_knn_command_streams_beyond_max_memory_and_records_the_approximate_gap(store, tmp_path):
+    run = _cli(tmp_path, "knn", "--store", str(store), "--k", "10", "--max-memory", "1MiB", "--out", "e.json",
+               "--no-report", "--resamples", "0")
+    assert run.returncode == 0, run.stderr
+    exact = json.loads((tmp_path / "e.json").read_text())
+    assert "streamed" in exact and "(streamed" in run.stdout
+    run = _cli(tmp_path, "knn", "--store", str(store), "--k", "10", "--approx", "--memory-budget", "1MiB",
+               "--out", "a.json", "--resamples", "0")
+    assert run.returncode == 0, run.stderr
+    approx = json.loads((tmp_path / "a.json").read_text())["approximate"]
+    assert approx["factory"].startswith(("IVF", "OPQ")) and approx["gap_queries"] == min(2000, exact["n_queries"])
+    gap = approx["gap"]["10/weighted"]
+    assert gap["exact_top1"] != gap["approx_top1"] or approx["recall_at_10"] > 0.9
+    assert abs(gap["gap_points"]) < 10  # a tuned index stays close; the figure is the measured difference
+    assert (tmp_path / "a.html").is_file() and "approximate kNN" in (tmp_path / "a.html").read_text()
+
+
+def test_the_streamed_probe_is_within_half_a_point_of_the_full_batch_head(store, tmp_path):
+    args = ["probe", "--store", str(store), "--head", "torch-logreg", "--grid", "0.1,1,10", "--resamples", "0",
+            "--no-report", "--device", "cpu"]
+    assert _cli(tmp_path, *args, "--out", "full.json").returncode == 0
+    run = _cli(tmp_path, *args, "--out", "str.json", "--max-memory", "2MiB")
+    assert run.returncode == 0, run.stderr
+    full, streamed = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("full", "str"))
+    assert "streamed" in streamed and "streamed" not in full
+    assert abs(full["test_top1"] - streamed["test_top1"]) <= 0.005
+    assert streamed["n_train"] + streamed["n_val"] == full["n_train"] + full["n_val"]
+    run = _cli(tmp_path, "predict", "--head", "str.head.safetensors", "--store", str(store), "--out", "p.csv")
+    assert run.returncode == 0, run.stderr  # the saved head is an ordinary head
+
+
+def test_the_sweep_stops_when_validation_accuracy_falls(store):
+    from pipeline.evaluation.stream_probe import fit_streamed_probe
+
+    _, result = fit_streamed_probe(scan_store(store), grid=(1e-4, 1e-5, 1e-6), device="cpu", max_memory=1 << 20,
+                                   resamples=0, epochs=3)
+    assert result["chosen"] == 1e-6 or len(result["val_top1_by_value"]) < 3  # tried from the strongest up
+    _, result = fit_streamed_probe(scan_store(store), grid=(1.0, 1e-5), device="cpu", max_memory=1 << 20,
+                                   resamples=0, epochs=3)
+    assert list(result["val_top1_by_value"]) == ["1e-05", "1.0"]
+
+
+def test_the_hash_holdout_is_stratified_and_order_free():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=5000)
+    keys = rng.integers(0, 2**63, size=5000, dtype=np.int64).astype(np.uint64)
+    mask = hash_holdout(labels, keys, fraction=0.2, seed=0)
+    for c in range(5):
+        assert abs(mask[labels == c].mean() - 0.2) < 0.01
+    perm = rng.permutation(5000)
+    assert np.array_equal(hash_holdout(labels[perm], keys[perm], fraction=0.2, seed=0), mask[perm])
+    assert not np.array_equal(hash_holdout(labels, keys, fraction=0.2, seed=1), mask)
+
+
+def test_refusals_beyond_the_budget_are_one_line(store, tmp_path):
+    run = _cli(tmp_path, "probe", "--store", str(store), "--max-memory", "1MiB", "--no-report")
+    assert run.returncode == 2 and "--head torch-logreg" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    run = _cli(tmp_path, "knn", "--store", str(store), "--max-memory", "nonsense")
+    assert run.returncode == 2 and "--max-memory" in run.stderr
+    with pytest.raises(PipelineError):
+        resolve_max_memory(0)
+    assert fits(1000, 100, 10 << 20) and not fits(10**6, 100, 10 << 20) and block_rows(1 << 30, 128) >= 65536
+
+
+@pytest.mark.parametrize("kind", ["ivf-pq-refine", "ivf-opq"])
+def test_the_refine_and_opq_indexes_build_from_the_streamed_store(store, tmp_path, kind):
+    run = _cli(tmp_path, "index", "build", "--store", str(store), "--out", "ix", "--type", kind,
+               "--memory-budget", "4MiB", "--queries", "200")
+    assert run.returncode == 0, run.stderr
+    infos = json.loads((tmp_path / "ix" / "index_infos.json").read_text())
+    assert infos["kind"] == kind and infos["rows"] == 12000
+    assert infos["recall_at_10"] > (0.8 if kind == "ivf-pq-refine" else 0.3)
+    run = _cli(tmp_path, "search", "--index", "ix", "--id", "r00000007", "--k", "3", "--json")
+    assert run.returncode == 0 and json.loads(run.stdout)[0]["hits"][0]["id"] == "r00000007"
