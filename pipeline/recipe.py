@@ -118,13 +118,19 @@ def extract_all(dataset: DatasetSpec, backbones: list[str], output_dir: str, spe
     return summaries
 
 
+def _bytes(size: str | None) -> int | None:
+    from pipeline.index.plan import parse_memory_size
+
+    return None if size is None else parse_memory_size(size)
+
+
 def probe_store(store: str, output_dir: str, spec: ProbeSpec) -> dict:
     from pipeline.config import ProbeConfig
     from pipeline.evaluation.probes import run_probe
 
     result, _ = run_probe(ProbeConfig(store=Path(store), out=results_for(output_dir, store, "probe"), head=spec.head,
                                       grid=tuple(spec.grid) if spec.grid else None, resamples=spec.resamples,
-                                      val_seeds=tuple(spec.val_seeds)))
+                                      val_seeds=tuple(spec.val_seeds), max_memory=_bytes(spec.max_memory)))
     return result
 
 
@@ -133,7 +139,8 @@ def knn_store(store: str, output_dir: str, spec: KnnSpec) -> dict:
     from pipeline.evaluation.knn import run_knn
 
     result, _ = run_knn(KnnConfig(store=Path(store), out=results_for(output_dir, store, "knn"), ks=tuple(spec.ks),
-                                  temperature=spec.temperature, resamples=spec.resamples))
+                                  temperature=spec.temperature, resamples=spec.resamples,
+                                  max_memory=_bytes(spec.max_memory)))
     result.pop("examples", None)  # for the report's image grid only: not worth passing around
     return result
 

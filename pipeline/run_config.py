@@ -78,6 +78,12 @@ ExtractSpec = _model(
                                                     "tcp://10.0.0.5:8786) instead of a local cluster"))})
 
 
+def _size_or_none(text: str | None) -> str | None:
+    if text is not None:
+        parse_memory_size(text)  # a ConfigError is a ValueError: pydantic reports it against the field
+    return text
+
+
 class ProbeSpec(_Strict):
     enabled: bool = True
     head: HeadName = "logreg"
@@ -86,6 +92,13 @@ class ProbeSpec(_Strict):
                            description="bootstrap resamples for the 95% intervals (0: none)")
     val_seeds: list[int] = Field(default_factory=list,
                                  description="without a val split: the slice seeds whose spread is reported")
+    max_memory: str | None = Field(None, description="feature data held at once, e.g. 4GiB (default: half the "
+                                                   "available memory); beyond it torch-logreg streams the store")
+
+    @field_validator("max_memory")
+    @classmethod
+    def _memory(cls, text: str | None) -> str | None:
+        return _size_or_none(text)
 
     @field_validator("grid")
     @classmethod
@@ -102,6 +115,13 @@ class KnnSpec(_Strict):
     temperature: float = Field(DINOV2_TEMPERATURE, gt=0)
     resamples: int = Field(DEFAULT_RESAMPLES, ge=0, le=MAX_RESAMPLES,
                            description="bootstrap resamples for the 95% intervals (0: none)")
+    max_memory: str | None = Field(None, description="feature data held at once, e.g. 4GiB (default: half the "
+                                                   "available memory); beyond it the search streams the store")
+
+    @field_validator("max_memory")
+    @classmethod
+    def _memory(cls, text: str | None) -> str | None:
+        return _size_or_none(text)
 
 
 class AuditSpec(_Strict):

@@ -190,3 +190,71 @@ def test_a_failing_backbone_does_not_stop_the_others(tmp_path, small_digits_root
     assert "1 of 2 backbones failed on digits: timm:resnet_18" in capsys.readouterr().err
     board = (tmp_path / "out" / "leaderboard_digits.md").read_text()  # published anyway, with the good backbone
     assert f"| 1 | {TINY_BACKBONE} |" in board and "error:" in board
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_workers(address: str, n: int, timeout: float = 90) -> None:
+    from distributed import Client
+
+    with Client(address, timeout=timeout) as client:
+        client.wait_for_workers(n, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_extract_on_a_real_dask_cluster_equals_a_local_run(tmp_path, small_digits_root):
+    """A real `dask scheduler` and two `dask worker` processes on loopback: `extract --shards 2 --dask-address`
+    runs one part on each, and the merged store equals a plain local extraction."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.store.read import load_store, read_attrs
+
+    dask = Path(sys.executable).with_name("dask")
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": tmp_path, "env": env}
+    cluster = [subprocess.Popen([str(dask), "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+                                 "--no-dashboard"], **quiet)]
+    try:
+        cluster += [subprocess.Popen([str(dask), "worker", address, "--nworkers", "1", "--nthreads", "1",
+                                      "--no-dashboard", "--name", f"w{k}", "--local-directory",
+                                      str(tmp_path / f"w{k}")], **quiet) for k in range(2)]
+        _wait_for_workers(address, 2)  # the client retries until the scheduler listens
+        tiny = ["--backbone", TINY_BACKBONE, "--random-init", "--workers", "0"]
+        other = tmp_path / "elsewhere"
+        other.mkdir()
+        run = subprocess.run([sys.executable, "-m", "pipeline", "--quiet", "extract", "--data", str(small_digits_root),
+                              "--out", "dask.h5", "--shards", "2", "--dask-address", address, *tiny], cwd=other,
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr
+        from distributed import Client
+
+        with Client(address, timeout=30) as client:  # both workers ran a part
+            ran = client.run(lambda dask_worker: dask_worker.state.executed_count)
+        assert len(ran) == 2 and all(v >= 1 for v in ran.values()), ran
+    finally:
+        for p in cluster[::-1]:
+            p.terminate()
+        for p in cluster:
+            p.wait(timeout=30)
+    local = subprocess.run([sys.executable, "-m", "pipeline", "--quiet", "extract", "--data", str(small_digits_root),
+                            "--out", "local.h5", *tiny], cwd=other, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert local.returncode == 0, local.stderr
+    a, b = load_store(other / "dask.h5"), load_store(other / "local.h5")
+    assert len(a) == 100 and list(a.ids) == list(b.ids) and np.array_equal(a.labels, b.labels)
+    np.testing.assert_allclose(a.features, b.features, atol=1e-5)
+    assert read_attrs(other / "dask.h5")["cache_key"] == read_attrs(other / "local.h5")["cache_key"]
+    bad = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--data", str(small_digits_root), "--out",
+                          "x.h5", "--shards", "2", "--dask-address", address, *tiny], cwd=other, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "cannot reach the Dask scheduler" in bad.stderr

@@ -53,7 +53,8 @@ def test_the_columns_are_compact_and_agree_with_the_loaded_store(store):
     assert np.array_equal(ss.labels, fs.labels) and np.array_equal(ss.mask("test"), fs.mask("test"))
     assert ss.keys.dtype == np.uint64 and len(np.unique(ss.keys)) == len(ss)
     keys, ids = ss.row_keys_of(np.array([5, 1, 9000]))
-    assert keys == [fs.row_keys()[i] for i in (5, 1, 9000)] and ids == [fs.ids[i] for i in (5, 1, 9000)]
+    assert [k.decode() for k in keys] == [fs.row_keys()[i] for i in (5, 1, 9000)]
+    assert [i.decode() for i in ids] == [fs.ids[i] for i in (5, 1, 9000)]
     assert np.allclose(ss.features_of(np.array([9000, 3])), fs.features[[9000, 3]])
     assert hash_keys(np.array([b"00000000000000ff" + b"0" * 16]))[0] == 255
 
@@ -116,6 +117,16 @@ def test_the_sweep_stops_when_validation_accuracy_falls(store):
     assert list(result["val_top1_by_value"]) == ["1e-05", "1.0"]
 
 
+def test_compact_correctness_records_are_the_same_records():
+    from pipeline.evaluation.intervals import pack_correct, pack_correct_arrays
+
+    keys = ["b" * 32, "a" * 32, "é-id", "a" * 32, "z"]
+    ids = ["x/2", "x/1", "é/ü", "x/0", "ß"]
+    correct = np.array([True, False, True, True, False])
+    assert pack_correct_arrays(correct, np.array([k.encode() for k in keys]), np.array([i.encode() for i in ids])) \
+        == pack_correct(correct, keys, ids)
+
+
 def test_the_hash_holdout_is_stratified_and_order_free():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 5, size=5000)
@@ -148,3 +159,23 @@ def test_the_refine_and_opq_indexes_build_from_the_streamed_store(store, tmp_pat
     assert infos["recall_at_10"] > (0.8 if kind == "ivf-pq-refine" else 0.3)
     run = _cli(tmp_path, "search", "--index", "ix", "--id", "r00000007", "--k", "3", "--json")
     assert run.returncode == 0 and json.loads(run.stdout)[0]["hits"][0]["id"] == "r00000007"
+
+
+def test_the_run_config_carries_max_memory_and_the_dask_address(store, tmp_path):
+    from pipeline.errors import ConfigError
+    from pipeline.recipe import knn_store, probe_store
+    from pipeline.run_config import load_run_config
+
+    cfg = tmp_path / "c.yaml"
+    body = ("name: x\ndatasets: [{name: d, data: imgs}]\nbackbones: [b]\n"
+            "probe: {head: torch-logreg, grid: [1.0], max_memory: 2MiB, resamples: 0}\n"
+            "knn: {ks: [5], max_memory: 1MiB, resamples: 0}\n"
+            "extract: {shards: 2, dask_address: 'tcp://127.0.0.1:8786'}\n")
+    cfg.write_text(body)
+    config = load_run_config(cfg)
+    assert config.extract.dask_address == "tcp://127.0.0.1:8786" and config.probe.max_memory == "2MiB"
+    assert "streamed" in probe_store(str(store), str(tmp_path / "out"), config.probe)
+    assert "streamed" in knn_store(str(store), str(tmp_path / "out"), config.knn)
+    cfg.write_text(body.replace("max_memory: 1MiB", "max_memory: lots"))
+    with pytest.raises(ConfigError, match="knn.max_memory"):
+        load_run_config(cfg)

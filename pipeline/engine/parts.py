@@ -155,7 +155,10 @@ def extract_in_parts(config: ExtractConfig, parts: int, *, dask_address: str | N
     lost worker costs only its part: run the same command again and the finished parts are reused."""
     if parts < 1:
         raise StoreError(f"--shards must be >= 1, got {parts}")
-    if dask_address:
+    if dask_address:  # workers run elsewhere (another directory, another machine): absolute paths only
+        data = str(config.source.data)
+        config = config.replace(out=Path(config.out).resolve(),
+                                **({"data": str(Path(data).resolve())} if Path(data).exists() else {}))
         try:
             from distributed import Client
         except ImportError as exc:

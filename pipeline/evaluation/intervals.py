@@ -153,6 +153,18 @@ def pack_correct(correct: np.ndarray, keys: list[str], ids: list[str]) -> dict[s
             "bits": base64.b64encode(bits.tobytes()).decode("ascii")}
 
 
+def pack_correct_arrays(correct: np.ndarray, keys: np.ndarray, ids: np.ndarray) -> dict[str, Any]:
+    """`pack_correct` for keys and ids given as byte-string arrays (UTF-8), sorted by numpy instead of as Python
+    tuples: the same record (UTF-8 bytes sort as their code points do) in a fraction of the memory, for millions of
+    test images."""
+    keys, ids = np.asarray(keys, dtype=bytes), np.asarray(ids, dtype=bytes)
+    order = np.lexsort((ids, keys))
+    bits = np.packbits(np.asarray(correct, dtype=bool)[order])
+    digest = hashlib.sha256(b"\n".join(np.sort(keys).tolist())).hexdigest()[:32]
+    return {"order": "content hash, then id", "digest": digest, "n": int(len(keys)),
+            "bits": base64.b64encode(bits.tobytes()).decode("ascii")}
+
+
 def unpack_correct(packed: dict[str, Any]) -> np.ndarray:
     """The correctness vector (in scoring order) that `pack_correct` wrote; refuses a record that does not add up."""
     n = int(packed["n"])

@@ -13,7 +13,7 @@ results record the gap to exact kNN on a seeded sample of the queries, measured 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import faiss
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.evaluation.intervals import pack_correct
+from pipeline.evaluation.intervals import pack_correct_arrays
 from pipeline.evaluation.knn import knn_protocol, vote_scores
 from pipeline.evaluation.metrics import (
     prediction_metrics,
@@ -119,6 +119,23 @@ class Collected:
             self.examples[int(positions[j])] = (idx[j, :6], sims[j, :6])
 
 
+def _query_groups(ss: StreamedSet, queries: np.ndarray, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The queries in groups of about `rows` (read in store order, gathered across blocks): each group is one pass
+    over the bank, so sparse queries (a sample, a small test split) cost one pass per `rows` queries, not per block."""
+    held_p: list[np.ndarray] = []
+    held_x: list[np.ndarray] = []
+    count = 0
+    for positions, feats in ss.blocks(queries, block_rows=rows):
+        held_p.append(positions)
+        held_x.append(feats)
+        count += len(positions)
+        if count >= rows:
+            yield np.concatenate(held_p), np.concatenate(held_x)
+            held_p, held_x, count = [], [], 0
+    if count:
+        yield np.concatenate(held_p), np.concatenate(held_x)
+
+
 def _example_positions(ss: StreamedSet, queries: np.ndarray, n: int = 8) -> list[int]:
     """The first query of each class in store order, up to n (as the in-memory kNN picks them)."""
     positions = np.flatnonzero(queries)
@@ -151,7 +168,7 @@ def knn_streamed(ss: StreamedSet, *, ks: tuple[int, ...], temperature: float = 0
     relevant = np.bincount(bank_labels, minlength=len(ss.class_names)) - (1 if leave_one_out else 0)
     got = Collected(ss, sorted(set(ks)), retrieval_ks, temperature)
     examples = _example_positions(ss, queries)
-    for positions, feats in ss.blocks(queries, block_rows=rows):
+    for positions, feats in _query_groups(ss, queries, rows):
         sims, idx = search(feats, positions)
         got.add(positions, sims[:, :depth], idx[:, :depth], bank_labels, relevant, set(examples))
     result = _figures(ss, got, queries, resamples=resamples)
@@ -186,7 +203,7 @@ def _figures(ss: StreamedSet, got: Collected, queries: np.ndarray, *, resamples:
         if k < 5:  # as the in-memory kNN: fewer than 5 neighbours cannot rank 5 classes
             m["top5"] = None
             m.get("intervals", {}).pop("top5", None)
-        m["correct"] = pack_correct(pred == y, keys, ids)
+        m["correct"] = pack_correct_arrays(pred == y, keys, ids)
         by_k.setdefault(str(k), {})[vote] = m
     kept = np.concatenate(got.retrieval_positions) if got.retrieval_positions else np.zeros(0, np.int64)
     kept_order = _canonical_order_of(kept, canonical)

@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.evaluation.intervals import pack_correct
+from pipeline.evaluation.intervals import pack_correct_arrays
 from pipeline.evaluation.metrics import prediction_metrics, ranked_top5_hits
 from pipeline.sources.hints import how_to
 from pipeline.splits import held_out_count
@@ -293,7 +293,7 @@ def _test(model: StreamedLogisticRegression, ss: StreamedSet, test: np.ndarray, 
                                  hits5=hits if top5 is not None else None, resamples=resamples, seed=seed)
     keys, ids = ss.row_keys_of(canonical)
     return {**{f"test_{k}" if k != "n" else "n_test_scored": v for k, v in metrics.items()},
-            "test_correct": pack_correct(y_pred == y, keys, ids)}
+            "test_correct": pack_correct_arrays(y_pred == y, keys, ids)}
 
 
 def streams(config: Any) -> bool:

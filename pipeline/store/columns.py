@@ -25,6 +25,7 @@ from pipeline.store.schema import NORM_TOLERANCE, SPLITS
 
 SPLIT_CODE = {name: code for code, name in enumerate(SPLITS)}
 SCAN_ROWS = 1 << 20  # rows of the columns read at a time
+PICK_ROWS = 1 << 16  # wanted rows gathered at a time (a stretch of the store around them is read whole)
 _HEX = np.full(256, 255, dtype=np.uint8)
 _HEX[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtype=np.uint8)
 _HEX[np.frombuffer(b"ABCDEF", dtype=np.uint8)] = np.arange(10, 16, dtype=np.uint8)
@@ -97,14 +98,16 @@ class StreamedSet:
         return np.asarray([r.decode("utf-8", "surrogateescape") if isinstance(r, bytes) else str(r) for r in raw],
                           dtype=object)[inverse]
 
-    def row_keys_of(self, positions: np.ndarray) -> tuple[list[str], list[str]]:
-        """(content keys, ids) of some positions, as `FeatureSet.row_keys` gives them (the hash, else the id): what
-        per-image results are packed by (`pipeline.evaluation.intervals.pack_correct`)."""
-        ids = self.ids_of(positions)
+    def row_keys_of(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(content keys, ids) of some positions as UTF-8 byte-string arrays, the keys as `FeatureSet.row_keys`
+        gives them (the hash, else the id): what per-image results are packed by (`pack_correct_arrays`)."""
         unique, inverse = np.unique(self.rows[np.asarray(positions, dtype=np.int64)], return_inverse=True)
         with h5py.File(self.path, "r") as f:
             hashes = _read_sorted(f["files/hash"], unique)[inverse]
-        return [h.decode() if h else str(i) for h, i in zip(hashes, ids, strict=True)], [str(i) for i in ids]
+            raw_ids = _read_sorted(f["ids"], unique)[inverse]
+        ids = np.array([r if isinstance(r, bytes) else str(r).encode("utf-8", "surrogateescape") for r in raw_ids],
+                       dtype=bytes)
+        return np.where(hashes != b"", hashes, ids), ids
 
     def features_of(self, positions: np.ndarray) -> np.ndarray:
         """float32 features of some positions (any order), checked."""
@@ -171,8 +174,8 @@ def _read_sorted(data: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     """data[rows] for increasing unique rows: contiguous stretches read whole and picked (per-row reads of chunked
     data are a hundred times slower)."""
     out = []
-    for start in range(0, len(rows), SCAN_ROWS):
-        part = rows[start:start + SCAN_ROWS]
+    for start in range(0, len(rows), PICK_ROWS):
+        part = rows[start:start + PICK_ROWS]
         lo, hi = int(part[0]), int(part[-1]) + 1
         if hi - lo <= 8 * len(part) + 65536:
             out.append(data[lo:hi][part - lo])
@@ -204,21 +207,23 @@ def _scan_block(path: Path, f: h5py.File, attrs: dict[str, Any], start: int, sto
 
 
 def scan_store(path: str | Path) -> StreamedSet:
-    """The compact columns of a complete store, read `SCAN_ROWS` rows at a time; refuses what `load_store` refuses
-    in the columns (labels outside the class list, unknown splits) and checks features as they are later read."""
+    """The compact columns of a complete store, read `SCAN_ROWS` rows at a time into preallocated arrays; refuses
+    what `load_store` refuses in the columns (labels outside the class list, unknown splits) and checks features as
+    they are later read."""
     path = Path(path)
     with open_checked(path) as f:
         attrs = check_complete(path, f)
         n = int(attrs["committed_rows"])
         class_names = json.loads(attrs["class_names"])
-        parts = [_scan_block(path, f, attrs, start, min(n, start + SCAN_ROWS), len(class_names))
-                 for start in range(0, n, SCAN_ROWS)]
+        keep, labels = np.ones(n, dtype=bool), np.empty(n, dtype=np.int32)
+        codes, keys = np.empty(n, dtype=np.int8), np.empty(n, dtype=np.uint64)
+        for start in range(0, n, SCAN_ROWS):
+            stop = min(n, start + SCAN_ROWS)
+            keep[start:stop], labels[start:stop], codes[start:stop], keys[start:stop] = _scan_block(
+                path, f, attrs, start, stop, len(class_names))
         failed = failed_rows(f)
-    if not parts:
-        parts = [(np.zeros(0, bool), np.zeros(0, np.int32), np.zeros(0, np.int8), np.zeros(0, np.uint64))]
-    keep = np.concatenate([p[0] for p in parts])
-    rows = np.flatnonzero(keep)
-    return StreamedSet(path=path, attrs=attrs, class_names=class_names, rows=rows,
-                       labels=np.concatenate([p[1] for p in parts])[keep],
-                       codes=np.concatenate([p[2] for p in parts])[keep],
-                       keys=np.concatenate([p[3] for p in parts])[keep], failed=failed)
+    if keep.all():
+        return StreamedSet(path=path, attrs=attrs, class_names=class_names, rows=np.arange(n), labels=labels,
+                           codes=codes, keys=keys, failed=failed)
+    return StreamedSet(path=path, attrs=attrs, class_names=class_names, rows=np.flatnonzero(keep),
+                       labels=labels[keep], codes=codes[keep], keys=keys[keep], failed=failed)
