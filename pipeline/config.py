@@ -129,6 +129,7 @@ class AuditConfig:
     resamples: int = DEFAULT_RESAMPLES
     write_splits: Path | None = None  # CSV id,split,audit: the clean split assignment
     write_manifest: Path | None = None  # a manifest (path,label,split,id) of the rows kept
+    max_memory: int | None = None  # the audit loads the store whole: refused beyond this (None: half the available)
     report: bool = True
     overwrite: bool = False
 

@@ -142,6 +142,8 @@ def test_the_hash_holdout_is_stratified_and_order_free():
 def test_refusals_beyond_the_budget_are_one_line(store, tmp_path):
     run = _cli(tmp_path, "probe", "--store", str(store), "--max-memory", "1MiB", "--no-report")
     assert run.returncode == 2 and "--head torch-logreg" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    run = _cli(tmp_path, "audit", "--store", str(store), "--max-memory", "1MiB", "--no-report")
+    assert run.returncode == 2 and "raise --max-memory" in run.stderr and len(run.stderr.strip().splitlines()) == 1
     run = _cli(tmp_path, "knn", "--store", str(store), "--max-memory", "nonsense")
     assert run.returncode == 2 and "--max-memory" in run.stderr
     with pytest.raises(PipelineError):
@@ -179,3 +181,20 @@ def test_the_run_config_carries_max_memory_and_the_dask_address(store, tmp_path)
     cfg.write_text(body.replace("max_memory: 1MiB", "max_memory: lots"))
     with pytest.raises(ConfigError, match="knn.max_memory"):
         load_run_config(cfg)
+
+
+def test_knn_through_a_saved_index_of_the_searched_rows(store, tmp_path):
+    run = _cli(tmp_path, "index", "build", "--store", str(store), "--out", "all", "--type", "ivf-flat",
+               "--queries", "200")
+    assert run.returncode == 0, run.stderr
+    run = _cli(tmp_path, "knn", "--store", str(store), "--k", "10", "--index", "all", "--no-report")
+    assert run.returncode == 2 and "--splits train,val" in run.stderr  # its rows include the test queries
+    run = _cli(tmp_path, "index", "build", "--store", str(store), "--out", "bank", "--type", "ivf-flat",
+               "--splits", "train,val", "--queries", "200")
+    assert run.returncode == 0, run.stderr
+    run = _cli(tmp_path, "knn", "--store", str(store), "--k", "10", "--index", "bank", "--no-report",
+               "--resamples", "0", "--out", "k.json")
+    assert run.returncode == 0, run.stderr
+    approx = json.loads((tmp_path / "k.json").read_text())["approximate"]
+    assert approx["factory"].startswith("IVF") and approx["index"] == str((tmp_path / "bank").resolve())
+    assert abs(approx["gap"]["10/weighted"]["gap_points"]) < 5

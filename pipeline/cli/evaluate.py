@@ -206,6 +206,7 @@ def add_audit(p: argparse.ArgumentParser) -> None:
                    help="write a manifest (path,label,split,id) of the rows the clean assignment keeps, to extract "
                         "again with --data")
     add_resamples(p)
+    add_max_memory(p)
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
@@ -223,7 +224,8 @@ def cmd_audit(args: argparse.Namespace) -> None:
     result, out = run_audit(AuditConfig(
         store=args.store, out=args.out, threshold=args.threshold, k=args.k, fit=not args.no_fit, head=args.head,
         knn_k=args.knn_k, resamples=args.resamples, write_splits=args.write_splits,
-        write_manifest=args.write_manifest, report=not args.no_report, overwrite=args.overwrite))
+        write_manifest=args.write_manifest, report=not args.no_report, overwrite=args.overwrite,
+        max_memory=args.max_memory))
     print(f"{result['n_rows']} rows: {result['exact_pairs']} exact and {result['near_pairs']} near duplicate pairs "
           f"(threshold {_span(result['threshold'])}), {result['cross_split_pairs']} across splits; "
           f"{result['leaked_test_rows']} of {result['n_test']} test images have a copy in train/val")

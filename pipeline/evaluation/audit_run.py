@@ -159,6 +159,20 @@ def _manifest_rows(fs: FeatureSet, keep: np.ndarray) -> list[tuple[str, ...]]:
             for i, label, split in zip(fs.ids[keep], fs.labels[keep], fs.splits[keep], strict=True)]
 
 
+def _check_budget(config: AuditConfig) -> None:
+    """The audit's all-pairs search holds the matrix: beyond `max_memory` it refuses before reading it."""
+    from pipeline.store.budget import fits, resolve_max_memory, size_text, whole_bytes
+    from pipeline.store.read import read_attrs
+
+    budget = resolve_max_memory(config.max_memory)
+    attrs = read_attrs(config.store)
+    n, d = int(attrs.get("committed_rows", 0)), int(attrs.get("feature_dim", 0))
+    if not fits(n, d, budget):
+        raise PipelineError(f"the audit loads {config.store} whole (about {size_text(whole_bytes(n, d))}), more than "
+                            f"--max-memory {size_text(budget)}; raise --max-memory, or audit a sample of it "
+                            "(export --splits / a manifest of some rows)")
+
+
 def run_audit(config: AuditConfig, *, probe: dict | None = None, knn: dict | None = None) -> tuple[dict[str, Any],
                                                                                                   Path]:
     """Load the store, audit it, write everything (each output checked before the search). `probe` and `knn` are
@@ -167,6 +181,7 @@ def run_audit(config: AuditConfig, *, probe: dict | None = None, knn: dict | Non
     from pipeline.report.blocks import save_json
     from pipeline.report.render import write_report_blocks
 
+    _check_budget(config)
     fs = load_store(config.store)
     if config.write_manifest and fs.made.source == "tar":
         raise PipelineError("--write-manifest needs one file per image, and this store was extracted from tar shards; "
