@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale import run  # noqa: E402, I001 - one way to run a measured child, shared with the scale benchmark
+
 AUTOFAISS = """
 import sys
 import faiss
@@ -35,18 +36,6 @@ factory.faiss.OPQMatrix = OPQMatrix
 Quantizer().quantize(embeddings_path=sys.argv[1], output_path=sys.argv[2], max_index_memory_usage=sys.argv[3],
                      current_memory_available="8G", metric_type="ip", nb_cores=2)
 """
-
-
-def run(args: list[str], cwd: Path) -> dict:
-    """Run one child; its wall time and own peak RSS (wait4 from this small parent)."""
-    start = time.perf_counter()
-    with open(cwd / "last.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"{args} failed:\n{(cwd / 'last.log').read_text()[-3000:]}")
-    return {"seconds": round(time.perf_counter() - start, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
 
 
 def measure(index, vectors, queries: list[int], k: int = 10) -> dict:
@@ -107,11 +96,12 @@ def main() -> None:
     af_search = f"nprobe={af_ivf.nprobe}" if af_ivf is not None else ""  # its tuned setting, saved in the file
     result = {
         "config": {k: str(v) for k, v in vars(args).items()}, "store": made,
-        "ours": {"factory": infos.factory, "search": f"{infos.search_param}={infos.search_value}", **ours,
+        "ours": {"factory": infos.factory, **ours,
+                 "search": f"{infos.search_param}={infos.search_value}" if infos.search_param else "-",
                  "build_seconds_inside": infos.seconds,
                  "index_mib": round((work / "ours" / "index.faiss").stat().st_size / 2**20, 1),
                  **measure(loaded.index, vectors, queries)},
-        "autofaiss": {"factory": af_key, "search": af_search, **theirs,
+        "autofaiss": {"factory": af_key, "search": af_search or "-", **theirs,
                       "index_mib": round(next((work / "af").glob("*.index")).stat().st_size / 2**20, 1),
                       **measure(af_index, vectors, queries)},
     }

@@ -164,7 +164,7 @@ def knn_streamed(ss: StreamedSet, *, ks: tuple[int, ...], temperature: float = 0
     rows = budget_rows(max_memory, ss.dim, parts=6)
     start = time.perf_counter()
     search = searcher or exact_searcher(ss, bank, depth, chunk_rows=rows, leave_one_out=leave_one_out)
-    bank_labels = ss.labels[bank].astype(np.int64)
+    bank_labels = ss.labels[bank]
     relevant = np.bincount(bank_labels, minlength=len(ss.class_names)) - (1 if leave_one_out else 0)
     got = Collected(ss, sorted(set(ks)), retrieval_ks, temperature)
     examples = _example_positions(ss, queries)

@@ -52,16 +52,13 @@ def hash_holdout(labels: np.ndarray, keys: np.ndarray, *, fraction: float, seed:
     """Per class, `held_out_count(n, fraction)` rows with the smallest seeded rank of their content key (equal keys
     together): a fixed stratified slice, independent of row order, computed on compact arrays."""
     ranks = _ranks(keys, seed)
-    order = np.lexsort((ranks, labels))
-    sorted_labels = labels[order]
-    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
-    counts = np.diff(np.r_[starts, len(order)])
     mask = np.zeros(len(labels), dtype=bool)
-    for start, n in zip(starts, counts, strict=True):
-        take = held_out_count(int(n), fraction)
+    for cls in np.unique(labels):  # one class at a time: memory follows the largest class, not the store
+        group = np.flatnonzero(labels == cls)
+        take = held_out_count(len(group), fraction)
         if take:
-            group = order[start:start + n]
-            mask[group[ranks[group] <= ranks[group[take - 1]]]] = True
+            cut = np.partition(ranks[group], take - 1)[take - 1]
+            mask[group[ranks[group] <= cut]] = True
     return mask
 
 
@@ -103,7 +100,7 @@ class Rows:
         self.n = int(mask.sum())
         self.batch = int(min(BATCH, max(MIN_BATCH, self.n // 64)))
         self.rng = np.random.default_rng(seed)
-        self.labels = torch.as_tensor(ss.labels.astype(np.int64), device=device)
+        self.labels = torch.as_tensor(ss.labels, device=device)  # int32; each batch's targets widened on use
         self.group = max(1, budget // (4 * CHUNK_ROWS * ss.dim * 4))  # chunks shuffled together
         self.held = None
         if self.n * ss.dim * 4 * 2 <= budget:
@@ -171,7 +168,7 @@ class StreamedLogisticRegression:
             total, seen = torch.zeros((), device=self.device), 0
             for x, y in rows.batches():
                 optimizer.zero_grad()
-                loss = torch.nn.functional.cross_entropy(x @ self.weight + self.bias, y) \
+                loss = torch.nn.functional.cross_entropy(x @ self.weight + self.bias, y.long()) \
                     + penalty * self.weight.square().sum()
                 loss.backward()
                 optimizer.step()

@@ -55,7 +55,7 @@ class StreamedSet:
     path: Path
     attrs: dict[str, Any] = field(repr=False)
     class_names: list[str]
-    rows: np.ndarray  # store row number of each image, increasing
+    rows: np.ndarray  # store row number of each image, increasing (int32 below 2**31 rows)
     labels: np.ndarray  # int32
     codes: np.ndarray  # int8 index into SPLITS
     keys: np.ndarray  # uint64 ordering keys
@@ -222,8 +222,9 @@ def scan_store(path: str | Path) -> StreamedSet:
             keep[start:stop], labels[start:stop], codes[start:stop], keys[start:stop] = _scan_block(
                 path, f, attrs, start, stop, len(class_names))
         failed = failed_rows(f)
+    index = np.int32 if n < 2**31 else np.int64  # row numbers: 4 bytes each up to 2 billion rows
     if keep.all():
-        return StreamedSet(path=path, attrs=attrs, class_names=class_names, rows=np.arange(n), labels=labels,
-                           codes=codes, keys=keys, failed=failed)
-    return StreamedSet(path=path, attrs=attrs, class_names=class_names, rows=np.flatnonzero(keep),
+        return StreamedSet(path=path, attrs=attrs, class_names=class_names, rows=np.arange(n, dtype=index),
+                           labels=labels, codes=codes, keys=keys, failed=failed)
+    return StreamedSet(path=path, attrs=attrs, class_names=class_names, rows=np.flatnonzero(keep).astype(index),
                        labels=labels[keep], codes=codes[keep], keys=keys[keep], failed=failed)
