@@ -56,3 +56,11 @@ def test_the_scale_benchmark_runs_every_step_at_two_sizes(tmp_path):
         assert all(m["seconds"] > 0 and m["peak_rss_mib"] > 10 for m in r["steps"].values())
         assert r["figures"]["probe_streamed"] and 0.02 < r["figures"]["knn_exact_top1"] <= 1  # 100 classes: chance 0.01
     assert set(result["growth"]["3000->6000"]) == {"probe", "knn_exact", "knn_approx", "index_build"}
+
+
+def test_the_planning_benchmark_lists_and_fingerprints_a_manifest_source(tmp_path):
+    result = _run(tmp_path, "plan_scale", "--sizes", "1000,3000", "--work", str(tmp_path / "w"))
+    assert [r["rows"] for r in result["results"]] == [1000, 3000]  # every file listed, none dropped
+    assert all(len(r["fingerprint"]) == 32 and r["list_s"] > 0 for r in result["results"])
+    assert result["results"][0]["fingerprint"] != result["results"][1]["fingerprint"]
+    assert set(result["growth"]["1000->3000"]) == {"time_per_row_ratio", "rss_ratio", "rss_exponent"}

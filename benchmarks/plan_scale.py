@@ -1,0 +1,94 @@
+"""Planning at scale: what the up-to-date check of a manifest source costs as it grows (listing, stamps, fingerprint).
+
+Writes N one-byte files (in folders of 10,000) and a CSV manifest `path,label,split` for them, then, in a child
+process per size, does what `extract` does before deciding a store is up to date: list the manifest (every path
+checked and stat'ed), build the store listing and hash it into the data fingerprint. The backbone is not built
+(a fixed cost) and no image is read (a manifest with splits needs no content). Reports wall time per phase, the
+child's peak RSS (wait4 from this small parent) and the growth between sizes.
+
+    python benchmarks/plan_scale.py                          # 100k and 1M rows
+    python benchmarks/plan_scale.py --sizes 10000,100000     # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale import run  # noqa: E402, I001 - one way to run a measured child
+
+CHECK = """
+import json, sys, time
+start = time.perf_counter()
+from pipeline.engine.resolve import data_fingerprint, decoding_policy, source_listing
+from pipeline.sources import open_source
+from pipeline.sources.base import ListOptions
+t = {"import_s": time.perf_counter() - start}
+start = time.perf_counter()
+source = open_source(sys.argv[1], ListOptions())
+t["list_s"] = time.perf_counter() - start
+start = time.perf_counter()
+listing = source_listing(source)
+t["listing_s"] = time.perf_counter() - start
+start = time.perf_counter()
+fingerprint = data_fingerprint(source, listing, decoding_policy({}))
+t["fingerprint_s"] = time.perf_counter() - start
+print("RESULT", json.dumps({"rows": len(source), "fingerprint": fingerprint,
+                            **{k: round(v, 3) for k, v in t.items()}}))
+"""
+
+
+def make_source(work: Path, rows: int) -> Path:
+    """N one-byte files and their manifest (100 labels, 80/20 train/test by position)."""
+    folder = work / f"src{rows}"
+    shutil.rmtree(folder, ignore_errors=True)
+    lines = ["path,label,split"]
+    for i in range(rows):
+        sub = folder / f"{i // 10000:05d}"
+        if i % 10000 == 0:
+            sub.mkdir(parents=True)
+        name = f"{i:08d}.jpg"
+        (sub / name).write_bytes(b"x")
+        lines.append(f"{sub.name}/{name},c{i % 100},{'test' if (i // 100) % 5 == 0 else 'train'}")
+    manifest = folder / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="100000,1000000")
+    parser.add_argument("--work", type=Path, default=Path("data/benchmarks/plan"))
+    parser.add_argument("--out", type=Path, default=Path("data/benchmarks/plan_scale.json"))
+    args = parser.parse_args()
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for rows in (int(s) for s in args.sizes.split(",")):
+        manifest = make_source(work, rows)
+        measured = run(["-c", CHECK, str(manifest)], work)
+        figures = json.loads(next(line for line in (work / "last.log").read_text().splitlines()
+                                  if line.startswith("RESULT "))[7:])
+        results.append({"rows": rows, **measured, **figures})
+        print(f"{rows:>10,} rows: {measured['seconds']:.1f} s ({figures['list_s']:.1f} list, "
+              f"{figures['listing_s']:.1f} listing, {figures['fingerprint_s']:.1f} fingerprint), "
+              f"peak RSS {measured['peak_rss_mib']:.0f} MiB",
+              flush=True)
+        shutil.rmtree(manifest.parent)
+    growth = {f"{a['rows']}->{b['rows']}": {
+        "time_per_row_ratio": round((b["seconds"] / b["rows"]) / (a["seconds"] / a["rows"]), 3),
+        "rss_ratio": round(b["peak_rss_mib"] / a["peak_rss_mib"], 3),
+        "rss_exponent": round(math.log(b["peak_rss_mib"] / a["peak_rss_mib"]) / math.log(b["rows"] / a["rows"]), 3)}
+        for a, b in zip(results, results[1:], strict=False)}
+    print(json.dumps(growth, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"results": results, "growth": growth}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
