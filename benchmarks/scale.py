@@ -10,9 +10,9 @@ small parent with wait4) and the growth exponents between sizes: time ~ rows^a, 
     python benchmarks/scale.py --compare 200000               # loaded vs streamed at 200k: the figures agree
 
 Steps: `probe --head torch-logreg` (streamed beyond --max-memory), exact `knn` on a fixed seeded sample of test
-queries (the cost per query is linear in the bank, so time per row stays flat), approximate `knn --approx` on every
-query (its gap to exact measured on 2,000), and `index build`. Only the standard library is imported here, so the
-children's peak RSS is theirs alone.
+queries (the cost per query is linear in the bank, so time per row stays flat), approximate `knn --approx` on a fixed
+seeded sample of 20,000 queries (its gap to exact measured on 2,000), and `index build`. Only the standard library
+is imported here, so the children's peak RSS is theirs alone.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def steps(store: str, args: argparse.Namespace) -> dict[str, list[str]]:
         "knn_exact": ["-m", "pipeline", "knn", "--store", store, "--k", "20", "--queries", str(args.exact_queries),
                       "--out", f"{store}.knn.json", *mem, *quiet],
         "knn_approx": ["-m", "pipeline", "knn", "--store", store, "--k", "20", "--approx", "--memory-budget",
-                       args.memory_budget, "--out", f"{store}.approx.json", *mem, *quiet],
+                       args.memory_budget, "--queries", str(args.approx_queries), "--out", f"{store}.approx.json",
+                       *mem, *quiet],
         "index_build": ["-m", "pipeline", "index", "build", "--store", store, "--out", f"{store}.index",
                         "--memory-budget", args.memory_budget, "--overwrite", *mem],
     }
@@ -137,9 +138,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000,1000000,10000000")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--max-memory", default="1GiB")
-    parser.add_argument("--memory-budget", default="256MiB", help="index size (index build and knn --approx)")
+    parser.add_argument("--memory-budget", default="512MiB", help="index size (index build and knn --approx)")
     parser.add_argument("--grid", default="1,10")
     parser.add_argument("--exact-queries", type=int, default=5000)
+    parser.add_argument("--approx-queries", type=int, default=20000)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compare", type=int, default=0, help="only compare loaded vs streamed at this size")
     parser.add_argument("--work", type=Path, default=Path("data/benchmarks/scale"))

@@ -198,3 +198,25 @@ def test_knn_through_a_saved_index_of_the_searched_rows(store, tmp_path):
     approx = json.loads((tmp_path / "k.json").read_text())["approximate"]
     assert approx["factory"].startswith("IVF") and approx["index"] == str((tmp_path / "bank").resolve())
     assert abs(approx["gap"]["10/weighted"]["gap_points"]) < 5
+
+
+def test_an_index_is_searched_a_bounded_batch_of_queries_at_a_time_with_the_same_results(store):
+    import faiss
+
+    from pipeline.evaluation.knn_stream import index_searcher
+
+    ss = scan_store(store)
+    bank = ss.codes == 0
+    feats = ss.features_of(np.flatnonzero(bank))
+    index = faiss.index_factory(ss.dim, "IVF64,PQ8x8,Refine(SQ8)", faiss.METRIC_INNER_PRODUCT)
+    index.train(feats)
+    index.add(feats)
+    faiss.extract_index_ivf(index).nprobe = 32
+    positions = np.flatnonzero(bank)[:700]
+    queries = ss.features_of(positions)
+    whole = index_searcher(index, 10, np.flatnonzero(bank), leave_one_out=True, max_memory=2**30)
+    # 8 KiB: two queries per FAISS call (nprobe 32 + 11 results x 9 candidates, ids and scores, twice)
+    tight = index_searcher(index, 10, np.flatnonzero(bank), leave_one_out=True, max_memory=2**13)
+    (s1, i1), (s2, i2) = whole(queries, positions), tight(queries, positions)
+    assert i1.shape == (700, 10) and np.array_equal(i1, i2) and np.array_equal(s1, s2)
+    assert not (i1 == np.arange(700)[:, None]).any()  # each query's own row left out

@@ -30,6 +30,7 @@ from pipeline.evaluation.metrics import (
     summarise_retrieval,
     top5_hits,
 )
+from pipeline.index.plan import REFINE_K_FACTOR
 from pipeline.store.budget import block_rows as budget_rows
 from pipeline.store.columns import StreamedSet
 
@@ -64,10 +65,20 @@ def exact_searcher(ss: StreamedSet, bank: np.ndarray, depth: int, *, chunk_rows:
     return run
 
 
-def index_searcher(index: faiss.Index, depth: int, bank_positions: np.ndarray, *, leave_one_out: bool) -> Searcher:
-    """Top-`depth` through a FAISS index whose position j is bank row j."""
+def index_searcher(index: faiss.Index, depth: int, bank_positions: np.ndarray, *, leave_one_out: bool,
+                   max_memory: int) -> Searcher:
+    """Top-`depth` through a FAISS index whose position j is bank row j, the queries searched a few at a time: FAISS
+    holds each query's coarse assignment (nprobe lists) and refine candidates at once, 9 GB for 200k queries at
+    nprobe 4096, so a batch holds what `max_memory` allows."""
+    want = depth + (1 if leave_one_out else 0)
+    ivf = faiss.try_extract_index_ivf(index)
+    width = want * (1 + REFINE_K_FACTOR) + (ivf.nprobe if ivf is not None else 0)  # ids and scores per query
+    batch = max(1, max_memory // (2 * 12 * width))
+
     def run(queries: np.ndarray, query_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        s, i = index.search(np.ascontiguousarray(queries), depth + (1 if leave_one_out else 0))
+        parts = [index.search(np.ascontiguousarray(queries[i:i + batch]), want) for i in range(0, len(queries), batch)]
+        s = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, want), np.float32)
+        i = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, want), np.int64)
         if leave_one_out:
             return _without_self(s, i, np.searchsorted(bank_positions, query_positions), depth)
         return s, i
@@ -315,7 +326,8 @@ def run_streamed(ss: StreamedSet, config: Any, budget: int) -> dict[str, Any]:
         index, about = loaded_bank_index(ss, bank, Path(config.index))
     else:
         index, about = bank_index(ss, bank, memory_budget=config.memory_budget, max_memory=budget)
-    searcher = index_searcher(index, depth, np.flatnonzero(bank), leave_one_out=leave_one_out)
+    searcher = index_searcher(index, depth, np.flatnonzero(bank), leave_one_out=leave_one_out,
+                              max_memory=budget)
     what = f"approximate kNN through a tuned FAISS {about['factory']} index ({about['search_param']}=" \
            f"{about['search_value']}, recall@10 {about['recall_at_10']:.3f})"
     result = knn_streamed(ss, resamples=config.resamples, searcher=searcher, what=what, sample=config.queries,
