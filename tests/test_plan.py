@@ -77,9 +77,13 @@ def test_bench_takes_the_spec_flags_it_passes_on_with_the_same_defaults():
 def test_the_run_config_has_the_specs_fields_defaults_and_checks():
     section = ExtractSpec()
     spec_defaults = {f.name: f.default for part in ("model", "decode", "layout", "run") for f in spec_fields(part)}
-    for name, value in section.model_dump(exclude={"shards"}).items():
+    # shards and dask_address say how the run is spread over processes, not what is extracted
+    for name, value in section.model_dump(exclude={"shards", "dask_address"}).items():
         default = spec_defaults[name]
         assert value == default, name
+    assert section.shards == 1 and section.dask_address is None
+    with pytest.raises(ValidationError, match="dask_address"):
+        ExtractSpec(dask_address="")
     with pytest.raises(ValidationError, match="decode_timeout must be a finite number"):
         ExtractSpec(decode_timeout=-1.0)
     with pytest.raises(ValidationError, match="test_fraction must be in"):

@@ -176,7 +176,7 @@ def run_knn(config: KnnConfig) -> tuple[dict[str, Any], Path]:
     from pipeline.evaluation.probes import default_results_path
     from pipeline.report.blocks import report_blocks, save_json, title_for
     from pipeline.report.render import check_report_outputs, write_report_blocks
-    from pipeline.store.budget import fits, resolve_max_memory
+    from pipeline.store.budget import fits, resolve_max_memory, stored_shape
     from pipeline.store.read import read_attrs
 
     budget = resolve_max_memory(config.max_memory)
@@ -185,7 +185,7 @@ def run_knn(config: KnnConfig) -> tuple[dict[str, Any], Path]:
     if config.report:
         check_report_outputs(results_stem(out), overwrite=config.overwrite, protect=[config.store])
     attrs = read_attrs(config.store)
-    whole = fits(int(attrs.get("committed_rows", 0)), int(attrs.get("feature_dim", 0)), budget)
+    whole = fits(*stored_shape(attrs), budget)
     streamed = config.index is not None or config.approx or config.queries or not whole
     if streamed:
         from pipeline.evaluation.knn_stream import run_streamed

@@ -295,12 +295,12 @@ def _test(model: StreamedLogisticRegression, ss: StreamedSet, test: np.ndarray, 
 
 def streams(config: Any) -> bool:
     """Whether the store's features exceed `max_memory`: then the probe streams (the torch head only), or refuses."""
-    from pipeline.store.budget import fits, resolve_max_memory, size_text, whole_bytes
+    from pipeline.store.budget import fits, resolve_max_memory, size_text, stored_shape, whole_bytes
     from pipeline.store.read import read_attrs
 
     budget = resolve_max_memory(config.max_memory)
     attrs = read_attrs(config.store)
-    n, d = int(attrs.get("committed_rows", 0)), int(attrs.get("feature_dim", 0))
+    n, d = stored_shape(attrs)
     if fits(n, d, budget):
         return False
     need = f"{config.store}'s features need about {size_text(whole_bytes(n, d))} loaded, more than --max-memory " \

@@ -62,3 +62,13 @@ def block_rows(budget: int, dim: int, *, parts: int = 4, most: int = 1 << 20) ->
 
 def size_text(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def stored_shape(attrs: dict) -> tuple[int, int]:
+    """(rows, dim) as a store's attributes record them, to decide between loading and streaming; (0, 0) when they
+    are not integers, so the caller takes the loaded path, whose checks refuse the damaged store in one line."""
+    try:
+        n, d = int(attrs.get("committed_rows", 0)), int(attrs.get("feature_dim", 0))
+    except (TypeError, ValueError, OverflowError):
+        return 0, 0
+    return (n, d) if n >= 0 and d >= 0 else (0, 0)
