@@ -10,14 +10,18 @@ import pytest
 from pipeline.engine.runner import extract_to_store
 from pipeline.errors import PipelineError
 from pipeline.index.build import (
+    MIN_GAIN,
     build_flat_index,
     build_index,
+    exact_topk,
     load_index,
+    new_index,
     search,
+    tune_index,
     update_index,
 )
 from pipeline.index.files import INFOS_FILE
-from pipeline.index.plan import memory_estimate, plan_index
+from pipeline.index.plan import NLIST_MAX, memory_estimate, plan_index
 from pipeline.index.search import search_store
 from pipeline.plan import ExtractConfig
 from pipeline.store.read import load_store
@@ -66,6 +70,7 @@ def test_the_type_follows_rows_and_memory_budget():
     assert pq.kind == "ivf-opq" and pq.memory_bytes <= 4 * 2**30 and d % pq.pq_m == 0
     assert pq.factory == f"OPQ{pq.pq_m},IVF{pq.nlist},PQ{pq.pq_m}x8"
     assert memory_estimate("ivf-opq", 20_000_000, d, nlist=pq.nlist, pq_m=pq.pq_m) == pq.memory_bytes
+    assert pq.nlist == NLIST_MAX and plan_index(1_000_000, 128, kind="ivf-flat").nlist == 4096  # 4 sqrt(n), capped
     refine = plan_index(2_000_000, d, memory_budget=4 * 2**30)  # raw 6.1 GB do not fit, 8-bit vectors (1.5 GB) do
     assert refine.kind == "ivf-pq-refine" and refine.factory == f"IVF{refine.nlist},PQ{refine.pq_m}x8,Refine(SQ8)"
     assert refine.memory_bytes <= 4 * 2**30 and refine.memory_bytes > 2_000_000 * d  # the 8-bit vectors are in it
@@ -112,6 +117,26 @@ def test_auto_choice_on_a_small_exact_threshold_and_a_tight_budget(digits_store,
     assert pq.target_met == (pq.recall_at_10 >= 0.95)
     if not pq.target_met:
         assert "below the target" in caplog.text
+
+
+def test_tuning_stops_when_recall_is_capped_or_a_query_costs_more_than_exact(digits_store, digits_fs):
+    x = np.ascontiguousarray(digits_fs.features, dtype=np.float32)
+    plan = plan_index(len(x), x.shape[1], kind="ivf-pq", memory_budget=1_580_000)  # a few bytes per row: recall capped
+    index = new_index(plan, x.shape[1])
+    index.train(x)
+    index.add(x)
+    rows = np.arange(0, len(x), 7)
+    exact = exact_topk(digits_store, None, x[rows], 11)
+    capped = tune_index(index, plan.kind, plan.nlist, x[rows], rows, exact, np.arange(len(x)), target=0.99)
+    values = [e["value"] for e in capped["tried"]]
+    assert values == [2**i for i in range(len(values))] and len(values) < 1 + np.log2(plan.nlist)  # stopped early
+    recalls = [e["recall_at_10"] for e in capped["tried"]]
+    assert recalls[-1] < recalls[-3] + MIN_GAIN and capped["recall_at_10"] == max(recalls) < 0.99
+    # exact search faster than any setting: tuning stops at the second and keeps the first
+    slow = tune_index(index, plan.kind, plan.nlist, x[rows], rows, exact, np.arange(len(x)), target=0.99,
+                      exact_ms=1e-9)
+    assert [e["value"] for e in slow["tried"]] == [1, 2] and slow["value"] == 1
+    assert slow["recall_at_10"] == capped["tried"][0]["recall_at_10"]
 
 
 def test_only_some_splits_and_refusals(digits_store, digits_fs, tmp_path):

@@ -18,7 +18,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation.knn import knn_classify
 from pipeline.evaluation.knn_stream import knn_streamed
 from pipeline.evaluation.stream_probe import hash_holdout
-from pipeline.store.budget import block_rows, fits, resolve_max_memory
+from pipeline.store.budget import block_rows, fits, resolve_max_memory, store_budget
 from pipeline.store.columns import hash_keys, scan_store
 from pipeline.store.read import load_store
 from pipeline.store.synthetic import write_synthetic
@@ -144,6 +144,10 @@ def test_refusals_beyond_the_budget_are_one_line(store, tmp_path):
     assert run.returncode == 2 and "--head torch-logreg" in run.stderr and len(run.stderr.strip().splitlines()) == 1
     run = _cli(tmp_path, "audit", "--store", str(store), "--max-memory", "1MiB", "--no-report")
     assert run.returncode == 2 and "raise --max-memory" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert "features need about" in run.stderr and "all-pairs" in run.stderr
+    held = store_budget(store, 1 << 20)
+    assert not held.fits and held.rows == 12000 and held.need.endswith("more than --max-memory 1 MiB")
+    assert store_budget(store, 1 << 34).fits
     run = _cli(tmp_path, "knn", "--store", str(store), "--max-memory", "nonsense")
     assert run.returncode == 2 and "--max-memory" in run.stderr
     with pytest.raises(PipelineError):

@@ -161,16 +161,12 @@ def _manifest_rows(fs: FeatureSet, keep: np.ndarray) -> list[tuple[str, ...]]:
 
 def _check_budget(config: AuditConfig) -> None:
     """The audit's all-pairs search holds the matrix: beyond `max_memory` it refuses before reading it."""
-    from pipeline.store.budget import fits, resolve_max_memory, size_text, stored_shape, whole_bytes
-    from pipeline.store.read import read_attrs
+    from pipeline.store.budget import store_budget
 
-    budget = resolve_max_memory(config.max_memory)
-    attrs = read_attrs(config.store)
-    n, d = stored_shape(attrs)
-    if not fits(n, d, budget):
-        raise PipelineError(f"the audit loads {config.store} whole (about {size_text(whole_bytes(n, d))}), more than "
-                            f"--max-memory {size_text(budget)}; raise --max-memory, or audit a sample of it "
-                            "(export --splits / a manifest of some rows)")
+    held = store_budget(config.store, config.max_memory)
+    if not held.fits:
+        raise PipelineError(f"{held.need}, and the audit's all-pairs search loads them whole; raise --max-memory, or "
+                            "audit a sample of it (export --splits / a manifest of some rows)")
 
 
 def run_audit(config: AuditConfig, *, probe: dict | None = None, knn: dict | None = None) -> tuple[dict[str, Any],

@@ -176,17 +176,15 @@ def run_knn(config: KnnConfig) -> tuple[dict[str, Any], Path]:
     from pipeline.evaluation.probes import default_results_path
     from pipeline.report.blocks import report_blocks, save_json, title_for
     from pipeline.report.render import check_report_outputs, write_report_blocks
-    from pipeline.store.budget import fits, resolve_max_memory, stored_shape
-    from pipeline.store.read import read_attrs
+    from pipeline.store.budget import store_budget
 
-    budget = resolve_max_memory(config.max_memory)
+    held = store_budget(config.store, config.max_memory)
+    budget = held.budget
     out = Path(config.out) if config.out else default_results_path(Path(config.store), "knn")
     target = check_output(out, owned=owned_json("knn-results"), overwrite=config.overwrite, protect=[config.store])
     if config.report:
         check_report_outputs(results_stem(out), overwrite=config.overwrite, protect=[config.store])
-    attrs = read_attrs(config.store)
-    whole = fits(*stored_shape(attrs), budget)
-    streamed = config.index is not None or config.approx or config.queries or not whole
+    streamed = config.index is not None or config.approx or config.queries or not held.fits
     if streamed:
         from pipeline.evaluation.knn_stream import run_streamed
         from pipeline.store.columns import scan_store

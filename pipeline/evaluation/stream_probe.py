@@ -295,16 +295,12 @@ def _test(model: StreamedLogisticRegression, ss: StreamedSet, test: np.ndarray, 
 
 def streams(config: Any) -> bool:
     """Whether the store's features exceed `max_memory`: then the probe streams (the torch head only), or refuses."""
-    from pipeline.store.budget import fits, resolve_max_memory, size_text, stored_shape, whole_bytes
-    from pipeline.store.read import read_attrs
+    from pipeline.store.budget import store_budget
 
-    budget = resolve_max_memory(config.max_memory)
-    attrs = read_attrs(config.store)
-    n, d = stored_shape(attrs)
-    if fits(n, d, budget):
+    held = store_budget(config.store, config.max_memory)
+    if held.fits:
         return False
-    need = f"{config.store}'s features need about {size_text(whole_bytes(n, d))} loaded, more than --max-memory " \
-           f"{size_text(budget)}"
+    need = held.need
     if config.head != "torch-logreg":
         raise PipelineError(f"{need}; use --head torch-logreg (it streams the store in bounded memory) or raise "
                             "--max-memory")

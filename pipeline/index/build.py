@@ -50,6 +50,7 @@ from pipeline.store.read import iter_store, read_attrs, read_columns
 log = logging.getLogger(__name__)
 
 TUNE_K = 10
+MIN_GAIN = 0.005  # recall@10 that two doublings of the search parameter must add for tuning to go on
 
 
 def build_flat_index(features: np.ndarray) -> faiss.IndexFlatIP:
@@ -129,10 +130,12 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray, query_rows: np.ndarray, k
 
 
 def tune_index(index: faiss.Index, kind: str, nlist: int, queries: np.ndarray, query_rows: np.ndarray,
-               exact: np.ndarray, row_of: np.ndarray, *, target: float) -> dict[str, Any]:
-    """Raise the search parameter until recall@10 against exact search reaches `target` (or stops improving);
-    returns the chosen value, its recall and query time, and every setting tried. `row_of` maps index positions to
-    store row numbers; `exact` holds store row numbers."""
+               exact: np.ndarray, row_of: np.ndarray, *, target: float,
+               exact_ms: float | None = None) -> dict[str, Any]:
+    """Raise the search parameter until recall@10 against exact search reaches `target`, stops improving (less than
+    `MIN_GAIN` over two doublings) or a query costs more than exact search did (`exact_ms`, ms per query): returns
+    the chosen value, its recall and query time, and every setting tried. `row_of` maps index positions to store row
+    numbers; `exact` holds store row numbers."""
     k = min(TUNE_K + 1, index.ntotal)  # one more: the query's own row is left out
 
     def measure(value: int | None) -> dict[str, Any]:
@@ -148,19 +151,23 @@ def tune_index(index: faiss.Index, kind: str, nlist: int, queries: np.ndarray, q
     name = index_kind(kind).search_param
     if name is None:
         return {"param": None, **measure(None), "tried": []}
-    values = index_kind(kind).search_values(nlist)
-    tried, chosen = [], None
-    for value in values:
+    tried, chosen, why = [], None, ""
+    for value in index_kind(kind).search_values(nlist):
         tried.append(measure(value))
         if tried[-1]["recall_at_10"] >= target:
             chosen = tried[-1]
             break
-        if len(tried) >= 3 and tried[-1]["recall_at_10"] <= tried[-3]["recall_at_10"] + 1e-4:
-            break  # flat for two steps: PQ codes cap the recall, more probes will not help
+        if len(tried) >= 3 and tried[-1]["recall_at_10"] < tried[-3]["recall_at_10"] + MIN_GAIN:
+            why = "recall stopped improving (the codes cap it)"
+            break
+        if exact_ms is not None and len(tried) >= 2 and tried[-1]["ms_per_query"] > exact_ms:
+            why = f"a query cost more than exact search ({exact_ms:.3g} ms)"
+            break
     if chosen is None:
-        chosen = max(tried, key=lambda e: (e["recall_at_10"], -e["value"]))
-        log.warning("%s reaches recall@10 %.3f at best, below the target %.2f; raise --memory-budget or use "
-                    "--type ivf-flat/hnsw for higher recall", kind, chosen["recall_at_10"], target)
+        usable = [e for e in tried if exact_ms is None or e["ms_per_query"] <= exact_ms] or tried[:1]
+        chosen = max(usable, key=lambda e: (e["recall_at_10"], -e["value"]))
+        log.warning("%s reaches recall@10 %.3f at best, below the target %.2f (%s); raise --memory-budget or use "
+                    "--type ivf-flat/hnsw for higher recall", kind, chosen["recall_at_10"], target, why or "all tried")
     set_search_param(index, kind, chosen["value"])
     return {"param": name, **chosen, "tried": tried}
 
@@ -196,8 +203,11 @@ def _measure(index: faiss.Index, plan: IndexPlan, store: Path, row_of: np.ndarra
     rows = np.sort(row_of)
     sample = np.sort(rng.choice(rows, size=min(queries, len(rows)), replace=False))
     q = _gather(store, sample, d, block_rows)
+    start = time.perf_counter()
     exact = exact_topk(store, rows, q, min(TUNE_K + 1, len(rows)), block_rows)
-    return {**tune_index(index, plan.kind, plan.nlist, q, sample, exact, row_of, target=target),
+    exact_ms = 1000 * (time.perf_counter() - start) / len(q)
+    return {**tune_index(index, plan.kind, plan.nlist, q, sample, exact, row_of, target=target,
+                        exact_ms=exact_ms if len(rows) > EXACT_MAX_ROWS else None),
             "queries": len(sample)}
 
 

@@ -9,6 +9,8 @@ bounded memory. The default is half of the memory available when the command sta
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.errors import ConfigError
 
@@ -72,3 +74,31 @@ def stored_shape(attrs: dict) -> tuple[int, int]:
     except (TypeError, ValueError, OverflowError):
         return 0, 0
     return (n, d) if n >= 0 and d >= 0 else (0, 0)
+
+
+@dataclass(frozen=True)
+class StoreBudget:
+    """A store's features against a command's `--max-memory`: whether loading them whole fits, and, when not, the
+    first half of the one-line refusal or notice ("X's features need about 2.1 GiB loaded, more than ...")."""
+
+    store: Path
+    rows: int
+    dim: int
+    budget: int
+
+    @property
+    def fits(self) -> bool:
+        return fits(self.rows, self.dim, self.budget)
+
+    @property
+    def need(self) -> str:
+        return (f"{self.store}'s features need about {size_text(whole_bytes(self.rows, self.dim))} loaded, more than "
+                f"--max-memory {size_text(self.budget)}")
+
+
+def store_budget(store: str | Path, max_memory: int | None) -> StoreBudget:
+    """The budget (`max_memory`, or the default) against the shape `store`'s attributes record."""
+    from pipeline.store.read import read_attrs
+
+    budget = resolve_max_memory(max_memory)
+    return StoreBudget(Path(store), *stored_shape(read_attrs(store)), budget)
