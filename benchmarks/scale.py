@@ -70,19 +70,27 @@ def build(work: Path, rows: int, args: argparse.Namespace) -> tuple[str, dict]:
     return name, made
 
 
-def figures(work: Path, store: str) -> dict:
+def figures(work: Path, store: str, ran: set[str]) -> dict:
     out = {}
-    probe = json.loads((work / f"{store}.probe.json").read_text())
-    out["probe_top1"] = probe["test_top1"]
-    out["probe_streamed"] = "streamed" in probe
-    knn = json.loads((work / f"{store}.knn.json").read_text())
-    out["knn_exact_top1"] = knn["by_k"]["20"]["weighted"]["top1"]
-    approx = json.loads((work / f"{store}.approx.json").read_text())
-    out["knn_approx_top1"] = approx["by_k"]["20"]["weighted"]["top1"]
-    out["knn_approx_gap_points"] = approx["approximate"]["gap"]["20/weighted"]["gap_points"]
-    out["knn_approx_index"] = approx["approximate"]["factory"]
-    infos = json.loads((work / f"{store}.index" / "index_infos.json").read_text())
-    out["index"] = f"{infos['factory']} recall@10 {infos['recall_at_10']:.3f}"
+    if "probe" in ran:
+        probe = json.loads((work / f"{store}.probe.json").read_text())
+        out["probe_top1"] = probe["test_top1"]
+        out["probe_streamed"] = "streamed" in probe
+    if "knn_exact" in ran:
+        knn = json.loads((work / f"{store}.knn.json").read_text())
+        out["knn_exact_top1"] = knn["by_k"]["20"]["weighted"]["top1"]
+    if "knn_approx" in ran:
+        approx = json.loads((work / f"{store}.approx.json").read_text())
+        out["knn_approx_top1"] = approx["by_k"]["20"]["weighted"]["top1"]
+        out["knn_approx_gap_points"] = approx["approximate"]["gap"]["20/weighted"]["gap_points"]
+        out["knn_approx_index"] = (f"{approx['approximate']['factory']} {approx['approximate']['search_param']} "
+                                   f"{approx['approximate']['search_value']} recall@10 "
+                                   f"{approx['approximate']['recall_at_10']:.3f}")
+    if "index_build" in ran:
+        infos = json.loads((work / f"{store}.index" / "index_infos.json").read_text())
+        out["index"] = (f"{infos['factory']} {infos['search_param']} {infos['search_value']} recall@10 "
+                        f"{infos['recall_at_10']:.3f}, {infos['ms_per_query']:.3f} ms/query, seconds "
+                        f"{json.dumps(infos['seconds'])}")
     return out
 
 
@@ -143,6 +151,7 @@ def main() -> None:
     parser.add_argument("--exact-queries", type=int, default=5000)
     parser.add_argument("--approx-queries", type=int, default=20000)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", default="probe,knn_exact,knn_approx,index_build", help="which steps to run")
     parser.add_argument("--compare", type=int, default=0, help="only compare loaded vs streamed at this size")
     parser.add_argument("--work", type=Path, default=Path("data/benchmarks/scale"))
     parser.add_argument("--keep", action="store_true", help="keep the stores")
@@ -159,10 +168,12 @@ def main() -> None:
             store, made = build(work, rows, args)
             entry = {"rows": rows, "store": made, "steps": {}}
             for step, command in steps(store, args).items():
+                if step not in args.steps.split(","):
+                    continue
                 entry["steps"][step] = run(command, work)
                 print(f"{rows:>10,} {step:12s} {entry['steps'][step]['seconds']:8.1f} s "
                       f"{entry['steps'][step]['peak_rss_mib']:8.0f} MiB", flush=True)
-            entry["figures"] = figures(work, store)
+            entry["figures"] = figures(work, store, set(entry["steps"]))
             print(f"{rows:>10,} {json.dumps(entry['figures'])}", flush=True)
             results.append(entry)
             if not args.keep:

@@ -313,3 +313,32 @@ def test_the_three_manifest_formats_give_the_same_rows(tmp_path):
     (tmp_path / "n.csv").write_text("file,label\nx.png,1\n")
     with pytest.raises(DataError, match=r"no 'path' column \(columns: file, label\)"):
         manifest_rows(tmp_path / "n.csv")
+
+
+def test_manifest_ids_paths_and_stamps_are_the_pathlib_forms(tmp_path):
+    """The listing's fast path (one stat per file, no Path per id) gives what pathlib gives: ids `Path(text)
+    .as_posix()`, files `folder / text`, stamps the files' own; a broken link is listed (it fails at decode), a
+    missing file is refused."""
+    import random
+
+    from pipeline.sources.manifest import posix_text
+
+    odd = ["a.png", "./a.png", "x//a.png", "x/./a.png", "x/", "x/.", ".", "//x/a", "///x", "a/../b", ".a", "a.",
+           "x/.a/", "/abs/./p", "é/ü.png", "a b/c"]
+    rng = random.Random(0)
+    odd += ["".join(rng.choice("a/.") for _ in range(rng.randint(1, 8))) for _ in range(2000)]
+    for text in odd:
+        assert posix_text(text) == Path(text).as_posix(), text
+    (tmp_path / "x").mkdir()
+    for name in ("x/a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"data" * len(name))
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    rows = [{"path": "./x//a.png"}, {"path": str(tmp_path / "b.png")}, {"path": "dangling.png"}]
+    source = open_source(write_manifest(tmp_path / "m.csv", rows))
+    assert [s.id for s in source.samples] == ["x/a.png", str(tmp_path / "b.png"), "dangling.png"]
+    assert [s.path for s in source.samples] == [tmp_path / "x/a.png", tmp_path / "b.png", tmp_path / "dangling.png"]
+    st = (tmp_path / "x/a.png").stat()
+    assert source.stamps().tolist() == [[st.st_size, st.st_mtime_ns], [20, (tmp_path / "b.png").stat().st_mtime_ns],
+                                        [-1, -1]]
+    with pytest.raises(DataError, match=r"1 path\(s\) .* do not exist \(e.g. row 2"):
+        open_source(write_manifest(tmp_path / "n.csv", [rows[0], {"path": "gone.png"}]))

@@ -164,20 +164,27 @@ def class_index(values: list[str | None]) -> tuple[tuple[str, ...], list[int]]:
     return tuple(present), [UNLABELLED if v is None else index[v] for v in values]
 
 
+_EMPTY_CELLS = frozenset(("nan", "none", "null"))
+_NEGATIVE_INT = re.compile(r"-\d+")
+
+
 def cell(value: Any) -> str | None:
     """A manifest cell as stripped text; empty, missing and NaN cells are None."""
+    if type(value) is str:  # a CSV's cells: the common case, first
+        text = value.strip()
+        return None if not text or text.lower() in _EMPTY_CELLS else text
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     text = str(value).strip()
-    return None if not text or text.lower() in ("nan", "none", "null") else text
+    return None if not text or text.lower() in _EMPTY_CELLS else text
 
 
 def label_text(value: Any) -> str | None:
     """A label as text; missing, empty and negative integers (the usual -1) mean unlabelled."""
     text = cell(value)
-    return None if text is None or re.fullmatch(r"-\d+", text) else text
+    return None if text is None or (text[0] == "-" and _NEGATIVE_INT.fullmatch(text)) else text
 
 
 def split_cell(value: Any, where: str, fix: str = "") -> str | None:

@@ -28,6 +28,14 @@ from pipeline.sources.base import (
 MANIFEST_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
+def posix_text(text: str) -> str:
+    """`Path(text).as_posix()` (the default id: repeated slashes, `.` parts and a trailing slash dropped), without
+    building a Path when the text is already in that form (nearly always: a manifest's paths)."""
+    if "//" in text or "/./" in text or text.startswith("./") or text.endswith(("/", "/.")) or text == ".":
+        return Path(text).as_posix()
+    return text
+
+
 def _jsonl_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     rows: list[dict[str, Any]] = []
     columns: list[str] = []
@@ -82,25 +90,27 @@ def scan_manifest(path: str | Path, options: ListOptions = DEFAULT_OPTIONS) -> S
     if not rows:
         raise DataError(f"manifest {path} lists no images; add rows with a path column")
     base = path.parent
-    ids, files, names, splits = [], [], [], []
+    ids, files, names, splits, stamps = [], [], [], [], []
     for number, row in enumerate(rows, 1):
         raw = row.get("path")
         text = "" if raw is None else str(raw).strip()
         if not text:
             raise DataError(f"{path} row {number} has an empty path; every row needs one")
-        files.append(Path(text) if Path(text).is_absolute() else base / text)
-        ids.append(cell(row.get("id")) or Path(text).as_posix())
+        file = Path(os.path.join(base, text))  # an absolute path stays as it is
+        files.append(file)
+        ids.append(cell(row.get("id")) or posix_text(text))
         names.append(label_text(row.get("label")))
         splits.append(split_cell(row.get("split"), f"{path} row {number}",
                                  " (give every row one, or drop the column to split automatically)"))
-    missing = [(n, f) for n, f in enumerate(files, 1) if not os.path.lexists(f)]
+        stamps.append(file_stamp(file))  # one stat per file; (-1, -1) when it cannot be stat'ed
+    missing = [(n, f) for n, (f, st) in enumerate(zip(files, stamps, strict=True), 1)
+               if st[0] < 0 and not os.path.lexists(f)]  # a broken link exists (and fails to decode later)
     if missing:
         n, f = missing[0]
         raise DataError(f"{len(missing)} path(s) in {path} do not exist (e.g. row {n}: {f}); paths are absolute or "
                         f"relative to {base}: fix them or remove the rows")
     check_unique(ids, str(path))
     class_names, labels = class_index(names)
-    stamps = [file_stamp(f) for f in files]
 
     key_of = content_keys(options, ids, stamps, lambda i: read_file(files[i], options.max_file_bytes))
     return finish("manifest", path, ids, files, class_names, labels, splits, options=options, hinted_by="manifest",
