@@ -467,3 +467,25 @@ def test_an_input_size_the_model_cannot_take_is_one_line(tmp_path, small_digits_
                 "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "160", "--workers", "0")
     _one_line_error(proc, "does not take input of size")
     assert not (tmp_path / "v.h5").exists()
+
+
+def test_export_within_a_small_max_memory_writes_the_same_rows_in_smaller_parts(store, tmp_path):
+    """`export --max-memory`: a part asked for beyond the budget is made smaller (said on stderr); the rows, their
+    order and the ground truth are those of an export without the limit."""
+    import pyarrow.dataset as pads
+
+    dim = load_store(store).features.shape[1]
+    export_store(store, tmp_path / "free", format="parquet")
+    budget = 40 * 4 * 4 * dim  # parts of 40 rows
+    run = subprocess.run([sys.executable, "-m", "pipeline", "export", "--store", str(store), "--format", "parquet",
+                          "--out", "small", "--max-memory", str(budget)], cwd=tmp_path, capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    assert "writing parts of 40 rows" in run.stderr
+    free, small = pads.dataset(tmp_path / "free").to_table(), pads.dataset(tmp_path / "small").to_table()
+    assert small.equals(free) and len(list((tmp_path / "small").glob("*.parquet"))) == -(-free.num_rows // 40)
+    export_store(store, tmp_path / "ann", format="ann-benchmarks", k=10)
+    export_store(store, tmp_path / "ann_small", format="ann-benchmarks", k=10, max_memory=budget)
+    with h5py.File(tmp_path / "ann" / "dataset.hdf5") as a, h5py.File(tmp_path / "ann_small" / "dataset.hdf5") as b:
+        for name in ("train", "test", "neighbors", "distances"):
+            np.testing.assert_array_equal(a[name][...], b[name][...])

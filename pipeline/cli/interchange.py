@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.cli import Command
+from pipeline.cli.evaluate import add_max_memory
 from pipeline.cli.types import names, positive_int
 from pipeline.config import DEFAULT_PART_ROWS
 from pipeline.config import EXPORT_FORMATS as FORMATS
@@ -26,13 +27,15 @@ def _add_export(p: argparse.ArgumentParser) -> None:
                    help=f"rows per file (default {DEFAULT_PART_ROWS:,})")
     p.add_argument("--k", type=positive_int, default=100, help="ann-benchmarks: neighbours per query (default 100)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous export in --out")
+    add_max_memory(p)
 
 
 def _run_export(args: argparse.Namespace) -> None:
     from pipeline.interchange.export import export_store
 
     print(export_store(args.store, args.out, format=args.format, splits=tuple(args.splits or ()) or None,
-                       part_rows=args.part_rows, dtype=args.dtype, k=args.k, overwrite=args.overwrite).summary())
+                       part_rows=args.part_rows, dtype=args.dtype, k=args.k, overwrite=args.overwrite,
+                       max_memory=args.max_memory).summary())
 
 
 def _add_import(p: argparse.ArgumentParser) -> None:

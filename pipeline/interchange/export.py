@@ -15,6 +15,7 @@ class names), which `import` reads back.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,8 +31,10 @@ from pipeline.plan import Provenance
 from pipeline.store.read import Block, check_complete, iter_store, open_checked, read_attrs, read_columns
 from pipeline.store.schema import SPLITS
 
+log = logging.getLogger(__name__)
 FORMATS = EXPORT_FORMATS
-BLOCK_ROWS = 32_768  # rows read from the store at a time
+BLOCK_ROWS = 32_768  # rows read from the store at a time (fewer when --max-memory asks)
+PART_COPIES = 4  # a part's vectors are held about this many times at once (blocks, concatenated, cast, Arrow)
 METADATA = ".featpipe.json"  # hidden: pyarrow.dataset, Hugging Face datasets and LanceDB skip it
 
 
@@ -98,9 +101,10 @@ def _paths(made: Provenance, store: Path) -> dict[str, str]:
     return paths_for_ids(made, read_columns(store, "ids")["ids"].tolist())
 
 
-def _blocks(store: Path, splits: tuple[str, ...] | None) -> Iterator[tuple[Block, np.ndarray]]:
+def _blocks(store: Path, splits: tuple[str, ...] | None,
+            block_rows: int = BLOCK_ROWS) -> Iterator[tuple[Block, np.ndarray]]:
     """Blocks of the store (only `splits`), each with the store row numbers of its rows."""
-    for block in iter_store(store, rows=BLOCK_ROWS):
+    for block in iter_store(store, rows=block_rows):
         keep = np.ones(len(block.ids), dtype=bool) if splits is None else np.isin(block.splits, list(splits))
         rows = block.rows[keep]
         if len(rows):
@@ -108,11 +112,12 @@ def _blocks(store: Path, splits: tuple[str, ...] | None) -> Iterator[tuple[Block
                         block.splits[keep], rows), rows
 
 
-def _parts(store: Path, splits: tuple[str, ...] | None, part_rows: int) -> Iterator[list[tuple[Block, np.ndarray]]]:
+def _parts(store: Path, splits: tuple[str, ...] | None, part_rows: int,
+           block_rows: int = BLOCK_ROWS) -> Iterator[list[tuple[Block, np.ndarray]]]:
     """The exported rows grouped into parts of at most `part_rows` rows (a part is a list of sub-blocks)."""
     part: list[tuple[Block, np.ndarray]] = []
     size = 0
-    for block, rows in _blocks(store, splits):
+    for block, rows in _blocks(store, splits, min(block_rows, part_rows)):
         start = 0
         while start < len(rows):
             take = min(part_rows - size, len(rows) - start)
@@ -146,13 +151,14 @@ def _arrow_table(meta: _Rows, part: list[tuple[Block, np.ndarray]], *, embedding
     return table
 
 
-def _export_clip_retrieval(store: Path, out: Path, splits, part_rows: int, dtype: str) -> tuple[int, list[str]]:
+def _export_clip_retrieval(store: Path, out: Path, splits, part_rows: int, dtype: str,
+                           block_rows: int = BLOCK_ROWS) -> tuple[int, list[str]]:
     import pyarrow.parquet as pq
 
     (out / "img_emb").mkdir()
     (out / "metadata").mkdir()
     meta, rows, files = _Rows(store), 0, []
-    for n, part in enumerate(_parts(store, splits, part_rows)):
+    for n, part in enumerate(_parts(store, splits, part_rows, block_rows)):
         vectors = np.concatenate([block.features for block, _ in part]).astype(dtype)
         np.save(out / "img_emb" / f"img_emb_{n:05d}.npy", vectors)
         pq.write_table(_arrow_table(meta, part, embedding=None, dtype=dtype),
@@ -162,11 +168,12 @@ def _export_clip_retrieval(store: Path, out: Path, splits, part_rows: int, dtype
     return rows, files
 
 
-def _export_parquet(store: Path, out: Path, splits, part_rows: int, dtype: str) -> tuple[int, list[str]]:
+def _export_parquet(store: Path, out: Path, splits, part_rows: int, dtype: str,
+                    block_rows: int = BLOCK_ROWS) -> tuple[int, list[str]]:
     import pyarrow.parquet as pq
 
     meta, rows, files = _Rows(store), 0, []
-    for n, part in enumerate(_parts(store, splits, part_rows)):
+    for n, part in enumerate(_parts(store, splits, part_rows, block_rows)):
         table = _arrow_table(meta, part, embedding="embedding", dtype=dtype)
         pq.write_table(table, out / f"part-{n:05d}.parquet")
         files.append(f"part-{n:05d}.parquet")
@@ -208,7 +215,8 @@ def exact_neighbors(train: h5py.Dataset | np.ndarray, queries: np.ndarray, k: in
     return best_idx, best_sim
 
 
-def _export_ann(store: Path, out: Path, splits, k: int, dtype: str) -> tuple[int, list[str]]:
+def _export_ann(store: Path, out: Path, splits, k: int, dtype: str,
+                block_rows: int = BLOCK_ROWS) -> tuple[int, list[str]]:
     train_splits = splits or ("train", "val")
     if "test" in train_splits:
         raise PipelineError("ann-benchmarks: the test split is the queries; --splits names the searched rows "
@@ -217,7 +225,7 @@ def _export_ann(store: Path, out: Path, splits, k: int, dtype: str) -> tuple[int
     path = out / "dataset.hdf5"
     with h5py.File(path, "w") as f:
         train = f.create_dataset("train", shape=(0, dim), maxshape=(None, dim), dtype=dtype, chunks=(1024, dim))
-        for block, _ in _blocks(store, train_splits):
+        for block, _ in _blocks(store, train_splits, block_rows):
             train.resize(train.shape[0] + len(block.ids), axis=0)
             train[-len(block.ids):] = block.features
         test = f.create_dataset("test", shape=(0, dim), maxshape=(None, dim), dtype=dtype, chunks=(1024, dim))
@@ -225,9 +233,9 @@ def _export_ann(store: Path, out: Path, splits, k: int, dtype: str) -> tuple[int
                                      dtype=np.int32)
         distances = f.create_dataset("distances", shape=(0, min(k, train.shape[0])), maxshape=(None, None),
                                      dtype=np.float32)
-        for block, _ in _blocks(store, ("test",)):
+        for block, _ in _blocks(store, ("test",), block_rows):
             queries = block.features.astype(dtype).astype(np.float32)
-            idx, sims = exact_neighbors(train, queries, k)
+            idx, sims = exact_neighbors(train, queries, k, block=block_rows)
             for ds, values in ((test, block.features), (neighbors, idx), (distances, 1.0 - sims)):
                 ds.resize(ds.shape[0] + len(values), axis=0)
                 ds[-len(values):] = values
@@ -238,9 +246,10 @@ def _export_ann(store: Path, out: Path, splits, k: int, dtype: str) -> tuple[int
 
 def export_store(store: str | Path, out: str | Path, *, format: str, splits: tuple[str, ...] | None = None,
                  part_rows: int = DEFAULT_PART_ROWS, dtype: str | None = None, k: int = 100,
-                 overwrite: bool = False) -> ExportResult:
+                 overwrite: bool = False, max_memory: int | None = None) -> ExportResult:
     """Write the store (or the rows of `splits`) to `out` in `format` (see the module docstring); `dtype` float16 or
-    float32 (default: the store's), `k` neighbours per query for ann-benchmarks."""
+    float32 (default: the store's), `k` neighbours per query for ann-benchmarks. `max_memory` (default: half the
+    available memory) bounds the feature data held at once: the blocks read, and the rows of a part."""
     store, out = Path(store), Path(out)
     if format not in FORMATS:
         raise PipelineError(f"--format {format!r} is not one of {', '.join(FORMATS)}")
@@ -250,6 +259,7 @@ def export_store(store: str | Path, out: str | Path, *, format: str, splits: tup
         raise PipelineError(f"--dtype {dtype!r} is not float16 or float32")
     if part_rows < 1 or k < 1:
         raise PipelineError("--part-rows and --k must be positive")
+    block_rows, part_rows = _sizes(store, max_memory, part_rows)
     splits = _splits(splits)
     counts = _split_counts(store)
     wanted = splits or (("train", "val") if format == "ann-benchmarks" else SPLITS)
@@ -265,11 +275,11 @@ def export_store(store: str | Path, out: str | Path, *, format: str, splits: tup
         shutil.rmtree(work)
     work.mkdir(parents=True)
     if format == "clip-retrieval":
-        rows, files = _export_clip_retrieval(store, work, splits, part_rows, dtype)
+        rows, files = _export_clip_retrieval(store, work, splits, part_rows, dtype, block_rows)
     elif format == "parquet":
-        rows, files = _export_parquet(store, work, splits, part_rows, dtype)
+        rows, files = _export_parquet(store, work, splits, part_rows, dtype, block_rows)
     else:
-        rows, files = _export_ann(store, work, splits, k, dtype)
+        rows, files = _export_ann(store, work, splits, k, dtype, block_rows)
     made = Provenance.from_attrs(attrs)
     record = {"format": format, "rows": rows, "dtype": dtype, "splits": list(splits or SPLITS), "files": files,
               "store": str(store.resolve()), "store_id": attrs.get("store_id", ""), **made.feature_space(),
@@ -278,6 +288,21 @@ def export_store(store: str | Path, out: str | Path, *, format: str, splits: tup
     (work / METADATA).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     _finish(work, out)
     return ExportResult(out, format, rows, files)
+
+
+def _sizes(store: Path, max_memory: int | None, part_rows: int) -> tuple[int, int]:
+    """(rows read at a time, rows per part) within `max_memory`: a part asked for beyond it is made smaller."""
+    from pipeline.store.budget import block_rows, size_text, store_budget
+
+    held = store_budget(store, max_memory)
+    dim = max(1, held.dim)
+    most = max(1, held.budget // (PART_COPIES * 4 * dim))
+    if part_rows > most:
+        log.warning("--part-rows %d: a part of %d-d vectors would hold about %s, more than --max-memory %s; writing "
+                    "parts of %d rows", part_rows, dim, size_text(part_rows * PART_COPIES * 4 * dim),
+                    size_text(held.budget), most)
+        part_rows = most
+    return min(BLOCK_ROWS, block_rows(held.budget, dim)), part_rows
 
 
 def _split_counts(store: Path) -> dict[str, int]:
