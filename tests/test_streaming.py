@@ -19,8 +19,8 @@ from pipeline.evaluation.knn import knn_classify
 from pipeline.evaluation.knn_stream import knn_streamed
 from pipeline.evaluation.stream_probe import hash_holdout
 from pipeline.store.budget import block_rows, fits, resolve_max_memory, store_budget
-from pipeline.store.columns import hash_keys, scan_store
-from pipeline.store.read import load_store
+from pipeline.store.columns import hash_keys, read_text, scan_store
+from pipeline.store.read import load_store, read_columns
 from pipeline.store.synthetic import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +115,14 @@ def test_the_sweep_stops_when_validation_accuracy_falls(store):
     _, result = fit_streamed_probe(scan_store(store), grid=(1.0, 1e-5), device="cpu", max_memory=1 << 20,
                                    resamples=0, epochs=3)
     assert list(result["val_top1_by_value"]) == ["1e-05", "1.0"]
+
+
+def test_text_columns_read_compactly_are_the_same_text(store):
+    columns = read_columns(store, "ids", "splits")
+    for name in ("ids", "splits"):
+        compact = read_text(store, name)
+        assert compact.dtype.kind == "U" and compact.tolist() == columns[name].tolist()
+        assert compact.nbytes < sum(sys.getsizeof(str(i)) + 8 for i in columns[name])  # no object per row
 
 
 def test_compact_correctness_records_are_the_same_records():

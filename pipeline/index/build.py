@@ -45,6 +45,7 @@ from pipeline.index.plan import (
 )
 from pipeline.plan import Provenance
 from pipeline.sources.views import view_mask
+from pipeline.store.columns import read_text
 from pipeline.store.read import iter_store, read_attrs, read_columns
 
 log = logging.getLogger(__name__)
@@ -187,13 +188,13 @@ def training_size(plan: IndexPlan, n: int) -> int:
 
 def _select_rows(store: Path, splits: tuple[str, ...] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(store row numbers, ids, content hashes) of the rows to index: all, or those of `splits`."""
-    columns = read_columns(store, "ids", "files/hash", "splits")
-    numbers = np.flatnonzero(~view_mask(columns["ids"], read_attrs(store)))  # augmented views are not indexed
+    ids = read_text(store, "ids")  # fixed-width text, not a Python object per row
+    numbers = np.flatnonzero(~view_mask(ids, read_attrs(store)))  # augmented views are not indexed
     if splits is not None:
-        numbers = numbers[np.isin(columns["splits"], list(splits))]
+        numbers = numbers[np.isin(read_text(store, "splits")[numbers], list(splits))]
         if not len(numbers):
             raise PipelineError(f"{store} has no rows in the splits {list(splits)}")
-    return numbers, columns["ids"][numbers], columns["files/hash"][numbers]
+    return numbers, ids[numbers], read_columns(store, "files/hash")["files/hash"][numbers]
 
 
 def _measure(index: faiss.Index, plan: IndexPlan, store: Path, row_of: np.ndarray, d: int, *, queries: int,

@@ -31,6 +31,20 @@ _HEX[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtype=n
 _HEX[np.frombuffer(b"ABCDEF", dtype=np.uint8)] = np.arange(10, 16, dtype=np.uint8)
 
 
+def read_text(path: str | Path, name: str) -> np.ndarray:
+    """A UTF-8 row column (`ids` or `splits`) of a complete store as fixed-width text (numpy `<U`), converted a block
+    at a time: 4 bytes a character and no Python object per row (~57 bytes each, plus the text). Splits are checked
+    as the full readers check them."""
+    path = Path(path)
+    with open_checked(path) as f:
+        n = int(check_complete(path, f)["committed_rows"])
+        parts = [np.array(f[name].asstr()[start:start + SCAN_ROWS], dtype=str) for start in range(0, n, SCAN_ROWS)]
+    out = np.concatenate(parts) if parts else np.array([], dtype=str)
+    if name == "splits" and not np.isin(out, list(SPLITS)).all():
+        raise _damaged(path, "splits other than train/val/test")
+    return out
+
+
 def hash_keys(hashes: np.ndarray, ids: Any = None) -> np.ndarray:
     """uint64 ordering keys from hex content hashes (S32): their first 16 hex digits. A row without a readable hash
     gets the key of its id (BLAKE2b), so the order still belongs to the image, not to the listing."""
