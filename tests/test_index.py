@@ -134,9 +134,13 @@ def test_tuning_stops_when_recall_is_capped_or_a_query_costs_more_than_exact(dig
     assert recalls[-1] < recalls[-3] + MIN_GAIN and capped["recall_at_10"] == max(recalls) < 0.99
     # exact search faster than any setting: tuning stops at the second and keeps the first
     slow = tune_index(index, plan.kind, plan.nlist, x[rows], rows, exact, np.arange(len(x)), target=0.99,
-                      exact_ms=1e-9)
+                      exact_ms=1e-9, exact_max_rows=0)
     assert [e["value"] for e in slow["tried"]] == [1, 2] and slow["value"] == 1
     assert slow["recall_at_10"] == capped["tried"][0]["recall_at_10"]
+    # below the plan's brute-force size the exact time is not a limit: the same run as without it
+    small = tune_index(index, plan.kind, plan.nlist, x[rows], rows, exact, np.arange(len(x)), target=0.99,
+                       exact_ms=1e-9)
+    assert [e["value"] for e in small["tried"]] == values
 
 
 def test_only_some_splits_and_refusals(digits_store, digits_fs, tmp_path):

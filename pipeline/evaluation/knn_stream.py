@@ -266,7 +266,7 @@ def bank_index(ss: StreamedSet, bank: np.ndarray, *, memory_budget: int, max_mem
     type chosen by `pipeline.index.plan` for `memory_budget`, trained on a seeded sample, filled block by block,
     its search parameter raised until recall@10 on a sample of bank rows reaches `target`."""
     from pipeline.index.build import TUNE_K, new_index, training_size, tune_index
-    from pipeline.index.plan import EXACT_MAX_ROWS, plan_index
+    from pipeline.index.plan import plan_index
 
     positions = np.flatnonzero(bank)
     plan = plan_index(len(positions), ss.dim, memory_budget=memory_budget)
@@ -286,7 +286,7 @@ def bank_index(ss: StreamedSet, bank: np.ndarray, *, memory_budget: int, max_mem
     _, exact_idx = exact(queries, positions[sample])
     exact_ms = 1000 * (time.perf_counter() - start) / len(sample)
     tuning = tune_index(index, plan.kind, plan.nlist, queries, sample, exact_idx, np.arange(len(positions)),
-                        target=target, exact_ms=exact_ms if len(positions) > EXACT_MAX_ROWS else None)
+                        target=target, exact_ms=exact_ms)
     return index, {"kind": plan.kind, "factory": plan.factory, "reason": plan.reason,
                    "memory_budget": int(memory_budget), "search_param": tuning["param"],
                    "search_value": tuning["value"], "recall_at_10": tuning["recall_at_10"],

@@ -176,7 +176,8 @@ def fit_probe(fs: FeatureSet, *, head: str = "logreg", grid: tuple[float, ...] |
     }
     if val_seeds:
         result["val_seed_spread"] = seed_spread(fs, spec, grid, test, val_seeds=val_seeds, val_fraction=val_fraction,
-                                                max_iter=max_iter, device=device, known={best: model})
+                                                max_iter=max_iter, device=device, known={best: model},
+                                                chose={seed: best})
     return model, result
 
 
@@ -202,9 +203,10 @@ def correct_by_row(fs: FeatureSet, rows: np.ndarray, packed: dict[str, Any]) -> 
 
 def seed_spread(fs: FeatureSet, spec: HeadSpec, grid: tuple[float, ...], test: np.ndarray, *,
                 val_seeds: tuple[int, ...], val_fraction: float, max_iter: int, device: str,
-                known: dict[float, Any]) -> dict[str, Any]:
+                known: dict[float, Any], chose: dict[int, float] | None = None) -> dict[str, Any]:
     """The protocol's randomness: the validation slice drawn with each seed, the value each one chooses and the
-    test top-1 of the head refit with it (train+val is the same rows whatever the seed). Nothing varies with the
+    test top-1 of the head refit with it (train+val is the same rows whatever the seed). `known` holds heads already
+    refit (by value), `chose` the values already chosen (by seed: the protocol's own run). Nothing varies with the
     seed when the store has its own val split."""
     if fs.mask("val").any():
         return {"note": "the store's val split is fixed: the protocol has no random part", "seeds": []}
@@ -215,8 +217,10 @@ def seed_spread(fs: FeatureSet, spec: HeadSpec, grid: tuple[float, ...], test: n
         train_mask, val_mask, _, _ = protocol_splits(fs, val_fraction=val_fraction, seed=s)
         train, val = canonical_order(fs, train_mask), canonical_order(fs, val_mask)
         refit = canonical_order(fs, train_mask | val_mask) if refit is None else refit  # the same rows every seed
-        chosen, _, _ = _sweep(spec, grid, x[train], y[train], x[val], y[val], max_iter=max_iter, seed=s,
-                              device=device)
+        chosen = (chose or {}).get(s)
+        if chosen is None:
+            chosen, _, _ = _sweep(spec, grid, x[train], y[train], x[val], y[val], max_iter=max_iter, seed=s,
+                                  device=device)
         if chosen not in known:
             known[chosen] = spec.make(chosen, max_iter=max_iter, seed=s, device=device)
             fit_quietly(known[chosen], x[refit], y[refit])

@@ -131,13 +131,16 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray, query_rows: np.ndarray, k
 
 
 def tune_index(index: faiss.Index, kind: str, nlist: int, queries: np.ndarray, query_rows: np.ndarray,
-               exact: np.ndarray, row_of: np.ndarray, *, target: float,
-               exact_ms: float | None = None) -> dict[str, Any]:
+               exact: np.ndarray, row_of: np.ndarray, *, target: float, exact_ms: float | None = None,
+               exact_max_rows: int = EXACT_MAX_ROWS) -> dict[str, Any]:
     """Raise the search parameter until recall@10 against exact search reaches `target`, stops improving (less than
-    `MIN_GAIN` over two doublings) or a query costs more than exact search did (`exact_ms`, ms per query): returns
-    the chosen value, its recall and query time, and every setting tried. `row_of` maps index positions to store row
-    numbers; `exact` holds store row numbers."""
+    `MIN_GAIN` over two doublings) or a query costs more than exact search did (`exact_ms`, ms per query; heeded only
+    past `exact_max_rows` indexed rows, below which brute force is the plan's own choice): returns the chosen value,
+    its recall and query time, and every setting tried. `row_of` maps index positions to store row numbers; `exact`
+    holds store row numbers."""
     k = min(TUNE_K + 1, index.ntotal)  # one more: the query's own row is left out
+    if index.ntotal <= exact_max_rows:
+        exact_ms = None
 
     def measure(value: int | None) -> dict[str, Any]:
         if value is not None:
@@ -198,7 +201,7 @@ def _select_rows(store: Path, splits: tuple[str, ...] | None) -> tuple[np.ndarra
 
 
 def _measure(index: faiss.Index, plan: IndexPlan, store: Path, row_of: np.ndarray, d: int, *, queries: int,
-             target: float, seed: int, block_rows: int) -> dict[str, Any]:
+             target: float, seed: int, block_rows: int, exact_max_rows: int = EXACT_MAX_ROWS) -> dict[str, Any]:
     """Tune on a seeded sample of the indexed rows as queries, against exact search over the same rows."""
     rng = np.random.default_rng(seed)
     rows = np.sort(row_of)
@@ -207,9 +210,8 @@ def _measure(index: faiss.Index, plan: IndexPlan, store: Path, row_of: np.ndarra
     start = time.perf_counter()
     exact = exact_topk(store, rows, q, min(TUNE_K + 1, len(rows)), block_rows)
     exact_ms = 1000 * (time.perf_counter() - start) / len(q)
-    return {**tune_index(index, plan.kind, plan.nlist, q, sample, exact, row_of, target=target,
-                        exact_ms=exact_ms if len(rows) > EXACT_MAX_ROWS else None),
-            "queries": len(sample)}
+    return {**tune_index(index, plan.kind, plan.nlist, q, sample, exact, row_of, target=target, exact_ms=exact_ms,
+                         exact_max_rows=exact_max_rows), "queries": len(sample)}
 
 
 def build_index(store: str | Path, out: str | Path, *, kind: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
@@ -249,8 +251,9 @@ def build_index(store: str | Path, out: str | Path, *, kind: str = "auto", memor
         index.add(feats)
     seconds["add"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()
+    # rows were added in store order: position i is numbers[i]
     tuning = _measure(index, plan, store, numbers, d, queries=queries, target=target_recall, seed=seed,
-                      block_rows=block_rows)  # rows were added in store order: position i is numbers[i]
+                      block_rows=block_rows, exact_max_rows=exact_max_rows)
     seconds["tune"] = round(time.perf_counter() - start, 3)
     infos = IndexInfos(
         kind=plan.kind, factory=plan.factory, reason=plan.reason, rows=int(index.ntotal), dim=d,
