@@ -297,22 +297,28 @@ def test_store_records_the_source(same_images, tmp_path, tiny):
 
 def test_the_three_manifest_formats_give_the_same_rows(tmp_path):
     """sources/manifest: CSV (with a BOM and padded headers, as spreadsheets save it), Parquet read by pyarrow, and
-    JSON lines give the same rows; a manifest without a path column is refused with its columns named."""
+    JSON lines give the same columns (a short CSV row's missing cell None, blank lines skipped, other columns not
+    kept); a manifest without a path column is refused with its columns named."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.sources.manifest import manifest_rows
+    from pipeline.sources.manifest import manifest_columns
 
-    rows = [{"path": "a/1.png", "label": "cat", "split": "train"}, {"path": "b/2.png", "label": "dog", "split": "test"}]
-    (tmp_path / "m.csv").write_text("\ufeff path ,label, split\n" + "".join(
-        f"{r['path']},{r['label']},{r['split']}\n" for r in rows), encoding="utf-8")
+    rows = [{"path": "a/1.png", "label": "cat", "split": "train", "note": "x"},
+            {"path": "b/2.png", "label": "dog", "split": "test", "note": "y"}]
+    columns = {"path": ["a/1.png", "b/2.png"], "label": ["cat", "dog"], "split": ["train", "test"]}
+    (tmp_path / "m.csv").write_text("\ufeff path ,label, split ,note\n" + "".join(
+        f"{r['path']},{r['label']},{r['split']},{r['note']}\n" for r in rows), encoding="utf-8")
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
     for name in ("m.csv", "m.parquet", "m.jsonl"):
-        assert manifest_rows(tmp_path / name) == rows, name
+        assert manifest_columns(tmp_path / name) == columns, name
+    (tmp_path / "s.csv").write_text("path,id,label\na.png,A,1\n\nb.png\n")
+    assert manifest_columns(tmp_path / "s.csv") == {"path": ["a.png", "b.png"], "id": ["A", None],
+                                                    "label": ["1", None]}
     (tmp_path / "n.csv").write_text("file,label\nx.png,1\n")
     with pytest.raises(DataError, match=r"no 'path' column \(columns: file, label\)"):
-        manifest_rows(tmp_path / "n.csv")
+        manifest_columns(tmp_path / "n.csv")
 
 
 def test_manifest_ids_paths_and_stamps_are_the_pathlib_forms(tmp_path):
@@ -321,7 +327,7 @@ def test_manifest_ids_paths_and_stamps_are_the_pathlib_forms(tmp_path):
     missing file is refused."""
     import random
 
-    from pipeline.sources.manifest import posix_text
+    from pipeline.sources.manifest import _file_text, posix_text
 
     odd = ["a.png", "./a.png", "x//a.png", "x/./a.png", "x/", "x/.", ".", "//x/a", "///x", "a/../b", ".a", "a.",
            "x/.a/", "/abs/./p", "é/ü.png", "a b/c"]
@@ -329,6 +335,7 @@ def test_manifest_ids_paths_and_stamps_are_the_pathlib_forms(tmp_path):
     odd += ["".join(rng.choice("a/.") for _ in range(rng.randint(1, 8))) for _ in range(2000)]
     for text in odd:
         assert posix_text(text) == Path(text).as_posix(), text
+        assert _file_text(str(tmp_path), text) == str(tmp_path / text), text
     (tmp_path / "x").mkdir()
     for name in ("x/a.png", "b.png"):
         (tmp_path / name).write_bytes(b"data" * len(name))
@@ -336,7 +343,7 @@ def test_manifest_ids_paths_and_stamps_are_the_pathlib_forms(tmp_path):
     rows = [{"path": "./x//a.png"}, {"path": str(tmp_path / "b.png")}, {"path": "dangling.png"}]
     source = open_source(write_manifest(tmp_path / "m.csv", rows))
     assert [s.id for s in source.samples] == ["x/a.png", str(tmp_path / "b.png"), "dangling.png"]
-    assert [s.path for s in source.samples] == [tmp_path / "x/a.png", tmp_path / "b.png", tmp_path / "dangling.png"]
+    assert [s.path for s in source.samples] == [str(tmp_path / p) for p in ("x/a.png", "b.png", "dangling.png")]
     st = (tmp_path / "x/a.png").stat()
     assert source.stamps().tolist() == [[st.st_size, st.st_mtime_ns], [20, (tmp_path / "b.png").stat().st_mtime_ns],
                                         [-1, -1]]

@@ -36,6 +36,9 @@ def posix_text(text: str) -> str:
     return text
 
 
+COLUMNS = ("path", "label", "split", "id")
+
+
 def _jsonl_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     rows: list[dict[str, Any]] = []
     columns: list[str] = []
@@ -55,22 +58,39 @@ def _jsonl_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return rows, columns
 
 
-def manifest_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a CSV, Parquet or JSON-lines manifest as dicts (column names stripped); it must have `path`."""
+def _csv_columns(path: Path) -> tuple[dict[str, list], list[str]]:
+    """The CSV's COLUMNS as lists (a short row's missing cells None, blank lines skipped, as csv.DictReader does),
+    without a dict per row."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        columns = [c.strip() for c in next(reader, [])]
+        where = {c: i for i, c in enumerate(columns) if c in COLUMNS}  # a repeated name: the last one, like DictReader
+        lists: dict[str, list] = {c: [] for c in where}
+        pairs = [(lists[c].append, i) for c, i in where.items()]
+        for row in reader:
+            if not row:
+                continue
+            width = len(row)
+            for append, i in pairs:
+                append(row[i] if i < width else None)
+    return lists, columns
+
+
+def manifest_columns(path: Path) -> dict[str, list]:
+    """The `path`, `label`, `split` and `id` columns of a CSV, Parquet or JSON-lines manifest (those it has; names
+    stripped) as lists of cells, one per row: no Python object per row beyond its cells. It must have `path`."""
     fmt = MANIFEST_FORMATS[path.suffix.lower()]
     try:
         if fmt == "csv":
-            with open(path, newline="", encoding="utf-8-sig") as fh:
-                reader = csv.DictReader(fh)
-                rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
-                columns = [c.strip() for c in reader.fieldnames or []]
+            lists, columns = _csv_columns(path)
         elif fmt == "parquet":
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
-            columns, rows = list(table.column_names), table.to_pylist()
+            columns = list(pq.read_schema(path).names)
+            lists = pq.read_table(path, columns=[c for c in COLUMNS if c in columns]).to_pydict()
         else:
             rows, columns = _jsonl_rows(path)
+            lists = {c: [row.get(c) for row in rows] for c in COLUMNS if c in columns}
     except DataError:
         raise
     except (OSError, UnicodeDecodeError, csv.Error, ValueError) as exc:
@@ -78,29 +98,38 @@ def manifest_rows(path: Path) -> list[dict[str, Any]]:
     if "path" not in columns:
         raise DataError(f"manifest {path} has no 'path' column (columns: {', '.join(map(str, columns)) or 'none'}); "
                         "expected path and optionally label, split, id")
-    return rows
+    return lists
+
+
+def _file_text(base: str, text: str) -> str:
+    """`str(Path(base) / text)` (an absolute text stays as it is) without building a Path per row."""
+    text = posix_text(text)
+    return base if text == "." else os.path.join(base, text)
 
 
 def scan_manifest(path: str | Path, options: ListOptions = DEFAULT_OPTIONS) -> Source:
-    """List the images of a manifest. Missing files, duplicate ids and bad splits are errors before any compute."""
+    """List the images of a manifest. Missing files, duplicate ids and bad splits are errors before any compute.
+    Files are kept as text (the sample's path), not a Path per row."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"manifest {path} does not exist; {DATA_HINT}")
-    rows = manifest_rows(path)
-    if not rows:
+    columns = manifest_columns(path)
+    texts = columns["path"]
+    if not texts:
         raise DataError(f"manifest {path} lists no images; add rows with a path column")
-    base = path.parent
+    n, base = len(texts), str(path.parent)
+    given_ids, given_labels, given_splits = (columns.get(c) or [None] * n for c in ("id", "label", "split"))
     ids, files, names, splits, stamps = [], [], [], [], []
-    for number, row in enumerate(rows, 1):
-        raw = row.get("path")
+    for number in range(n):
+        raw = texts[number]
         text = "" if raw is None else str(raw).strip()
         if not text:
-            raise DataError(f"{path} row {number} has an empty path; every row needs one")
-        file = Path(os.path.join(base, text))  # an absolute path stays as it is
+            raise DataError(f"{path} row {number + 1} has an empty path; every row needs one")
+        file = _file_text(base, text)
         files.append(file)
-        ids.append(cell(row.get("id")) or posix_text(text))
-        names.append(label_text(row.get("label")))
-        splits.append(split_cell(row.get("split"), f"{path} row {number}",
+        ids.append(cell(given_ids[number]) or posix_text(text))
+        names.append(label_text(given_labels[number]))
+        splits.append(split_cell(given_splits[number], f"{path} row {number + 1}",
                                  " (give every row one, or drop the column to split automatically)"))
         stamps.append(file_stamp(file))  # one stat per file; (-1, -1) when it cannot be stat'ed
     missing = [(n, f) for n, (f, st) in enumerate(zip(files, stamps, strict=True), 1)

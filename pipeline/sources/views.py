@@ -92,7 +92,7 @@ def with_views(source: Any, views: int, *, seed: int) -> Any:
         samples.append(s)
         if s.split == "train":
             base = s.path if s.locator is None else s.locator
-            samples += [dataclasses.replace(s, id=view_id(s.id, k), locator=View(base, k, seed))
+            samples += [s._replace(id=view_id(s.id, k), locator=View(base, k, seed))
                         for k in range(1, views + 1)]
     return dataclasses.replace(source, samples=tuple(samples), reader=ViewReader(source.reader))
 
