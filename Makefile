@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(PY) -m pipeline demo
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q --durations=30
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=30
 
 # The report tests open the HTML in a real headless browser: install Chromium when it is missing (as root, from the
 # Debian archive), else say what to install.

@@ -37,6 +37,18 @@ def _reference_knn(bank, bank_labels, queries, k, temperature, n_classes, exclud
     return np.array(majority), np.array(weighted), order
 
 
+def _near_ties(bank, queries, k, exclude=None, eps=1e-6):
+    """The share of queries whose k+1 nearest similarities (float64) hold two within `eps`, twice the largest error
+    of a float32 product on these features (4.2e-7 measured): float32 search may order those two either way, so each
+    such query may count differently (which ones depends on the features' own float noise, e.g. the extraction's
+    thread count); every other query must count exactly as the reference counts it."""
+    sims = queries.astype(np.float64) @ bank.astype(np.float64).T
+    if exclude is not None:
+        sims[np.arange(len(queries)), exclude] = -np.inf
+    top = -np.sort(-sims, axis=1)[:, :k + 1]
+    return float((np.diff(top, axis=1) > -eps).any(axis=1).mean())
+
+
 def _reference_retrieval(order, bank_labels, y, relevant, k):
     recall, aps = [], []
     for q in range(len(y)):
@@ -64,9 +76,11 @@ def test_knn_classification_equals_numpy_reference(digits_fs, k):
     majority, weighted, _ = _reference_knn(fs.features[bank], fs.labels[bank], fs.features[test], k, 0.07,
                                            len(fs.class_names))
     y = fs.labels[test]
+    tied = _near_ties(fs.features[bank], fs.features[test], max(k, 10))
+    assert tied < 0.05  # 2.2% of the 540 queries at k=20, measured
     assert result["mode"] == "test vs train+val"
-    assert result["by_k"][str(k)]["majority"]["top1"] == pytest.approx(np.mean(majority == y), abs=0)
-    assert result["by_k"][str(k)]["weighted"]["top1"] == pytest.approx(np.mean(weighted == y), abs=0)
+    assert result["by_k"][str(k)]["majority"]["top1"] == pytest.approx(np.mean(majority == y), abs=tied)
+    assert result["by_k"][str(k)]["weighted"]["top1"] == pytest.approx(np.mean(weighted == y), abs=tied)
     assert result["n_bank"] == int(bank.sum()) and result["n_queries"] == int(test.sum())
     if k == 1:
         assert result["by_k"]["1"]["majority"]["top1"] == result["by_k"]["1"]["weighted"]["top1"]
@@ -75,8 +89,8 @@ def test_knn_classification_equals_numpy_reference(digits_fs, k):
         assert result["by_k"][str(k)]["weighted"]["top5"] >= result["by_k"][str(k)]["weighted"]["top1"]
     relevant = np.bincount(fs.labels[bank], minlength=10)[y]
     recall, m_ap = _reference_retrieval(order, fs.labels[bank], y, relevant, 10)
-    assert result["retrieval"]["10"]["recall"] == pytest.approx(recall)
-    assert result["retrieval"]["10"]["map"] == pytest.approx(m_ap)
+    assert result["retrieval"]["10"]["recall"] == pytest.approx(recall, abs=tied + 1e-9)
+    assert result["retrieval"]["10"]["map"] == pytest.approx(m_ap, abs=tied + 1e-9)
     if k == 1:  # with one neighbour, recall@1 is 1-NN accuracy
         assert result["retrieval"]["1"]["recall"] == pytest.approx(result["by_k"]["1"]["majority"]["top1"])
 
@@ -91,12 +105,14 @@ def test_leave_one_out_without_a_test_split_equals_reference(digits_fs):
     majority, weighted, order = _reference_knn(fs.features, fs.labels, fs.features, 10, 0.07, 10, exclude=rows)
     assert not (order == rows[:, None]).any()  # the reference never finds itself either
     majority, weighted, _ = _reference_knn(fs.features, fs.labels, fs.features, 5, 0.07, 10, exclude=rows)
-    assert result["by_k"]["5"]["majority"]["top1"] == pytest.approx(np.mean(majority == fs.labels), abs=0)
-    assert result["by_k"]["5"]["weighted"]["top1"] == pytest.approx(np.mean(weighted == fs.labels), abs=0)
+    tied = _near_ties(fs.features, fs.features, 10, exclude=rows)
+    assert tied < 0.05
+    assert result["by_k"]["5"]["majority"]["top1"] == pytest.approx(np.mean(majority == fs.labels), abs=tied)
+    assert result["by_k"]["5"]["weighted"]["top1"] == pytest.approx(np.mean(weighted == fs.labels), abs=tied)
     relevant = np.bincount(fs.labels, minlength=10)[fs.labels] - 1
     recall, m_ap = _reference_retrieval(order, fs.labels, fs.labels, relevant, 10)
-    assert result["retrieval"]["10"]["recall"] == pytest.approx(recall)
-    assert result["retrieval"]["10"]["map"] == pytest.approx(m_ap)
+    assert result["retrieval"]["10"]["recall"] == pytest.approx(recall, abs=tied + 1e-9)
+    assert result["retrieval"]["10"]["map"] == pytest.approx(m_ap, abs=tied + 1e-9)
 
 
 def test_leave_one_out_can_be_forced_and_exact_duplicates_do_not_hide_self():
