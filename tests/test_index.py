@@ -157,19 +157,25 @@ def test_only_some_splits_and_refusals(digits_store, digits_fs, tmp_path):
         load_index(tmp_path / "nothing")
 
 
-def test_new_rows_are_added_and_changed_rows_rebuild(tmp_path):
+def test_new_rows_are_added_and_changed_rows_rebuild(tmp_path, caplog):
+    """Updates add the new rows in place and re-tune under the build's own brute-force threshold (recorded in the
+    infos): with 20, the 60 rows' automatic HNSW stays the automatic choice at 70 (the default 100,000 would say
+    flat)."""
     root = make_folder(tmp_path / "imgs", {"a": 30, "b": 30})
     store = tmp_path / "s.h5"
     config = ExtractConfig.of(data=root, out=store, backbone=TINY_BACKBONE, random_init=True, workers=0,
                            progress=False)
     extract_to_store(config)
-    build_index(store, tmp_path / "ix", kind="hnsw", queries=50)
+    assert build_index(store, tmp_path / "ix", exact_max_rows=20, queries=50).kind == "hnsw"
     before = load_index(tmp_path / "ix")
+    assert before.infos.exact_max_rows == 20
 
     for i in range(10):  # the collection grows
         write_image(root / "a" / f"new_{i}.png", seed=1000 + i)
     extract_to_store(config)
-    infos = update_index(tmp_path / "ix")
+    with caplog.at_level(logging.WARNING, logger="pipeline.index.build"):
+        infos = update_index(tmp_path / "ix")
+    assert "automatic choice is now" not in caplog.text and infos.exact_max_rows == 20
     after = load_index(tmp_path / "ix")
     fs = load_store(store)
     assert infos.rows == after.index.ntotal == len(fs) == before.infos.rows + 10
@@ -186,7 +192,7 @@ def test_new_rows_are_added_and_changed_rows_rebuild(tmp_path):
     os.utime(target, ns=(10**18, 10**18))
     extract_to_store(config)
     rebuilt = update_index(tmp_path / "ix")
-    assert rebuilt.history[-1]["action"] == "rebuilt" and rebuilt.rows == len(fs)
+    assert rebuilt.history[-1]["action"] == "rebuilt" and rebuilt.rows == len(fs) and rebuilt.exact_max_rows == 20
 
 
 def test_search_by_ids_and_image_files(digits_store, digits_root, digits_fs, tmp_path):

@@ -262,7 +262,7 @@ def build_index(store: str | Path, out: str | Path, *, kind: str = "auto", memor
         target_met=tuning["recall_at_10"] >= target_recall, ms_per_query=tuning["ms_per_query"],
         tuning=tuning["tried"], tuning_queries=tuning["queries"], seconds=seconds, cache_key=made.cache_key,
         backbone=made.backbone, weights=made.weights, splits=list(splits) if splits else None,
-        created=_now(), history=list(history or []), **record)
+        created=_now(), history=list(history or []), exact_max_rows=int(exact_max_rows), **record)
     save_index(out, index, ids, hashes, infos, overwrite=overwrite)
     return infos
 
@@ -293,7 +293,7 @@ def update_index(path: str | Path, *, store: str | Path | None = None, queries: 
                                     "reason": f"{len(stale)} indexed rows changed or removed"}]
         return build_index(store, path, kind=infos.kind, memory_budget=infos.memory_budget,
                            target_recall=infos.target_recall, splits=splits, queries=queries, seed=seed,
-                           block_rows=block_rows, history=history)
+                           exact_max_rows=infos.exact_max_rows, block_rows=block_rows, history=history)
     indexed = set(loaded.ids)
     new = np.array([n for n, i in zip(numbers, ids, strict=True) if i not in indexed], dtype=np.int64)
     if not len(new):
@@ -307,7 +307,8 @@ def update_index(path: str | Path, *, store: str | Path | None = None, queries: 
     number_of = dict(zip(ids, numbers, strict=True))
     row_of = np.concatenate([np.array([number_of[i] for i in loaded.ids], dtype=np.int64), new])
     tuning = _measure(loaded.index, plan, store, row_of, infos.dim, queries=queries,
-                      target=infos.target_recall, seed=seed, block_rows=block_rows)
+                      target=infos.target_recall, seed=seed, block_rows=block_rows,
+                      exact_max_rows=infos.exact_max_rows)
     is_new = np.isin(numbers, new)
     new_ids, new_hashes = np.concatenate([loaded.ids, ids[is_new]]), np.concatenate([loaded.hashes, hashes[is_new]])
     infos.history.append({"at": _now(), "action": "added", "rows": int(len(new)), "seconds": added})
@@ -316,7 +317,7 @@ def update_index(path: str | Path, *, store: str | Path | None = None, queries: 
     infos.search_value, infos.recall_at_10 = tuning["value"], tuning["recall_at_10"]
     infos.target_met = tuning["recall_at_10"] >= infos.target_recall
     infos.ms_per_query, infos.tuning, infos.tuning_queries = tuning["ms_per_query"], tuning["tried"], tuning["queries"]
-    auto = plan_index(infos.rows, infos.dim, memory_budget=infos.memory_budget)
+    auto = plan_index(infos.rows, infos.dim, memory_budget=infos.memory_budget, exact_max_rows=infos.exact_max_rows)
     if infos.reason != "asked for" and auto.kind != infos.kind:
         log.warning("with %d rows the automatic choice is now %s, not %s; rebuild with index build to switch",
                     infos.rows, auto.kind, infos.kind)

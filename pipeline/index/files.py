@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.index.plan import INDEX_KINDS, KINDS
+from pipeline.index.plan import EXACT_MAX_ROWS, INDEX_KINDS, KINDS
 from pipeline.outputs import check_writable_dir
 from pipeline.store.read import read_attrs, read_columns, read_features
 
@@ -61,13 +61,14 @@ class IndexInfos:
     history: list[dict[str, Any]] = field(default_factory=list)
     store_id: str = ""  # the store's identity (kept across incremental runs, new on --overwrite)
     store_relative: str = ""  # the store relative to the index folder, for a data folder moved as a whole
+    exact_max_rows: int = EXACT_MAX_ROWS  # the build's brute-force threshold, which updates re-tune with
 
 
 _TYPES = {"kind": str, "factory": str, "reason": str, "rows": int, "dim": int, "memory_budget": int,
           "memory_estimate": int, "target_recall": (int, float), "recall_at_10": (int, float), "target_met": bool,
           "ms_per_query": (int, float), "tuning": list, "tuning_queries": int, "seconds": dict, "store": str,
           "cache_key": str, "backbone": str, "weights": str, "created": str, "faiss_version": str, "history": list,
-          "store_id": str, "store_relative": str}
+          "store_id": str, "store_relative": str, "exact_max_rows": int}
 
 
 @dataclass
