@@ -59,7 +59,8 @@ def test_the_scale_benchmark_runs_every_step_at_two_sizes(tmp_path):
 
 
 def test_the_planning_benchmark_lists_and_fingerprints_a_manifest_source(tmp_path):
-    result = _run(tmp_path, "plan_scale", "--sizes", "1000,3000", "--work", str(tmp_path / "w"))
+    result = _run(tmp_path, "plan_scale", "--sizes", "1000,3000", "--files", "2000", "--work", str(tmp_path / "w"))
+    # 3,000 rows over 2,000 files: the rows past 2,000 name files again under ids of their own
     assert [r["rows"] for r in result["results"]] == [1000, 3000]  # every file listed, none dropped
     assert all(len(r["fingerprint"]) == 32 and r["list_s"] > 0 for r in result["results"])
     assert result["results"][0]["fingerprint"] != result["results"][1]["fingerprint"]

@@ -188,12 +188,20 @@ def label_text(value: Any) -> str | None:
     return None if text is None or (text[0] == "-" and _NEGATIVE_INT.fullmatch(text)) else text
 
 
+_SPLIT_NAMES = {name: name for name in SPLITS}
+
+
 def split_cell(value: Any, where: str, fix: str = "") -> str | None:
-    """A split given by the source (`cell` text), which must be one of SPLITS; None where it gives none."""
+    """A split given by the source (`cell` text), which must be one of SPLITS; None where it gives none. The split is
+    the SPLITS constant itself, not the cell's own string: a listing of millions then holds three strings, not one
+    per row."""
     split = cell(value)
-    if split is not None and split not in SPLITS:
-        raise DataError(f"{where} has split {value!r}; valid splits are {', '.join(SPLITS)}{fix}")
-    return split
+    if split is None:
+        return None
+    try:
+        return _SPLIT_NAMES[split]
+    except KeyError:
+        raise DataError(f"{where} has split {value!r}; valid splits are {', '.join(SPLITS)}{fix}") from None
 
 
 # -- checks of the whole ---------------------------------------------------------------------------------------------
