@@ -27,10 +27,11 @@ test: $(STAMP) browser
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=30
 
 # The report tests open the HTML in a real headless browser: install Chromium when it is missing (as root, from the
-# Debian archive), else say what to install.
+# Debian archive), else say what to install. apt waits up to 10 minutes for a dpkg lock another install holds.
+APT = apt-get -o DPkg::Lock::Timeout=600
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	  { apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium; }; }; } || \
+	  { $(APT) install -y -qq chromium >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq chromium; }; }; } || \
 	  { echo "the report tests need Chromium: install the chromium package (apt-get install chromium)"; exit 1; }
 
 lint: $(STAMP)
