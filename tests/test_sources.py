@@ -349,3 +349,37 @@ def test_manifest_ids_paths_and_stamps_are_the_pathlib_forms(tmp_path):
                                         [-1, -1]]
     with pytest.raises(DataError, match=r"1 path\(s\) .* do not exist \(e.g. row 2"):
         open_source(write_manifest(tmp_path / "n.csv", [rows[0], {"path": "gone.png"}]))
+
+
+def test_listing_runs_with_the_cyclic_collector_paused_and_restores_it(tmp_path):
+    """sources: a listing builds one small acyclic object after another, so the cyclic collector is paused while a
+    source is listed (at most the one collection that follows re-enabling it, where the kind's own scan of a
+    20,000-row manifest runs dozens), and it is on again afterwards, after an error too."""
+    import gc
+
+    from pipeline.sources.manifest import scan_manifest
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "m.csv").write_text("path,id,label\n" + "".join(f"a.png,r{i},c{i % 7}\n" for i in range(20_000)))
+    collections: list[int] = []
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(count)
+    try:
+        assert gc.isenabled()
+        scan_manifest(tmp_path / "m.csv", ListOptions(split="none"))  # the kind's own scan: the collector is on
+        unpaused, collections[:] = len(collections), []
+        source = open_source(str(tmp_path / "m.csv"), ListOptions(split="none"))
+        assert len(source) == 20_000 and gc.isenabled()
+        assert unpaused > 20 and len(collections) <= 2, (unpaused, collections)  # the one (or two) after re-enabling
+        (tmp_path / "bad.csv").write_text("path\nmissing.png\n")
+        with pytest.raises(DataError, match="do not exist"):
+            open_source(str(tmp_path / "bad.csv"), ListOptions(split="none"))
+        assert gc.isenabled()
+        gc.collect()
+        assert collections, "the callback sees collections when the collector runs"
+    finally:
+        gc.callbacks.remove(count)
