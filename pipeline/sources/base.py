@@ -207,6 +207,8 @@ def split_cell(value: Any, where: str, fix: str = "") -> str | None:
 # -- checks of the whole ---------------------------------------------------------------------------------------------
 
 def check_unique(ids: list[str], where: str, *, owners: list[str] | None = None) -> None:
+    if len(set(ids)) == len(ids):  # the usual case, in a set (no count per id) freed at once
+        return
     dupes = [i for i, n in Counter(ids).items() if n > 1]
     if dupes:
         example = dupes[0]

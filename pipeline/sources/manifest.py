@@ -132,6 +132,7 @@ def scan_manifest(path: str | Path, options: ListOptions = DEFAULT_OPTIONS) -> S
         splits.append(split_cell(given_splits[number], f"{path} row {number + 1}",
                                  " (give every row one, or drop the column to split automatically)"))
         stamps.append(file_stamp(file))  # one stat per file; (-1, -1) when it cannot be stat'ed
+    del columns, texts, given_ids, given_labels, given_splits  # the cells kept are in the lists now; free the rest
     missing = [(n, f) for n, (f, st) in enumerate(zip(files, stamps, strict=True), 1)
                if st[0] < 0 and not os.path.lexists(f)]  # a broken link exists (and fails to decode later)
     if missing:
