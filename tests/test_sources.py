@@ -296,9 +296,10 @@ def test_store_records_the_source(same_images, tmp_path, tiny):
 
 
 def test_the_three_manifest_formats_give_the_same_rows(tmp_path):
-    """sources/manifest: CSV (with a BOM and padded headers, as spreadsheets save it), Parquet read by pyarrow, and
-    JSON lines give the same columns (a short CSV row's missing cell None, blank lines skipped, other columns not
-    kept); a manifest without a path column is refused with its columns named."""
+    """sources/manifest: CSV (with a BOM and padded headers, as spreadsheets save it) and Parquet read by arrow,
+    and JSON lines give the same columns (a short CSV row, which arrow refuses, read by the csv module: its missing
+    cell None, blank lines skipped; other columns not kept); a manifest without a path column is refused with its
+    columns named."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -311,8 +312,12 @@ def test_the_three_manifest_formats_give_the_same_rows(tmp_path):
         f"{r['path']},{r['label']},{r['split']},{r['note']}\n" for r in rows), encoding="utf-8")
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    def as_lists(found: dict) -> dict:
+        return {k: v.to_pylist() if isinstance(v, pa.ChunkedArray) else v for k, v in found.items()}
+
     for name in ("m.csv", "m.parquet", "m.jsonl"):
-        assert manifest_columns(tmp_path / name) == columns, name
+        assert as_lists(manifest_columns(tmp_path / name)) == columns, name
+    assert all(isinstance(v, pa.ChunkedArray) for v in manifest_columns(tmp_path / "m.csv").values())
     (tmp_path / "s.csv").write_text("path,id,label\na.png,A,1\n\nb.png\n")
     assert manifest_columns(tmp_path / "s.csv") == {"path": ["a.png", "b.png"], "id": ["A", None],
                                                     "label": ["1", None]}
@@ -327,7 +332,9 @@ def test_manifest_ids_paths_and_stamps_are_the_pathlib_forms(tmp_path):
     missing file is refused."""
     import random
 
-    from pipeline.sources.manifest import _file_text, posix_text
+    import pyarrow as pa
+
+    from pipeline.sources.manifest import _file_text, file_cells, path_cells, posix_text
 
     odd = ["a.png", "./a.png", "x//a.png", "x/./a.png", "x/", "x/.", ".", "//x/a", "///x", "a/../b", ".a", "a.",
            "x/.a/", "/abs/./p", "é/ü.png", "a b/c"]
@@ -336,6 +343,10 @@ def test_manifest_ids_paths_and_stamps_are_the_pathlib_forms(tmp_path):
     for text in odd:
         assert posix_text(text) == Path(text).as_posix(), text
         assert _file_text(str(tmp_path), text) == str(tmp_path / text), text
+    texts = path_cells(pa.chunked_array([pa.array(odd)]))  # the columnar scan's: arrow kernels, odd rows in Python
+    assert texts.to_pylist() == [Path(t).as_posix() for t in odd]
+    assert file_cells(str(tmp_path), texts).to_pylist() == [str(tmp_path / t) for t in odd]
+    assert file_cells("/", path_cells(["a", "/b", "."])).to_pylist() == ["/a", "/b", "/"]
     (tmp_path / "x").mkdir()
     for name in ("x/a.png", "b.png"):
         (tmp_path / name).write_bytes(b"data" * len(name))

@@ -13,12 +13,12 @@ from PIL import Image
 
 from pipeline.backbones.factory import OVERRIDABLE, create_backbone
 from pipeline.backbones.model import PRE_LOGITS, Backbone
-from pipeline.engine.decode import Decoding, decode, load_plugins, read_file
+from pipeline.engine.decode import Decoding, FileReader, decode, load_plugins, read_file
 from pipeline.engine.forward import l2_normalize
 from pipeline.engine.resolve import decoding_policy
 from pipeline.errors import PipelineError
 from pipeline.plan import Provenance
-from pipeline.sources.lookup import paths_for_ids, source_for  # noqa: F401 - re-exported: their old home
+from pipeline.sources.lookup import paths_for_ids, source_for, stored_paths  # noqa: F401 - re-exported: their old home
 
 log = logging.getLogger(__name__)
 
@@ -85,26 +85,38 @@ def transformed_files(paths: Iterable[str | Path], transform, decoding: Decoding
     return tensors, hashes
 
 
-def images_for_ids(made: Provenance, ids: Iterable[str], *, size: int = 96) -> dict[str, Image.Image]:
+def images_for_ids(made: Provenance, ids: Iterable[str], *, size: int = 96,
+                   store: str | Path | None = None) -> dict[str, Image.Image]:
     """Thumbnails (RGB, longest side `size`) of the images behind some ids of a store; ids whose image cannot be
-    found or read are left out (the caller says so), since results stand without their pictures."""
+    found or read are left out (the caller says so), since results stand without their pictures. Files are found
+    in the `store`'s path column when it has one (an image folder or a manifest), else by listing its source."""
     wanted = list(dict.fromkeys(ids))
-    source = source_for(made)
-    position = {s.id: i for i, s in enumerate(source.samples)}
     decoding = Decoding(max_aspect=None)
+    found = stored_paths(store, wanted) if made.source in ("folder", "manifest") else None
+    if found is not None:
+        reader, where = FileReader(), found
+    else:
+        source = source_for(made)
+        position = {s.id: i for i, s in enumerate(source.samples)}
+        reader = source.reader
+        where = {i: source.locators([position[i]])[0] for i in wanted if i in position}
     out = {}
     for id_ in wanted:
-        if id_ not in position:
+        if id_ not in where:
             continue
         try:
-            image, _ = decode(source.reader.read(source.locators([position[id_]])[0], decoding.max_file_bytes),
-                              decoding)
+            image, _ = decode(reader.read(where[id_], decoding.max_file_bytes), decoding)
         except Exception as exc:  # noqa: BLE001 - a picture that cannot be shown is not an error of the results
             log.warning("cannot show %s: %s", id_, exc)
             continue
-        image.thumbnail((size, size), Image.Resampling.LANCZOS if max(image.size) > size else Image.Resampling.NEAREST)
-        if max(image.size) < size:  # tiny images (digits are 8x8): enlarge with visible pixels
-            scale = size // max(image.size)
-            image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
-        out[id_] = image
+        out[id_] = thumbnail(image, size)
     return out
+
+
+def thumbnail(image: Image.Image, size: int) -> Image.Image:
+    """The image with its longest side `size`; tiny images (digits are 8x8) enlarged with visible pixels."""
+    image.thumbnail((size, size), Image.Resampling.LANCZOS if max(image.size) > size else Image.Resampling.NEAREST)
+    if max(image.size) < size:
+        scale = size // max(image.size)
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    return image

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.backbones.factory import create_backbone
 from pipeline.backbones.model import Backbone, transform_text
@@ -22,7 +24,9 @@ from pipeline.outputs import check_writable_dir
 from pipeline.plan import DecodeSpec, ExtractConfig, Provenance
 from pipeline.sources import open_source
 from pipeline.sources.base import ListOptions, Source
+from pipeline.sources.lookup import sample_path
 from pipeline.sources.stream import is_stream
+from pipeline.sources.table import SPLIT_CODES, SampleTable, SplitColumn, TextColumn
 from pipeline.store.read import check_target, is_current, known_hashes, read_attrs, read_columns
 from pipeline.store.reuse import Listing
 from pipeline.store.schema import cache_key, layout_attrs, library_versions
@@ -73,20 +77,59 @@ def open_source_with_views(config: ExtractConfig) -> Source:
 
 
 def source_listing(source: Source) -> Listing:
-    """What the store must hold for this source: every sample with its stamp, and how to hash its content."""
+    """What the store must hold for this source: every sample with its stamp, and how to hash its content (a
+    table's columns as they are)."""
     samples = source.samples
+    if isinstance(samples, SampleTable):
+        return Listing(ids=samples.ids, labels=samples.labels, splits=samples.splits, stamps=samples.stamps,
+                       hasher=source.content_hash, paths=samples.paths)
     return Listing(ids=[s.id for s in samples], labels=np.array([s.label for s in samples], dtype=np.int64),
-                   splits=[s.split for s in samples], stamps=source.stamps(), hasher=source.content_hash)
+                   splits=[s.split for s in samples], stamps=source.stamps(), hasher=source.content_hash,
+                   paths=[sample_path(source.kind, s) for s in samples])
 
 
 def data_fingerprint(source: Source, listing: Listing, decoding: Decoding) -> str:
     """Hash of the listing (ids, labels, splits, stamps), the class names and the decoding policy: changes when any
-    input changes (a new decoding policy retries the images that failed under the old one)."""
+    input changes (a new decoding policy retries the images that failed under the old one), and the paths the
+    store's path column records (images moved under the same ids and stamps)."""
     digest = hashlib.sha256(json.dumps(list(source.class_names)).encode())
     digest.update(json.dumps(decoding.as_attrs(), sort_keys=True).encode())
-    for i, (size, mtime) in enumerate(listing.stamps):
-        digest.update(f"{listing.ids[i]}\0{listing.labels[i]}\0{listing.splits[i]}\0{size}\0{mtime}\n".encode())
+    for start in range(0, len(listing), _FINGERPRINT_BLOCK):
+        digest.update(listing_lines(listing, start, start + _FINGERPRINT_BLOCK))
+    if listing.paths is not None:
+        paths = listing.paths if isinstance(listing.paths, TextColumn) else TextColumn.from_strings(listing.paths)
+        digest.update(b"paths\0" + paths.offsets.astype("<i8").tobytes())
+        digest.update(paths.data)
     return digest.hexdigest()[:32]
+
+
+_FINGERPRINT_BLOCK = 1 << 20
+_TEXT = pa.large_string()
+
+
+def _text(values: Any, start: int, stop: int) -> pa.Array:
+    if isinstance(values, TextColumn):
+        return values.block(start, stop).to_arrow()
+    if isinstance(values, SplitColumn):
+        return pa.array(SPLIT_CODES, _TEXT).take(pa.array(values.codes[start:stop]))
+    if isinstance(values, np.ndarray):
+        return pa.array(values[start:stop]).cast(_TEXT)
+    return pa.array(values[start:stop], _TEXT)
+
+
+def listing_lines(listing: Listing, start: int, stop: int) -> bytes:
+    """Rows start..stop of the listing as the fingerprint hashes them, `id\0label\0split\0size\0mtime\n` each
+    (UTF-8), formatted by arrow's kernels a block at a time rather than by Python row by row."""
+    stamps = listing.stamps[start:stop]
+    line = pc.binary_join_element_wise(
+        _text(listing.ids, start, stop), _text(listing.labels, start, stop), _text(listing.splits, start, stop),
+        _text(stamps[:, 0], 0, None), _text(stamps[:, 1], 0, None), pa.scalar("\0", _TEXT))
+    line = pc.binary_join_element_wise(line, pa.scalar("\n", _TEXT), pa.scalar("", _TEXT))
+    if not len(line):
+        return b""
+    _, offsets, data = line.buffers()
+    bounds = np.frombuffer(offsets, dtype=np.int64, count=len(line) + 1, offset=line.offset * 8)
+    return data.slice(int(bounds[0]), int(bounds[-1] - bounds[0])).to_pybytes()
 
 
 def backbone_key(backbone: Backbone, feature_dtype: str, alpha: str = DEFAULT_ALPHA, spatial_dtype: str = "",

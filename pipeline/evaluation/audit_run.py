@@ -150,7 +150,7 @@ def audit_outputs(config: AuditConfig) -> dict[str, Path | None]:
 def _manifest_rows(fs: FeatureSet, keep: np.ndarray) -> list[tuple[str, ...]]:
     from pipeline.engine.embed import paths_for_ids
 
-    paths = paths_for_ids(fs.made, [str(i) for i in fs.ids[keep]])
+    paths = paths_for_ids(fs.made, [str(i) for i in fs.ids[keep]], fs.path)
     missing = [str(i) for i in fs.ids[keep] if str(i) not in paths]
     if missing:
         raise PipelineError(f"{len(missing)} image(s) of the store are no longer listed by its source (e.g. "

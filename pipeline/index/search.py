@@ -83,7 +83,7 @@ def search_store(*, index: str | Path | None = None, store: str | Path | None = 
     position = {i: n for n, i in enumerate(columns["ids"])}
     class_names = made.class_names
     hit_ids = {row_ids[j] for j in idx.reshape(-1) if j >= 0}
-    paths = paths_for_ids(made, hit_ids)
+    paths = paths_for_ids(made, hit_ids, store)
     results = []
     for name, row_sims, row_idx in zip(names, sims, idx, strict=True):
         hits = []

@@ -93,12 +93,14 @@ class _Rows:
 
 
 def _paths(made: Provenance, store: Path) -> dict[str, str]:
-    """id -> image path, when the store records a source that can still be listed."""
-    if not (made.data or made.data_root):
-        return {}
-    from pipeline.sources.lookup import paths_for_ids
+    """id -> image path: the store's path column, or else its recorded source listed again (when it can be)."""
+    from pipeline.sources.lookup import paths_for_ids, stored_paths
 
-    return paths_for_ids(made, read_columns(store, "ids")["ids"].tolist())
+    ids = read_columns(store, "ids")["ids"].tolist()
+    found = stored_paths(store, ids)
+    if found is not None:
+        return found
+    return paths_for_ids(made, ids) if made.data or made.data_root else {}
 
 
 def _blocks(store: Path, splits: tuple[str, ...] | None,

@@ -92,7 +92,7 @@ def _pictures(fs: Any, result: dict[str, Any]) -> list[Block]:
     }
     wanted = [i for examples in groups.values() for e in examples for i in (e["id"], *(h["id"] for h in e["hits"]))]
     try:
-        images = images_for_ids(fs.made, wanted) if wanted else {}
+        images = images_for_ids(fs.made, wanted, store=fs.path) if wanted else {}
     except Exception as exc:  # noqa: BLE001 - the findings stand without their pictures; the report says why
         log.warning("audit images unavailable: %s", exc)
         images = {}

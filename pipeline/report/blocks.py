@@ -207,7 +207,7 @@ def _knn_blocks(fs: Any, knn: dict[str, Any]) -> list[Block]:
 
         wanted = [e["id"] for e in examples] + [h["id"] for e in examples for h in e["hits"]]
         try:
-            images = images_for_ids(fs.made, wanted)
+            images = images_for_ids(fs.made, wanted, store=fs.path)
         except Exception as exc:  # noqa: BLE001 - the results stand without their pictures; the report says why
             log.warning("nearest-neighbour images unavailable: %s", exc)
             images = {}

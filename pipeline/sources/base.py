@@ -14,7 +14,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,6 +32,7 @@ from pipeline.engine.decode import (
 )
 from pipeline.errors import DataError
 from pipeline.sources.hints import how_to
+from pipeline.sources.table import UNDECIDED, SampleTable, TextColumn, split_codes
 from pipeline.splits import stratified_splits
 
 log = logging.getLogger(__name__)
@@ -83,12 +84,13 @@ DEFAULT_OPTIONS = ListOptions()
 
 @dataclass(frozen=True)
 class Source:
-    """A listed image source: samples in store order, class names, how splits and labels were decided, its reader,
-    and warnings for the user (a labelled-looking source without labels, links that were not followed)."""
+    """A listed image source: samples in store order (a tuple of `Sample`s, or a `SampleTable` of columns for a
+    source of millions), class names, how splits and labels were decided, its reader, and warnings for the user (a
+    labelled-looking source without labels, links that were not followed)."""
 
     kind: str  # folder | manifest | tar | torchvision
     root: Path
-    samples: tuple[Sample, ...]
+    samples: Sequence[Sample]
     class_names: tuple[str, ...]
     split_source: str
     reader: Reader = field(default_factory=FileReader)
@@ -101,15 +103,22 @@ class Source:
         return len(self.samples)
 
     def split_counts(self) -> dict[str, int]:
+        if isinstance(self.samples, SampleTable):
+            return self.samples.split_counts()
         counts = Counter(s.split for s in self.samples)
         return {k: counts[k] for k in SPLITS if counts[k]}
 
     def locators(self, positions: Iterable[int] | None = None) -> list:
+        if isinstance(self.samples, SampleTable):  # no locators: the paths
+            paths = self.samples.paths
+            return list(paths) if positions is None else [paths[int(i)] for i in positions]
         picked = self.samples if positions is None else [self.samples[int(i)] for i in positions]
         return [s.path if s.locator is None else s.locator for s in picked]
 
     def stamps(self) -> np.ndarray:
         """[n, 2] int64: each sample's stamp (a file's size and mtime_ns unless the source set its own)."""
+        if isinstance(self.samples, SampleTable):
+            return self.samples.stamps
         pairs = [s.stamp if s.stamp is not None else file_stamp(s.path) for s in self.samples]
         return np.array(pairs, dtype=np.int64).reshape(-1, 2)
 
@@ -220,11 +229,48 @@ def check_unique(ids: list[str], where: str, *, owners: list[str] | None = None)
 def check_split_classes(names: list[str | None], splits: list[str], where: str, kind: str) -> None:
     """Every class seen in val/test needs training images (a probe could never predict it)."""
     train = {n for n, s in zip(names, splits, strict=True) if s == "train" and n is not None}
-    unseen = sorted({n for n, s in zip(names, splits, strict=True) if s != "train" and n is not None} - train)
+    _refuse_unseen(sorted({n for n, s in zip(names, splits, strict=True) if s != "train" and n is not None} - train),
+                   where, kind)
+
+
+def check_split_codes(class_names: tuple[str, ...], labels: np.ndarray, codes: np.ndarray, where: str,
+                      kind: str) -> None:
+    """`check_split_classes` of label and split codes."""
+    labelled = labels >= 0
+    unseen = np.setdiff1d(labels[labelled & (codes != 0)], labels[labelled & (codes == 0)])
+    _refuse_unseen(sorted(class_names[i] for i in unseen.tolist()), where, kind)
+
+
+def _refuse_unseen(unseen: list[str], where: str, kind: str) -> None:
     if unseen:
         raise DataError(f"classes {unseen[:5]}{' ...' if len(unseen) > 5 else ''} of {where} appear in val/test "
                         "but have no training images; every class needs training images (fix the labels or splits, "
                         f"or {how_to(kind, 'splits').split(', or ')[-1]})")
+
+
+def split_mode(kind: str, n: int, given: int, *, options: ListOptions, hinted_by: str, description: str) -> str:
+    """How the splits of n samples are decided when the source gives `given` of them: "none" (not decided),
+    "given" (the source's own) or "stratified"; some given and not all is an error."""
+    if options.split == "none":
+        return "none"
+    if options.split == "auto" and given and given == n:
+        return "given"
+    if options.split == "auto" and given:
+        raise DataError(f"{given} of the {n} samples of {description} have a split ({hinted_by}) and the others "
+                        f"do not; {how_to(kind, 'splits')}")
+    return "stratified"
+
+
+def stratified_source(options: ListOptions, hinted_by: str, given: int) -> str:
+    text = f"stratified(test_fraction={options.test_fraction}, seed={options.seed}, by content)"
+    return text + (f", overriding the {hinted_by}" if given else "")
+
+
+def unlabelled_warning(kind: str, n: int, class_names: tuple[str, ...], description: str) -> list[str]:
+    if n and not class_names and kind in ("manifest", "tar"):
+        return [f"{description}: none of the {n} images has a label, so probe and kNN will refuse the store; "
+                f"to label them, {how_to(kind, 'labels')}"]
+    return []
 
 
 def finish(kind: str, root: Path, ids: list[str], paths: list[Path], class_names: tuple[str, ...], labels: list[int],
@@ -237,29 +283,51 @@ def finish(kind: str, root: Path, ids: list[str], paths: list[Path], class_names
     `hints` are the source's own splits (None where it gives none); `key_of(i)` is sample i's content key for the
     stratified split, asked for only when one is needed."""
     n = len(ids)
-    warnings = list(warnings or [])
-    names = [None if label < 0 else class_names[label] for label in labels]
-    given = [h for h in hints if h is not None]
-    if options.split == "none":
+    given = sum(h is not None for h in hints)
+    mode = split_mode(kind, n, given, options=options, hinted_by=hinted_by, description=description)
+    if mode == "none":
         splits, split_source = [""] * n, "not decided (lookup)"
-    elif options.split == "auto" and given and len(given) == n:
-        check_split_classes(names, list(hints), description, kind)
+    elif mode == "given":
+        check_split_classes([None if label < 0 else class_names[label] for label in labels], list(hints),
+                            description, kind)
         splits, split_source = list(hints), hinted_by
-    elif options.split == "auto" and given:
-        raise DataError(f"{len(given)} of the {n} samples of {description} have a split ({hinted_by}) and the others "
-                        f"do not; {how_to(kind, 'splits')}")
     else:
         keys = [key_of(i) for i in range(n)]
         splits = stratified_splits(keys, labels, test_fraction=options.test_fraction, seed=options.seed, ties=ids)
-        split_source = f"stratified(test_fraction={options.test_fraction}, seed={options.seed}, by content)"
-        if given:
-            split_source += f", overriding the {hinted_by}"
-    if n and not class_names and kind in ("manifest", "tar"):
-        warnings.append(f"{description}: none of the {n} images has a label, so probe and kNN will refuse the store; "
-                        f"to label them, {how_to(kind, 'labels')}")
+        split_source = stratified_source(options, hinted_by, given)
+    warnings = [*(warnings or []), *unlabelled_warning(kind, n, class_names, description)]
     locators = locators or [None] * n
     stamps = stamps or [None] * n
     samples = tuple(map(Sample._make, zip(ids, paths, labels, splits, locators, stamps, strict=True)))
+    return _source(kind, root, samples, class_names, split_source, reader, description, label_source, warnings,
+                   options)
+
+
+def finish_table(kind: str, root: Path, ids: TextColumn, paths: TextColumn, class_names: tuple[str, ...],
+                 labels: np.ndarray, hints: np.ndarray, stamps: np.ndarray, *, options: ListOptions, hinted_by: str,
+                 key_of: Callable[[int], str], reader: Reader, description: str, label_source: str = "") -> Source:
+    """`finish` of columns: `labels` codes, `hints` split codes (UNDECIDED where the source gives none) and
+    [n, 2] `stamps`; the source's samples are a `SampleTable`."""
+    n = len(ids)
+    given = int(np.count_nonzero(hints != UNDECIDED))
+    mode = split_mode(kind, n, given, options=options, hinted_by=hinted_by, description=description)
+    if mode == "none":
+        codes, split_source = np.full(n, UNDECIDED, dtype=np.int8), "not decided (lookup)"
+    elif mode == "given":
+        check_split_codes(class_names, labels, hints, description, kind)
+        codes, split_source = hints.astype(np.int8, copy=False), hinted_by
+    else:
+        keys = [key_of(i) for i in range(n)]
+        codes = split_codes(stratified_splits(keys, labels.tolist(), test_fraction=options.test_fraction,
+                                              seed=options.seed, ties=list(ids)))
+        split_source = stratified_source(options, hinted_by, given)
+    samples = SampleTable(ids, paths, labels.astype(np.int64, copy=False), codes, stamps)
+    return _source(kind, root, samples, class_names, split_source, reader, description, label_source,
+                   unlabelled_warning(kind, n, class_names, description), options)
+
+
+def _source(kind: str, root: Path, samples: Sequence[Sample], class_names: tuple[str, ...], split_source: str,
+            reader: Reader, description: str, label_source: str, warnings: list[str], options: ListOptions) -> Source:
     if options.split != "none":
         for warning in warnings:
             log.warning("%s", warning)

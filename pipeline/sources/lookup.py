@@ -4,12 +4,14 @@ imported), for exports, search results and the reports' image grids. A streamed 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.plan import Provenance
 from pipeline.sources import open_source
-from pipeline.sources.base import ListOptions, Source, printable
+from pipeline.sources.base import ListOptions, Sample, Source, printable
 from pipeline.sources.stream import is_stream
 
 log = logging.getLogger(__name__)
@@ -29,13 +31,44 @@ def source_for(made: Provenance) -> Source:
                                          max_file_bytes=options.get("max_file_bytes") or None))
 
 
-def paths_for_ids(made: Provenance, ids: Iterable[str]) -> dict[str, str]:
-    """Where each id's image lives (the file; for tar shards `shard.tar:key`), as far as the source still lists it."""
+def sample_path(kind: str, sample: Sample) -> str:
+    """Where a sample's image lives, as absolute text: the file; for tar shards `shard.tar:key`."""
+    path = os.path.abspath(sample.path)
+    return printable(path if kind != "tar" else f"{path}:{sample.id}")
+
+
+def stored_paths(store: str | Path | None, ids: Iterable[str]) -> dict[str, str] | None:
+    """id -> path of these ids from the store's path column; None when the store has none (written before it, or
+    from features without images)."""
+    if store is None:
+        return None
+    import h5py
+    import numpy as np
+
+    from pipeline.store.schema import PATHS
+
+    with h5py.File(store, "r") as f:
+        if PATHS not in f:
+            return None
+        n = int(f.attrs.get("committed_rows", 0))
+        stored = f["ids"].asstr()[:n]
+        wanted = set(ids)
+        rows = np.flatnonzero([i in wanted for i in stored])
+        paths = f[PATHS].asstr()[rows] if len(rows) else []
+    return {stored[r]: p for r, p in zip(rows.tolist(), paths, strict=True)}
+
+
+def paths_for_ids(made: Provenance, ids: Iterable[str], store: str | Path | None = None) -> dict[str, str]:
+    """Where each id's image lives (the file; for tar shards `shard.tar:key`): from the `store`'s path column when it
+    has one, else as far as the source, listed again, still lists it."""
+    ids = list(ids)
+    found = stored_paths(store, ids)
+    if found is not None:
+        return found
     try:
         source = source_for(made)
     except PipelineError as exc:
         log.warning("image paths unavailable: %s", exc)
         return {}
     wanted = set(ids)
-    return {s.id: printable(str(s.path) if source.kind != "tar" else f"{s.path}:{s.id}")
-            for s in source.samples if s.id in wanted}
+    return {s.id: sample_path(source.kind, s) for s in source.samples if s.id in wanted}

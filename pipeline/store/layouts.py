@@ -17,8 +17,9 @@ from typing import Any
 import h5py
 import numpy as np
 
+from pipeline.errors import StoreError
 from pipeline.store.reuse import Listing, ReusePlanner
-from pipeline.store.schema import SCHEMA_VERSION, partial_path, shards_dir
+from pipeline.store.schema import PATHS, SCHEMA_VERSION, STR_DTYPE, partial_path, shards_dir
 from pipeline.store.segment import COLUMNS, SPATIAL, Segment, read_index
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class Layout:
         self.path, self.listing, self.dim, self.dtype, self.compression = path, listing, dim, dtype, compression
         self.attrs, self.shard_rows, self.spatial = attrs, shard_rows, spatial
         self.target: Segment | None = None
+        self.order: list[np.ndarray] = []  # the listing positions of the rows written, in store order
 
     def begin(self, planner: ReusePlanner, partial: Path | None, shards: list[Path],
               indexes: dict[Path, Index]) -> list[Path]:
@@ -68,6 +70,20 @@ class Layout:
             else:
                 target.close(complete=False)
 
+    def write_paths(self, f: h5py.File, positions: np.ndarray) -> None:
+        """The path column (`PATHS`) of the finished store: where the image of each row (listing `positions`, in
+        store order) lives, from the current listing, so that search and reports never list the source again."""
+        paths = self.listing.paths
+        if paths is None:
+            return
+        if PATHS in f:
+            del f[PATHS]
+        ds = f.create_dataset(PATHS, shape=(len(positions),), dtype=STR_DTYPE,
+                              chunks=(min(max(len(positions), 1), 65536),))
+        for start in range(0, len(positions), 65536):
+            block = positions[start:start + 65536]
+            ds[start:start + len(block)] = [paths[int(p)] for p in block]
+
     def collect_garbage(self) -> None:
         folder = shards_dir(self.path)
         if not folder.is_dir():
@@ -100,6 +116,7 @@ class SingleFile(Layout):
                      int((~usable).sum()))
             segment.compact(usable)
         kept = positions[usable]
+        self.order.append(kept)
         if len(kept):
             self._follow_listing(segment.file, kept)
         planner.done[kept] = True
@@ -121,9 +138,14 @@ class SingleFile(Layout):
     def append(self, features: np.ndarray, positions: np.ndarray, hashes: np.ndarray,
                spatial: np.ndarray | None = None) -> None:
         self.target.append(features, self.columns(positions, hashes, spatial))
+        self.order.append(np.asarray(positions, dtype=np.int64))
 
     def finish(self, final_attrs: Callable[[h5py.File], None]) -> None:
         target, self.target = self.target, None
+        order = np.concatenate(self.order) if self.order else np.zeros(0, dtype=np.int64)
+        if len(order) != target.rows:
+            raise StoreError(f"{target.path}: {target.rows} rows written, {len(order)} accounted for")
+        self.write_paths(target.file, order)
         target.file.attrs["committed_rows"] = target.rows
         final_attrs(target.file)
         target.close(complete=True)
@@ -216,14 +238,16 @@ class Sharded(Layout):
         columns = {name: f.create_dataset(name, shape=(n,), dtype=dtype, chunks=(min(max(n, 1), 65536),))
                    for name, dtype in COLUMNS}
         index = {sample_id: i for i, sample_id in enumerate(self.listing.ids)}
-        start = 0
+        start, order = 0, []
         for shard in shards:
             _, ids, _, hashes = read_index(shards_dir(self.path) / shard["file"])
             ids, hashes = ids[: shard["rows"]], hashes[: shard["rows"]]
             positions = np.fromiter((index[i] for i in ids), dtype=np.int64, count=len(ids))
             for name, values in self.listing.columns(positions, hashes).items():
                 columns[name][start:start + len(ids)] = values
+            order.append(positions)
             start += len(ids)
+        self.write_paths(f, np.concatenate(order) if order else np.zeros(0, dtype=np.int64))
 
 
 LAYOUTS = {"single": SingleFile, "sharded": Sharded}

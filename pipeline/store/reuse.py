@@ -10,7 +10,7 @@ its content hash still matches. It also keeps count of what was resumed (from an
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,22 +25,26 @@ from pipeline.store.segment import COLUMNS, open_segment
 
 @dataclass(frozen=True)
 class Listing:
-    """The rows a store must account for, in order: ids, labels, splits and each image's (size, mtime_ns) stamp.
+    """The rows a store must account for, in order: ids, labels, splits and each image's (size, mtime_ns) stamp
+    (sequences: lists, or a source table's columns), and where each image lives (`paths`, for the store's path
+    column; None: a store of features that came without images).
 
     `hasher(position)` gives the content hash of an image whose stamp changed, to see whether its content did (the
     same hash the decode stage records); without it a changed stamp means a changed image.
     """
 
-    ids: list[str]
+    ids: Sequence[str]
     labels: np.ndarray
-    splits: list[str]
+    splits: Sequence[str]
     stamps: np.ndarray
     hasher: Callable[[int], str] | None = None
+    paths: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.ids)
-        if not (len(self.labels) == len(self.splits) == len(self.stamps) == n):
-            raise StoreError("a store listing needs ids, labels, splits and stamps of the same length")
+        if not (len(self.labels) == len(self.splits) == len(self.stamps) == n) or (
+                self.paths is not None and len(self.paths) != n):
+            raise StoreError("a store listing needs ids, labels, splits, stamps (and paths) of the same length")
 
     def __len__(self) -> int:
         return len(self.ids)

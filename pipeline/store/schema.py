@@ -31,6 +31,7 @@ from pipeline.config import DEFAULT_ALPHA
 
 SCHEMA_VERSION = 2
 STR_DTYPE = h5py.string_dtype("utf-8")
+PATHS = "files/path"  # where each row's image lives (complete stores written since the path column; optional)
 HASH_DTYPE = "S32"  # hex BLAKE2b-128
 ROW_DATASETS = ("ids", "labels", "splits", "files/size", "files/mtime_ns", "files/hash")
 SPLITS = ("train", "val", "test")

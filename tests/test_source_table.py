@@ -1,0 +1,184 @@
+"""sources/table: a manifest's listing as columns (text buffers, codes, a stamp array) gives the same samples, the
+same store listing and the same fingerprint as the tuple of `Sample`s it replaces."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.engine.resolve import data_fingerprint, decoding_policy, source_listing
+from pipeline.errors import DataError
+from pipeline.sources import open_source
+from pipeline.sources.base import ListOptions, Sample
+from pipeline.sources.table import SampleTable, SplitColumn, TextColumn
+from tests.sources_data import write_manifest
+
+
+def test_text_column_round_trips_text_and_selects_rows():
+    texts = ["a", "", "é/ü.png", "x" * 300, "bad\udcff name", "日本"]
+    column = TextColumn.from_strings(texts)
+    assert len(column) == 6 and list(column) == texts and column == texts
+    assert [column[i] for i in range(-6, 6)] == texts + texts
+    assert column[np.int64(2)] == "é/ü.png"
+    assert list(column.take([5, 0, 0, 3])) == [texts[5], texts[0], texts[0], texts[3]]
+    assert list(column[1:4]) == texts[1:4] and list(column.block(4, 99)) == texts[4:]
+    with pytest.raises(IndexError):
+        column[6]
+    valid = [t for t in texts if "\udcff" not in t]
+    arrow = TextColumn.from_strings(valid).to_arrow()
+    assert arrow.to_pylist() == valid
+    sliced = pa.chunked_array([pa.array(valid[:2]), pa.array(valid[2:])]).combine_chunks().slice(1)
+    assert TextColumn.from_arrow(sliced) == valid[1:]  # an arrow array with an offset into its buffers
+    assert SplitColumn(np.array([0, 2, 1, 3], dtype=np.int8)) == ["train", "test", "val", ""]
+
+
+def _old_fingerprint(source, decoding) -> str:
+    """The fingerprint as it is defined row by row (as it was computed before the listing was columns), and the
+    paths the store records."""
+    digest = hashlib.sha256(json.dumps(list(source.class_names)).encode())
+    digest.update(json.dumps(decoding.as_attrs(), sort_keys=True).encode())
+    for s in source.samples:
+        size, mtime = s.stamp
+        digest.update(f"{s.id}\0{s.label}\0{s.split}\0{size}\0{mtime}\n".encode())
+    paths = [str(s.path).encode() for s in source.samples]
+    digest.update(b"paths\0" + np.cumsum([0] + [len(p) for p in paths], dtype="<i8").tobytes())
+    digest.update(b"".join(paths))
+    return digest.hexdigest()[:32]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
+def test_a_manifest_lists_as_a_table_with_the_samples_and_fingerprint_of_tuples(tmp_path, fmt):
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(40):
+        (tmp_path / "img" / f"{i}.png").write_bytes(b"x" * (i + 1))
+        row = {"path": f"img/{i}.png" if i % 5 else f"./img//{i}.png", "label": ["cat", " dog", "-1", ""][i % 4],
+               "split": ["train", "test ", "val"][i % 3] if i > 2 else "train"}
+        if i % 7 == 0:
+            row["id"] = f"custom-{i}"
+        rows.append(row)
+    source = open_source(write_manifest(tmp_path / f"m.{fmt}", rows))
+    assert isinstance(source.samples, SampleTable)
+    assert source.class_names == ("cat", "dog")
+    expected = []
+    for i, row in enumerate(rows):
+        file = tmp_path / "img" / f"{i}.png"
+        st = file.stat()
+        label = {"cat": 0, " dog": 1}.get(row["label"], -1)
+        expected.append(Sample(row.get("id") or f"img/{i}.png", str(file), label, row["split"].strip(), None,
+                               (st.st_size, st.st_mtime_ns)))
+    assert list(source.samples) == expected and source.samples[7] == expected[7]
+    assert source.split_counts() == {"train": 16, "val": 12, "test": 12} == {
+        k: sum(s.split == k for s in expected) for k in ("train", "val", "test")}
+    assert source.locators([3, 0]) == [expected[3].path, expected[0].path]
+    as_tuples = dataclasses.replace(source, samples=tuple(source.samples))
+    decoding = decoding_policy({})
+    listing, tuple_listing = source_listing(source), source_listing(as_tuples)
+    assert list(listing.ids) == tuple_listing.ids and list(listing.splits) == tuple_listing.splits
+    assert np.array_equal(listing.stamps, tuple_listing.stamps) and np.array_equal(listing.labels,
+                                                                                  tuple_listing.labels)
+    fingerprint = data_fingerprint(source, listing, decoding)
+    assert fingerprint == data_fingerprint(as_tuples, tuple_listing, decoding) == _old_fingerprint(source, decoding)
+    picked = source.samples.take([5, 1])
+    assert list(picked) == [expected[5], expected[1]]
+
+
+def test_a_parquet_manifest_with_numeric_labels_codes_them_as_text(tmp_path):
+    """Integer labels (and -1 for unlabelled) and float labels with NaN give the classes a CSV of the same labels
+    gives, in numeric order."""
+    import pyarrow.parquet as pq
+
+    for i in range(6):
+        (tmp_path / f"{i}.png").write_bytes(b"x")
+    paths = [f"{i}.png" for i in range(6)]
+    pq.write_table(pa.table({"path": paths, "label": [10, 2, -1, 2, 10, 9]}), tmp_path / "i.parquet")
+    pq.write_table(pa.table({"path": paths, "label": [10.0, 2.0, float("nan"), 2.0, 10.0, 9.0]}),
+                   tmp_path / "f.parquet")
+    for name in ("i.parquet", "f.parquet"):
+        source = open_source(str(tmp_path / name), ListOptions(split="none"))
+        assert source.class_names == ("2", "9", "10"), name
+        assert [s.label for s in source.samples] == [2, 0, -1, 0, 2, 1], name
+
+
+def test_the_first_bad_row_is_the_one_named(tmp_path):
+    """A bad split and an empty path are refused in row order, as the row-by-row scan did; duplicate ids are
+    named; a manifest arrow cannot parse (a short row) is read by the csv module and listed the same way."""
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "m.csv").write_text("path,split\na.png,train\na.png,tset\n,train\n")
+    with pytest.raises(DataError, match=r"row 2 has split 'tset'"):
+        open_source(str(tmp_path / "m.csv"))
+    (tmp_path / "m.csv").write_text("path,split\na.png,train\n ,train\na.png,tset\n")
+    with pytest.raises(DataError, match=r"row 2 has an empty path"):
+        open_source(str(tmp_path / "m.csv"))
+    (tmp_path / "m.csv").write_text("path,id\na.png,x\na.png, x\n")
+    with pytest.raises(DataError, match=r"1 id\(s\) occur more than once .*'x'"):
+        open_source(str(tmp_path / "m.csv"))
+    (tmp_path / "m.csv").write_text("path,id,label\na.png,x,1\na.png\n")
+    source = open_source(str(tmp_path / "m.csv"), ListOptions(split="none"))
+    assert isinstance(source.samples, SampleTable)
+    assert [(s.id, s.label) for s in source.samples] == [("x", 0), ("a.png", -1)]
+
+
+def _stored_paths(store) -> dict[str, str]:
+    import h5py
+
+    with h5py.File(store, "r") as f:
+        return dict(zip(f["ids"].asstr()[:], f["files/path"].asstr()[:], strict=True))
+
+
+@pytest.mark.parametrize("shard_rows", [None, 5])
+def test_the_store_records_where_each_image_lives_so_search_never_lists_the_source_again(tmp_path, tiny,
+                                                                                        shard_rows):
+    """store: a complete store has a path column (the file of each row, from the listing, single-file and sharded
+    alike); search, export paths and report thumbnails read it, with the manifest gone; images moved under the same
+    ids and stamps (a rename keeps both) make the store out of date, and the run that follows keeps every row and
+    records the new paths."""
+    import os
+    import shutil
+
+    from PIL import Image
+
+    from pipeline.engine.embed import images_for_ids
+    from pipeline.engine.runner import extract_to_store
+    from pipeline.index.search import search_store
+    from pipeline.interchange.export import _paths
+    from pipeline.plan import ExtractConfig, Provenance
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        folder = tmp_path / "old" / "ab"[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        rows.append({"path": f"old/{'ab'[i % 2]}/{i}.png", "id": f"img{i}", "label": f"c{i % 3}",
+                     "split": "train" if i < 8 else "test"})
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    out = tmp_path / "s.h5"
+
+    def extract():
+        return extract_to_store(ExtractConfig.of(data=str(manifest), out=out, workers=0, batch_size=4,
+                                                 progress=False, shard_rows=shard_rows), backbone=tiny)
+
+    assert extract().computed == 12
+    expected = {r["id"]: str(tmp_path / r["path"]) for r in rows}
+    assert _stored_paths(out) == expected
+    manifest.rename(tmp_path / "gone.csv")  # the source cannot be listed again: the store must say where
+    made = Provenance.from_store(out)
+    hits = search_store(store=out, ids=["img3"], k=3)[0]["hits"]
+    assert hits[0]["id"] == "img3" and all(h["path"] == expected[h["id"]] for h in hits)
+    assert _paths(made, out) == expected
+    thumbs = images_for_ids(made, ["img1", "img4"], store=out)
+    assert sorted(thumbs) == ["img1", "img4"] and thumbs["img1"].size == (96, 96)
+    (tmp_path / "gone.csv").rename(manifest)
+    shutil.move(tmp_path / "old", tmp_path / "new")  # same files: same sizes and mtimes, same ids
+    manifest.write_text(manifest.read_text().replace("old/", "new/"))
+    assert os.stat(tmp_path / "new/a/0.png").st_mtime_ns
+    again = extract()
+    assert not again.skipped and again.computed == 0 and again.kept == 12
+    assert _stored_paths(out) == {k: v.replace("/old/", "/new/") for k, v in expected.items()}
+    assert extract().skipped
