@@ -35,6 +35,9 @@ def test_text_column_round_trips_text_and_selects_rows():
     sliced = pa.chunked_array([pa.array(valid[:2]), pa.array(valid[2:])]).combine_chunks().slice(1)
     assert TextColumn.from_arrow(sliced) == valid[1:]  # an arrow array with an offset into its buffers
     assert SplitColumn(np.array([0, 2, 1, 3], dtype=np.int8)) == ["train", "test", "val", ""]
+    import pickle
+
+    assert pickle.loads(pickle.dumps(column)) == texts  # sources travel to worker processes
 
 
 def _old_fingerprint(source, decoding) -> str:
@@ -182,3 +185,10 @@ def test_the_store_records_where_each_image_lives_so_search_never_lists_the_sour
     assert not again.skipped and again.computed == 0 and again.kept == 12
     assert _stored_paths(out) == {k: v.replace("/old/", "/new/") for k, v in expected.items()}
     assert extract().skipped
+
+
+def test_distinct_finds_a_duplicate_among_many_and_none_where_there_is_none():
+    texts = [f"r{i:07d}" for i in range(200_000)]
+    assert TextColumn.from_strings(texts).distinct()
+    assert not TextColumn.from_strings([*texts, "r0123456"]).distinct()
+    assert not TextColumn.from_strings(["", ""]).distinct() and TextColumn.from_strings(["a"]).distinct()

@@ -98,7 +98,8 @@ def data_fingerprint(source: Source, listing: Listing, decoding: Decoding) -> st
         digest.update(listing_lines(listing, start, start + _FINGERPRINT_BLOCK))
     if listing.paths is not None:
         paths = listing.paths if isinstance(listing.paths, TextColumn) else TextColumn.from_strings(listing.paths)
-        digest.update(b"paths\0" + paths.offsets.astype("<i8").tobytes())
+        digest.update(b"paths\0")
+        digest.update(np.ascontiguousarray(paths.offsets, dtype="<i8"))  # no copy: the column's own offsets
         digest.update(paths.data)
     return digest.hexdigest()[:32]
 

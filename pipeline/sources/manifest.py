@@ -354,7 +354,7 @@ def scan_manifest(path: str | Path, options: ListOptions = DEFAULT_OPTIONS) -> S
         raise DataError(f"{len(missing)} path(s) in {path} do not exist (e.g. row {missing[0] + 1}: "
                         f"{files[missing[0]]}); paths are absolute or relative to {path.parent}: fix them or remove "
                         "the rows")
-    if pc.count_distinct(ids.to_arrow()).as_py() != n:
+    if not ids.distinct():
         check_unique(list(ids), str(path))
     key_of = content_keys(options, ids, stamps, lambda i: read_file(files[i], options.max_file_bytes))
     return finish_table("manifest", path, ids, files, class_names, labels, hints, stamps, options=options,
