@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,9 +33,10 @@ from pipeline.sources.base import (
     finish_table,
     split_cell,
 )
-from pipeline.sources.table import UNDECIDED, TextBuilder, TextColumn
+from pipeline.sources.table import UNDECIDED, TextBuilder, TextColumn, stat_rows
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 MANIFEST_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
@@ -260,13 +262,47 @@ def _split_hints(values: pa.Array | list | None, n: int) -> tuple[np.ndarray, in
             _first(pc.and_(pc.is_valid(text), pc.is_null(codes))))
 
 
-def _stamps(files: TextColumn) -> np.ndarray:
-    """[n, 2] (size, mtime_ns) of each file, (-1, -1) where it cannot be stat'ed: one stat per row, in blocks."""
+PARALLEL_STAT_ROWS = 1 << 21  # from about 2M rows, processes share the stats
+
+
+def _stamps(files: TextColumn, workers: int | None = None) -> np.ndarray:
+    """[n, 2] (size, mtime_ns) of each file, (-1, -1) where it cannot be stat'ed: one stat per row, in blocks, shared
+    among processes for millions of rows (threads do not help: the GIL is held between the system calls)."""
+    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    if len(files) >= PARALLEL_STAT_ROWS and workers > 1:
+        stamps = stamps_in_processes(files, workers)
+        if stamps is not None:
+            return stamps
     stamps = np.empty((len(files), 2), dtype=np.int64)
     for start in range(0, len(files), 1 << 16):
         block = files.block(start, start + (1 << 16))
         stamps[start:start + len(block)] = [file_stamp(f) for f in block]
     return stamps
+
+
+def stamps_in_processes(files: TextColumn, workers: int, step: int = 1 << 19) -> np.ndarray | None:
+    """`_stamps` by `workers` processes from the forkserver the decode stage uses (it starts once), a block of
+    `step` paths at a time with at most two blocks per process in flight; None when processes cannot be started
+    here (e.g. inside a daemonic worker), and the caller stats them itself."""
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from pipeline.engine.loader import forkserver_context
+
+    parts, pending = [], deque()
+    try:
+        with ProcessPoolExecutor(workers, mp_context=forkserver_context()) as pool:
+            for start in range(0, len(files), step):
+                if len(pending) >= 2 * workers:
+                    parts.append(pending.popleft().result())
+                block = files.block(start, start + step)
+                pending.append(pool.submit(stat_rows, block.data, block.offsets))
+            parts.extend(future.result() for future in pending)
+    except (OSError, RuntimeError, AssertionError, BrokenProcessPool) as exc:
+        log.info("stat'ing the %d files in this process (%s: %s)", len(files), type(exc).__name__, exc)
+        return None
+    return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
 
 
 def _raw(values: pa.Array | list, row: int) -> Any:
@@ -305,6 +341,11 @@ class _Rows:
         self.hints: list[np.ndarray] = []
         self.classes: dict[str, int] = {}
 
+    def gather(self, batches: Iterator[dict]) -> _Rows:
+        for batch in batches:
+            self.add(batch)
+        return self
+
     def add(self, batch: dict[str, pa.Array | list]) -> None:
         start, path = len(self.ids), self.path
         texts = path_cells(batch["path"])
@@ -322,13 +363,6 @@ class _Rows:
         self.hints.append(codes)
 
 
-def _gather(path: Path, batches: Iterator[dict]) -> _Rows:
-    rows = _Rows(path)
-    for batch in batches:
-        rows.add(batch)
-    return rows
-
-
 def _joined(parts: list[np.ndarray], dtype: type) -> np.ndarray:
     return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
 
@@ -339,7 +373,7 @@ def scan_manifest(path: str | Path, options: ListOptions = DEFAULT_OPTIONS) -> S
     path = Path(path)
     if not path.is_file():
         raise DataError(f"manifest {path} does not exist; {DATA_HINT}")
-    rows = regular_or_not(path, lambda batches: _gather(path, batches))
+    rows = regular_or_not(path, lambda batches: _Rows(path).gather(batches))
     ids, files = rows.ids.finish(), rows.files.finish()
     n = len(ids)
     if not n:

@@ -247,3 +247,12 @@ class SampleTable(Sequence):
 
     def __repr__(self) -> str:
         return f"SampleTable({len(self)} rows)"
+
+
+def stat_rows(data: bytes, offsets: np.ndarray) -> np.ndarray:
+    """[n, 2] (size, mtime_ns) of a block of file paths (a TextColumn's buffers): one process's share of a listing's
+    stats."""
+    from pipeline.engine.decode import file_stamp
+
+    column = TextColumn(data, offsets)
+    return np.array([file_stamp(f) for f in column], dtype=np.int64).reshape(-1, 2)
