@@ -113,6 +113,16 @@ def test_torch_head_matches_sklearn_within_half_a_point(digits_fs, probe_run):
     np.testing.assert_allclose(mine.predict_proba(x), ref.predict_proba(x), atol=0.02)
 
 
+@pytest.mark.gpu
+def test_the_torch_head_on_cuda_is_the_cpu_solution(digits_fs):
+    x, y = digits_fs.features, digits_fs.labels
+    cpu = TorchLogisticRegression(C=1.0, device="cpu").fit(x, y)
+    gpu = TorchLogisticRegression(C=1.0, device="cuda").fit(x, y)
+    assert isinstance(gpu.coef_, np.ndarray) and gpu.converged_
+    assert np.mean(cpu.predict(x) == gpu.predict(x)) >= 0.995
+    np.testing.assert_allclose(gpu.predict_proba(x), cpu.predict_proba(x), atol=0.02)
+
+
 @pytest.mark.parametrize("head, grid, floor", [("svm", (0.1, 10.0), 0.93), ("ridge", (0.01, 1.0), 0.93),
                                                ("mlp", (0.01,), 0.9)])
 def test_other_heads_run_the_same_protocol(digits_fs, head, grid, floor):

@@ -106,6 +106,18 @@ def test_the_streamed_probe_is_within_half_a_point_of_the_full_batch_head(store,
     assert run.returncode == 0, run.stderr  # the saved head is an ordinary head
 
 
+@pytest.mark.gpu
+def test_the_streamed_probe_on_cuda_gives_the_cpu_figures(store, tmp_path):
+    args = ["probe", "--store", str(store), "--head", "torch-logreg", "--grid", "0.1,1,10", "--resamples", "0",
+            "--no-report", "--max-memory", "2MiB"]
+    for device in ("cpu", "cuda"):
+        run = _cli(tmp_path, *args, "--device", device, "--out", f"{device}.json")
+        assert run.returncode == 0, run.stderr
+    cpu, gpu = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("cpu", "cuda"))
+    assert "streamed" in gpu and gpu["n_train"] == cpu["n_train"] and gpu["n_val"] == cpu["n_val"]
+    assert abs(cpu["test_top1"] - gpu["test_top1"]) <= 0.005
+
+
 def test_the_sweep_stops_when_validation_accuracy_falls(store):
     from pipeline.evaluation.stream_probe import fit_streamed_probe
 
