@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check, one script under 8 minutes on one GPU (run it whenever a GPU is lent; paste its output in the note):
+# The GPU check, one script of about 8 minutes on one GPU (run it whenever a GPU is lent; paste its output in the note):
 #   1. the GPU tests (pytest -m gpu: CUDA extraction, bf16/fp16 autocast, the torch heads on CUDA);
 #   2. extraction throughput of ResNet-50 and ViT-B/16 at bf16 with 16 decode workers, with the stage that bounds
 #      the run (benchmarks/throughput.py; random weights: the machine has no model hub, and speed does not depend on
 #      the weights);
-#   3. the streamed probe (torch-logreg, --device cuda) and exact kNN on a 1M-row synthetic float16 store, with a
+#   3. the probe (torch-logreg, --device cuda) and exact kNN (--device cuda) on a 1M-row synthetic float16 store, with a
 #      fixed --max-memory (benchmarks/scale.py's steps).
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (writes OUT_DIR/gpu_check.log and the benchmarks' JSON)
 set -uo pipefail
@@ -32,14 +32,14 @@ PY
 step 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider $(grep -l "mark.gpu" tests/test_*.py)
 for model in torchvision:resnet50 torchvision:vit_b_16; do
   step 110 "$PY" benchmarks/throughput.py --backbone "$model" --random-init --device cuda --precision bf16 \
-    --workers 16 --batch-size 256 --images 2048 --kind photos --out "$OUT/throughput_${model#torchvision:}.json"
+    --workers 16 --batch-size 64 --images 2048 --kind photos --out "$OUT/throughput_${model#torchvision:}.json"
 done
 W="$OUT/scale"
 mkdir -p "$W"
 step 45 "$PY" -m pipeline.store.synthetic --rows 1000000 --dim 128 --out "$W/s1m.h5"
 step 80 "$PY" -m pipeline probe --store "$W/s1m.h5" --head torch-logreg --grid 1,10 --device cuda \
   --max-memory 4GiB --resamples 0 --no-report --overwrite --out "$OUT/probe_1m.json"
-step 120 "$PY" -m pipeline knn --store "$W/s1m.h5" --k 20 --max-memory 4GiB --resamples 0 --no-report \
+step 120 "$PY" -m pipeline knn --store "$W/s1m.h5" --k 20 --device cuda --max-memory 4GiB --resamples 0 --no-report \
   --overwrite --out "$OUT/knn_1m.json"
 rm -rf "$W"
 log done

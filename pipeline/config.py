@@ -100,6 +100,7 @@ class KnnConfig:
     approx: bool = False  # build a tuned index over the searched rows and search through it
     memory_budget: int = 4 * 2**30  # the size of the index --approx builds
     queries: int = 0  # score a seeded sample of this many queries (0: all of them)
+    device: str = "auto"  # the exact search: FAISS on CPU, torch on CUDA (auto: CUDA when there is one)
 
     def __post_init__(self) -> None:
         check_resamples(self.resamples)

@@ -32,6 +32,8 @@ def test_the_throughput_benchmark_runs_every_stage(tmp_path):
     for stage in ("ceiling", "decode", "baseline", "pipeline"):
         assert result["stages"][stage]["images_per_s"] > 0, stage
     assert result["pipeline_over_baseline"] > 0 and result["bound_by"] in result["stages"]
+    decode = result["stages"]["decode"]
+    assert 0 < decode["first_batch_s"] and decode["after_first_batch_images_per_s"] >= 0
 
 
 def test_the_heads_benchmark_runs(tmp_path):

@@ -413,6 +413,8 @@ def test_8_unwritable_output_folders_fail_before_any_compute(store, immutable, c
     (["extract", "--data", "D", "--out", "OUT/x.h5", "--decode-timeout", "nan"], "finite"),
     (["extract", "--data", "D", "--out", "OUT/x.h5", "--wait", "-5"], "finite number >= 0"),
     (["probe", "--store", "S", "--head", "torch-logreg", "--device", "cuda:99"], "CUDA"),
+    (["knn", "--store", "S", "--device", "cuda:99"], "CUDA"),
+    (["knn", "--store", "S", "--device", "tpu"], "--device"),
     (["probe", "--store", "S", "--shots", "1", "--seeds", "0"], None),
     (["index", "build", "--store", "S", "--out", "OUT/ix", "--queries", "0"], "integer >= 1"),
     (["bench", "--data", "D", "--backbones", TINY_BACKBONE, "--out-dir", "OUT/b", "--k", "0"], "integer >= 1"),

@@ -124,6 +124,45 @@ def test_leave_one_out_can_be_forced_and_exact_duplicates_do_not_hide_self():
     assert np.allclose(sims, 1.0)
 
 
+def _same_ranking(got_s, got_i, want_s, want_i) -> None:
+    """The same neighbours in the same order, except the order within exact ties (FAISS's is its heap's); `want`
+    holds one neighbour more than `got`, to see the ties across the cut."""
+    gap = np.abs(np.diff(want_s, axis=1)) < 1e-6
+    tied = np.zeros_like(want_s, dtype=bool)
+    tied[:, 1:] |= gap
+    tied[:, :-1] |= gap
+    k = got_s.shape[1]
+    tied, want_s, want_i = tied[:, :k], want_s[:, :k], want_i[:, :k]
+    np.testing.assert_allclose(got_s, want_s, atol=1e-5)
+    np.testing.assert_array_equal(np.where(tied, 0, got_i), np.where(tied, 0, want_i))
+    whole = ~tied[:, -1]  # no tie across the cut: the same set of rows
+    np.testing.assert_array_equal(np.sort(got_i[whole], axis=1), np.sort(want_i[whole], axis=1))
+    assert 0.02 < tied.mean() < 0.2  # the twins are there, and most positions are not tied
+    equal = got_s[:, 1:] == got_s[:, :-1]
+    assert (got_i[:, 1:] > got_i[:, :-1])[equal].all()  # ours: ties to the lower row
+
+
+def test_the_torch_search_is_faiss_flat_search():
+    """index/torch_flat: the GPU kNN's search, run here on CPU in blocks (several of queries and of bank rows), gives
+    FAISS's similarities and rows, exact duplicates included; a float16 store's rows travel as they are."""
+    from pipeline.index.build import build_flat_index, search
+    from pipeline.index.torch_flat import torch_top_k
+
+    rng = np.random.default_rng(3)
+    bank = rng.normal(size=(3000, 32)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    bank[2000:2100] = bank[100:200]  # exact twins: tied similarities
+    queries = np.concatenate([bank[150:160], rng.normal(size=(490, 32)).astype(np.float32)])
+    blocks = {"similarity_bytes": 4 * 128 * 700, "bank_step": 700}
+    for q in (queries, queries.astype(np.float16)):
+        want = search(build_flat_index(bank), q.astype(np.float32), 26)
+        _same_ranking(*torch_top_k(bank, q, 25, "cpu", **blocks), *want)
+    s, i = torch_top_k(bank, queries, 25, "cpu", **blocks)
+    np.testing.assert_array_equal(i[:10, :2], np.stack([np.arange(150, 160), np.arange(2050, 2060)], axis=1))
+    s, i = torch_top_k(bank[:5], queries[:3], 25, "cpu")  # k past the bank: the whole bank, ranked
+    assert s.shape == (3, 5) and sorted(i[0]) == [0, 1, 2, 3, 4] and (np.diff(s, axis=1) <= 0).all()
+
+
 def test_retrieval_metrics_on_a_hand_worked_example():
     # query label 1; hits at ranks 1 and 3 of 4; 2 relevant items in the bank
     neighbours = np.array([[1, 0, 1, 0]])

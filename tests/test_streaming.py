@@ -118,6 +118,21 @@ def test_the_streamed_probe_on_cuda_gives_the_cpu_figures(store, tmp_path):
     assert abs(cpu["test_top1"] - gpu["test_top1"]) <= 0.005
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("memory", [None, "1MiB"])  # loaded whole, and streamed in blocks
+def test_knn_on_cuda_gives_the_faiss_figures(store, tmp_path, memory):
+    args = ["knn", "--store", str(store), "--k", "1,10", "--resamples", "0", "--no-report"]
+    args += ["--max-memory", memory] if memory else []
+    for device in ("cpu", "cuda"):
+        run = _cli(tmp_path, *args, "--device", device, "--out", f"{device}.json")
+        assert run.returncode == 0, run.stderr
+    cpu, gpu = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("cpu", "cuda"))
+    assert "torch float32 on cuda" in gpu["protocol"] and ("streamed" in gpu) == bool(memory)
+    for k in ("1", "10"):
+        for vote in ("majority", "weighted"):
+            assert abs(cpu["by_k"][k][vote]["top1"] - gpu["by_k"][k][vote]["top1"]) <= 2 / cpu["n_queries"]
+
+
 def test_the_sweep_stops_when_validation_accuracy_falls(store):
     from pipeline.evaluation.stream_probe import fit_streamed_probe
 

@@ -150,6 +150,7 @@ def add_knn(p: argparse.ArgumentParser) -> None:
                    help="--approx: the memory the index may take (default 4GiB)")
     p.add_argument("--queries", type=positive_int, default=None,
                    help="score a seeded sample of this many queries (default: all); for quick figures at scale")
+    p.add_argument("--device", default="auto", help="the exact search: auto | cpu (FAISS) | cuda | cuda:N (torch)")
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
@@ -314,7 +315,7 @@ def cmd_knn(args: argparse.Namespace) -> None:
                                     loo=args.loo, loo_split=args.loo_split, report=not args.no_report,
                                     overwrite=args.overwrite, resamples=args.resamples, max_memory=args.max_memory,
                                     index=args.index, approx=args.approx, memory_budget=args.memory_budget,
-                                    queries=args.queries or 0))
+                                    queries=args.queries or 0, device=args.device))
     print(f"{result['mode']}: {result['n_queries']} queries, {result['n_bank']} rows searched"
           + (f" (streamed, blocks of {result['streamed']['block_rows']} rows)" if "streamed" in result else ""))
     if "approximate" in result:

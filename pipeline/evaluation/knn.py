@@ -18,7 +18,7 @@ from pipeline.config import KnnConfig
 from pipeline.errors import PipelineError
 from pipeline.evaluation.intervals import DEFAULT_RESAMPLES
 from pipeline.evaluation.metrics import classification_metrics, predicted, retrieval_metrics
-from pipeline.index.build import build_flat_index, search
+from pipeline.index.build import exact_search_name, flat_top_k
 from pipeline.outputs import check_output, owned_json, results_stem
 from pipeline.sources.hints import how_to
 from pipeline.store.read import FeatureSet, load_store
@@ -53,12 +53,12 @@ def _check_found(idx: np.ndarray) -> None:
                             "queries (non-finite features?); run python -m pipeline store verify on the store")
 
 
-def search_without_self(bank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search_without_self(bank: np.ndarray, k: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Each row of `bank` searched against the others: top-k (similarities, row indices) with the row itself left
     out by index (not by rank, so that exact duplicates cannot hide it)."""
     if k >= len(bank):
         raise PipelineError(f"k={k} needs more than {len(bank)} rows for leave-one-out; use a smaller k")
-    sims, idx = search(build_flat_index(bank), bank, k + 1)
+    sims, idx = flat_top_k(bank, bank, k + 1, device)
     _check_found(idx)
     not_self = idx != np.arange(len(bank))[:, None]
     order = np.argsort(~not_self, axis=1, kind="stable")[:, :k]  # the non-self hits, in rank order
@@ -88,10 +88,10 @@ def knn_protocol(fs: FeatureSet, *, loo: bool = False, loo_split: str | None = N
 
 def knn_classify(fs: FeatureSet, *, ks: tuple[int, ...], temperature: float = 0.07, loo: bool = False,
                  loo_split: str | None = None, retrieval_ks: tuple[int, ...] = (1, 5, 10),
-                 resamples: int = DEFAULT_RESAMPLES) -> dict[str, Any]:
+                 resamples: int = DEFAULT_RESAMPLES, device: str = "cpu") -> dict[str, Any]:
     """kNN classification for each k and vote, and retrieval metrics (recall@k, mAP@k by label); each figure with
     its bootstrap interval over the queries (`resamples`), and each vote's per-query correctness (`correct`) for
-    paired comparisons."""
+    paired comparisons. The exact search runs on `device` (FAISS on CPU, torch on CUDA)."""
     if not ks or any(k < 1 for k in ks):
         raise PipelineError(f"--k must be positive integers, got {list(ks)}")
     if not np.isfinite(temperature) or temperature <= 0:
@@ -105,9 +105,9 @@ def knn_classify(fs: FeatureSet, *, ks: tuple[int, ...], temperature: float = 0.
         raise PipelineError(f"k={max(ks)} is larger than the {n_bank} rows searched; use smaller --k values")
     depth = max(max(ks), min(max(retrieval_ks, default=1), n_bank))  # retrieval cut-offs past the bank are skipped
     if leave_one_out:
-        sims, idx = search_without_self(fs.features[bank], depth)
+        sims, idx = search_without_self(fs.features[bank], depth, device)
     else:
-        sims, idx = search(build_flat_index(fs.features[bank]), fs.features[queries], depth)
+        sims, idx = flat_top_k(fs.features[bank], fs.features[queries], depth, device)
     _check_found(idx)
     from pipeline.evaluation.probes import canonical_order
 
@@ -121,7 +121,7 @@ def knn_classify(fs: FeatureSet, *, ks: tuple[int, ...], temperature: float = 0.
     per_class = np.bincount(bank_labels, minlength=len(fs.class_names))
     relevant = per_class[y_true] - (1 if leave_one_out else 0)
     return {
-        "protocol": f"exact FAISS inner-product (cosine) kNN; {plan['mode']}",
+        "protocol": f"{exact_search_name(device)}; {plan['mode']}",
         "mode": plan["mode"],
         "temperature": temperature,
         "ks": sorted(set(ks)),
@@ -173,6 +173,7 @@ def run_knn(config: KnnConfig) -> tuple[dict[str, Any], Path]:
     """Run kNN classification and retrieval on a store, save the results JSON and the report. The store is loaded
     whole when its features fit `max_memory`, and streamed otherwise (`pipeline.evaluation.knn_stream`); with
     `index`/`approx` the search goes through a FAISS index and the gap to exact search is measured."""
+    from pipeline.engine.devices import resolve_device
     from pipeline.evaluation.probes import default_results_path
     from pipeline.report.blocks import report_blocks, save_json, title_for
     from pipeline.report.render import check_report_outputs, write_report_blocks
@@ -185,17 +186,18 @@ def run_knn(config: KnnConfig) -> tuple[dict[str, Any], Path]:
     if config.report:
         check_report_outputs(results_stem(out), overwrite=config.overwrite, protect=[config.store])
     streamed = config.index is not None or config.approx or config.queries or not held.fits
+    device = config.device if config.device == "cpu" else str(resolve_device(config.device))
     if streamed:
         from pipeline.evaluation.knn_stream import run_streamed
         from pipeline.store.columns import scan_store
 
         fs = scan_store(config.store)
-        result = run_streamed(fs, config, budget)
+        result = run_streamed(fs, config, budget, device)
     else:
         fs = load_store(config.store)
         result = knn_classify(fs, ks=config.ks, temperature=config.temperature, loo=config.loo,
                               loo_split=config.loo_split, retrieval_ks=config.retrieval_ks,
-                              resamples=config.resamples)
+                              resamples=config.resamples, device=device)
     result.update(fs.provenance())
     if config.report:
         blocks = report_blocks(fs, title=title_for(fs), knn=result)

@@ -30,6 +30,7 @@ from pipeline.evaluation.metrics import (
     summarise_retrieval,
     top5_hits,
 )
+from pipeline.index.build import exact_search_name, flat_top_k
 from pipeline.index.plan import REFINE_K_FACTOR
 from pipeline.store.budget import block_rows as budget_rows
 from pipeline.store.columns import StreamedSet
@@ -41,9 +42,9 @@ Searcher = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]  # 
 
 
 def exact_searcher(ss: StreamedSet, bank: np.ndarray, depth: int, *, chunk_rows: int,
-                   leave_one_out: bool) -> Searcher:
-    """Exact top-`depth` (similarities, bank indices) for a block of queries, the bank streamed in chunks; with
-    `leave_one_out`, each query's own row is left out by index."""
+                   leave_one_out: bool, device: str = "cpu") -> Searcher:
+    """Exact top-`depth` (similarities, bank indices) for a block of queries, the bank streamed in chunks (each
+    searched by FAISS on CPU, by torch on CUDA); with `leave_one_out`, each query's own row is left out by index."""
     bank_positions = np.flatnonzero(bank)
 
     def run(queries: np.ndarray, query_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -51,9 +52,7 @@ def exact_searcher(ss: StreamedSet, bank: np.ndarray, depth: int, *, chunk_rows:
         best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
         best_i = np.zeros((len(queries), 0), dtype=np.int64)
         for positions, feats in ss.blocks(bank, block_rows=chunk_rows):
-            index = faiss.IndexFlatIP(feats.shape[1])
-            index.add(np.ascontiguousarray(feats))
-            s, i = index.search(np.ascontiguousarray(queries), min(want, len(positions)))
+            s, i = flat_top_k(feats, queries, min(want, len(positions)), device)
             i = np.where(i >= 0, np.searchsorted(bank_positions, positions)[np.maximum(i, 0)], -1)
             sims, idx = np.concatenate([best_s, s], axis=1), np.concatenate([best_i, i], axis=1)
             order = np.argsort(-sims, axis=1, kind="stable")[:, :want]
@@ -157,10 +156,10 @@ def _example_positions(ss: StreamedSet, queries: np.ndarray, n: int = 8) -> list
 def knn_streamed(ss: StreamedSet, *, ks: tuple[int, ...], temperature: float = 0.07, loo: bool = False,
                  loo_split: str | None = None, retrieval_ks: tuple[int, ...] = (1, 5, 10), resamples: int = 1000,
                  max_memory: int, searcher: Searcher | None = None, what: str = "",
-                 sample: int = 0) -> dict[str, Any]:
-    """The figures of `knn_classify` for a `StreamedSet`, within `max_memory` bytes of feature data; `searcher`
-    replaces the exact blockwise search (the approximate mode); `sample` scores only a seeded sample of that many
-    queries (to measure the approximate mode's gap)."""
+                 sample: int = 0, device: str = "cpu") -> dict[str, Any]:
+    """The figures of `knn_classify` for a `StreamedSet`, within `max_memory` bytes of feature data, the exact
+    search on `device`; `searcher` replaces the exact blockwise search (the approximate mode); `sample` scores only
+    a seeded sample of that many queries (to measure the approximate mode's gap)."""
     if not ks or any(k < 1 for k in ks):
         raise PipelineError(f"--k must be positive integers, got {list(ks)}")
     plan = knn_protocol(ss, loo=loo, loo_split=loo_split)
@@ -174,7 +173,8 @@ def knn_streamed(ss: StreamedSet, *, ks: tuple[int, ...], temperature: float = 0
     depth = max(max(ks), min(max(retrieval_ks, default=1), n_bank))
     rows = budget_rows(max_memory, ss.dim, parts=6)
     start = time.perf_counter()
-    search = searcher or exact_searcher(ss, bank, depth, chunk_rows=rows, leave_one_out=leave_one_out)
+    search = searcher or exact_searcher(ss, bank, depth, chunk_rows=rows, leave_one_out=leave_one_out,
+                                        device=device)
     bank_labels = ss.labels[bank]
     relevant = np.bincount(bank_labels, minlength=len(ss.class_names)) - (1 if leave_one_out else 0)
     got = Collected(ss, sorted(set(ks)), retrieval_ks, temperature)
@@ -185,7 +185,7 @@ def knn_streamed(ss: StreamedSet, *, ks: tuple[int, ...], temperature: float = 0
     result = _figures(ss, got, queries, resamples=resamples)
     bank_positions = np.flatnonzero(bank)
     result.update({
-        "protocol": f"{what or 'exact FAISS inner-product (cosine) kNN, streamed in blocks of ' + str(rows) + ' rows'}"
+        "protocol": f"{what or exact_search_name(device) + ', streamed in blocks of ' + str(rows) + ' rows'}"
                     f"; {plan['mode']}",
         "mode": plan["mode"], "temperature": temperature, "ks": sorted(set(ks)), "n_bank": int(bank.sum()),
         "n_queries": int(queries.sum()), "seconds": round(time.perf_counter() - start, 3),
@@ -313,11 +313,11 @@ def loaded_bank_index(ss: StreamedSet, bank: np.ndarray, folder: Path) -> tuple[
                           "recall_at_10": infos.recall_at_10}
 
 
-def run_streamed(ss: StreamedSet, config: Any, budget: int) -> dict[str, Any]:
+def run_streamed(ss: StreamedSet, config: Any, budget: int, device: str = "cpu") -> dict[str, Any]:
     """The kNN of `run_knn` for a streamed store: exact blockwise, or through an index (`config.index`, or one
     built with `config.approx`) with the measured gap to exact search on `GAP_QUERIES` sampled queries."""
     common = {"ks": config.ks, "temperature": config.temperature, "loo": config.loo, "loo_split": config.loo_split,
-              "retrieval_ks": config.retrieval_ks, "max_memory": budget}
+              "retrieval_ks": config.retrieval_ks, "max_memory": budget, "device": device}
     if config.index is None and not config.approx:
         return knn_streamed(ss, resamples=config.resamples, sample=config.queries, **common)
     plan = knn_protocol(ss, loo=config.loo, loo_split=config.loo_split)
