@@ -136,7 +136,7 @@ def _stored_paths(store) -> dict[str, str]:
 
 @pytest.mark.parametrize("shard_rows", [None, 5])
 def test_the_store_records_where_each_image_lives_so_search_never_lists_the_source_again(tmp_path, tiny,
-                                                                                        shard_rows):
+                                                                                        shard_rows, monkeypatch):
     """store: a complete store has a path column (the file of each row, from the listing, single-file and sharded
     alike); search, export paths and report thumbnails read it, with the manifest gone; images moved under the same
     ids and stamps (a rename keeps both) make the store out of date, and the run that follows keeps every row and
@@ -175,6 +175,13 @@ def test_the_store_records_where_each_image_lives_so_search_never_lists_the_sour
     hits = search_store(store=out, ids=["img3"], k=3)[0]["hits"]
     assert hits[0]["id"] == "img3" and all(h["path"] == expected[h["id"]] for h in hits)
     assert _paths(made, out) == expected
+    import pipeline.store.columns
+    from pipeline.sources.lookup import stored_paths
+
+    monkeypatch.setattr(pipeline.store.columns, "SCAN_ROWS", 5)  # the ids matched in blocks of 5 rows
+    assert stored_paths(out, ["img11", "img3", "nope", "img3"]) == {k: expected[k] for k in ("img3", "img11")}
+    assert stored_paths(out, []) == {}
+    monkeypatch.undo()
     thumbs = images_for_ids(made, ["img1", "img4"], store=out)
     assert sorted(thumbs) == ["img1", "img4"] and thumbs["img1"].size == (96, 96)
     (tmp_path / "gone.csv").rename(manifest)

@@ -39,23 +39,29 @@ def sample_path(kind: str, sample: Sample) -> str:
 
 def stored_paths(store: str | Path | None, ids: Iterable[str]) -> dict[str, str] | None:
     """id -> path of these ids from the store's path column; None when the store has none (written before it, or
-    from features without images)."""
+    from features without images). The ids are matched a block at a time (memory bounded whatever the store's
+    size), and a block's paths are read only when it holds a wanted id."""
     if store is None:
         return None
     import h5py
     import numpy as np
 
+    from pipeline.store.columns import SCAN_ROWS
     from pipeline.store.schema import PATHS
 
+    wanted = np.array(sorted(set(ids)), dtype=str)
+    found: dict[str, str] = {}
     with h5py.File(store, "r") as f:
         if PATHS not in f:
             return None
         n = int(f.attrs.get("committed_rows", 0))
-        stored = f["ids"].asstr()[:n]
-        wanted = set(ids)
-        rows = np.flatnonzero([i in wanted for i in stored])
-        paths = f[PATHS].asstr()[rows] if len(rows) else []
-    return {stored[r]: p for r, p in zip(rows.tolist(), paths, strict=True)}
+        for start in range(0, n if len(wanted) else 0, SCAN_ROWS):
+            block = np.array(f["ids"].asstr()[start:min(n, start + SCAN_ROWS)], dtype=str)
+            hits = np.flatnonzero(np.isin(block, wanted))
+            if len(hits):
+                paths = f[PATHS].asstr()[start:start + len(block)]
+                found.update(zip(block[hits].tolist(), paths[hits].tolist(), strict=True))
+    return found
 
 
 def paths_for_ids(made: Provenance, ids: Iterable[str], store: str | Path | None = None) -> dict[str, str]:

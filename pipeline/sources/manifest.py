@@ -190,12 +190,6 @@ def manifest_columns(path: Path) -> dict[str, pa.ChunkedArray | list]:
     return regular_or_not(path, join)
 
 
-def _file_text(base: str, text: str) -> str:
-    """`str(Path(base) / text)` (an absolute text stays as it is) without building a Path per row."""
-    text = posix_text(text)
-    return base if text == "." else os.path.join(base, text)
-
-
 # -- the columns as arrow arrays: one pass of arrow's kernels per column, not a Python call per row -----------------
 
 _TEXT = pa.large_string()
@@ -239,7 +233,7 @@ def path_cells(values: pa.ChunkedArray | list) -> pa.Array:
 
 
 def file_cells(base: str, texts: pa.Array) -> pa.Array:
-    """`_file_text` of posix texts: the file each names (absolute ones as they are, "." the folder itself)."""
+    """`str(Path(base) / text)` of posix texts: the file each names (absolute ones as they are, "." the folder)."""
     prefix = pa.scalar(base if base.endswith("/") else base + "/", _TEXT)
     joined = pc.binary_join_element_wise(prefix, texts, pa.scalar("", _TEXT))
     files = pc.if_else(pc.starts_with(texts, "/"), texts, joined)

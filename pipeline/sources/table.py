@@ -42,10 +42,7 @@ class TextColumn(Sequence):
 
     @classmethod
     def from_strings(cls, strings: Iterable[str]) -> TextColumn:
-        encoded = [s.encode("utf-8", "surrogateescape") for s in strings]
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
-        return cls(b"".join(encoded), offsets)
+        return cls.from_bytes([s.encode("utf-8", "surrogateescape") for s in strings])
 
     @classmethod
     def from_arrow(cls, array: pa.Array | pa.ChunkedArray) -> TextColumn:
