@@ -140,6 +140,19 @@ def test_the_neighbour_table_in_blocks_equals_one_exact_search(monkeypatch):
     assert np.allclose(other, other_class, atol=1e-5)
 
 
+@pytest.mark.gpu
+def test_the_neighbour_table_on_cuda_is_the_faiss_one():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(5000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels, keys = rng.integers(0, 5, 5000), np.array([str(i) for i in range(5000)], dtype=object)
+    cpu = neighbour_table(x, 10, labels, keys)
+    gpu = neighbour_table(x, 10, labels, keys, device="cuda")
+    np.testing.assert_allclose(gpu[0], cpu[0], atol=1e-5)
+    assert np.mean(gpu[1] == cpu[1]) > 0.999
+    np.testing.assert_allclose(gpu[2], cpu[2], atol=1e-5)
+
+
 def test_a_large_group_of_copies_is_paired_through_one_row_per_split():
     from pipeline.evaluation.audit import duplicate_pairs, leaked_test_rows
     from pipeline.store.read import FeatureSet
@@ -200,6 +213,9 @@ def test_bad_audit_arguments_are_one_line_before_any_search(planted, tmp_path, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--write-splits" in err and "--overwrite" in err
     assert not (tmp_path / "a.json").exists()
+    assert main(["audit", "--store", str(fs.path), "--out", str(tmp_path / "a.json"), "--device", "cuda:99"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CUDA" in err and not (tmp_path / "a.json").exists()
     clean = [c for c in clean_assignment(fs, find(fs)) if c]
     assert len(clean) == len(planted[1])
 

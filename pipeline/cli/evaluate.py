@@ -200,6 +200,7 @@ def add_audit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--knn-k", type=positive_int, default=20, help="kNN k for the test figure (weighted vote)")
     p.add_argument("--head", choices=list(_heads()), default="logreg", help="the probe for the test figure")
     p.add_argument("--no-fit", action="store_true", help="find only: no probe or kNN figures")
+    p.add_argument("--device", default="auto", help="the searches: auto | cpu (FAISS) | cuda | cuda:N (torch)")
     p.add_argument("--write-splits", type=Path, default=None,
                    help="write a clean split assignment (CSV id,split,audit: leaked test images and repeated copies "
                         "within a split dropped)")
@@ -226,7 +227,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
         store=args.store, out=args.out, threshold=args.threshold, k=args.k, fit=not args.no_fit, head=args.head,
         knn_k=args.knn_k, resamples=args.resamples, write_splits=args.write_splits,
         write_manifest=args.write_manifest, report=not args.no_report, overwrite=args.overwrite,
-        max_memory=args.max_memory))
+        max_memory=args.max_memory, device=args.device))
     print(f"{result['n_rows']} rows: {result['exact_pairs']} exact and {result['near_pairs']} near duplicate pairs "
           f"(threshold {_span(result['threshold'])}), {result['cross_split_pairs']} across splits; "
           f"{result['leaked_test_rows']} of {result['n_test']} test images have a copy in train/val")

@@ -31,24 +31,29 @@ _QUERY_BLOCK = 4096
 
 
 def neighbour_table(features: np.ndarray, k: int, labels: np.ndarray | None = None, keys: np.ndarray | None = None,
-                    depth: int = SCALE_DEPTH) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    depth: int = SCALE_DEPTH, device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each row's k nearest other rows (cosine, best first; the row itself left out by index), searched in blocks of
     rows (memory N x k, one search per row); and each row's cosine to its nearest row of another class and other
     content (`keys`) among its `depth` nearest (when there is none that near, the depth-th cosine: an upper bound;
-    NaN for unlabelled rows)."""
+    NaN for unlabelled rows). The search runs on `device`: FAISS on CPU, torch on CUDA (in bigger blocks, each
+    a pass over the bank)."""
     from pipeline.index.build import build_flat_index, search
+    from pipeline.index.torch_flat import torch_top_k
 
     n = len(features)
     k = min(k, n - 1)
     if k < 1:
         raise PipelineError(f"the store has {n} row(s); an audit needs at least 2")
     depth = min(max(k, depth), n - 1)
-    index = build_flat_index(features)
+    on_gpu = str(device).startswith("cuda")
+    index = None if on_gpu else build_flat_index(features)
     sims, idx = np.empty((n, k), dtype=np.float32), np.empty((n, k), dtype=np.int64)
     other = np.full(n, np.nan)
-    for start in range(0, n, _QUERY_BLOCK):
-        rows = np.arange(start, min(n, start + _QUERY_BLOCK))
-        s, i = search(index, features[rows], depth + 1)
+    block = _QUERY_BLOCK * (16 if on_gpu else 1)
+    for start in range(0, n, block):
+        rows = np.arange(start, min(n, start + block))
+        s, i = torch_top_k(features, features[rows], depth + 1, device) if on_gpu else \
+            search(index, features[rows], depth + 1)
         if (i < 0).any():
             raise PipelineError("the search found fewer neighbours than asked (non-finite features?); run python -m "
                                 "pipeline store verify on the store")
@@ -196,12 +201,15 @@ class AuditFindings:
     dropped: list[str] | None = None  # per row, why a clean split assignment drops it ("" to keep); set by the run
 
 
-def find(fs: FeatureSet, *, threshold: float | None = None, k: int = DEFAULT_AUDIT_K) -> AuditFindings:
-    """Duplicates, leakage and hints of a loaded store; `threshold` None: `auto_threshold`."""
+def find(fs: FeatureSet, *, threshold: float | None = None, k: int = DEFAULT_AUDIT_K,
+         device: str = "cpu") -> AuditFindings:
+    """Duplicates, leakage and hints of a loaded store (the search on `device`); `threshold` None:
+    `auto_threshold`."""
     if threshold is not None and (not np.isfinite(threshold) or not 0 < threshold <= 1):
         raise PipelineError(f"the near-duplicate threshold is a cosine in (0, 1], got {threshold}")
     start = time.perf_counter()
-    sims, idx, other = neighbour_table(fs.features, k, fs.labels, np.array(fs.row_keys(), dtype=object))
+    sims, idx, other = neighbour_table(fs.features, k, fs.labels, np.array(fs.row_keys(), dtype=object),
+                                       device=device)
     if threshold is None:
         thresholds, how = auto_thresholds(other, fs.labels)
     else:

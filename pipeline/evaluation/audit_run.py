@@ -61,7 +61,7 @@ def scores_without_leaks(fs: FeatureSet, leaked: np.ndarray, config: AuditConfig
     """The probe's and kNN's test top-1 on all test images and without the leaked ones, from their per-image
     correctness (the `probe` and `knn` results given, else fitted here). Test rows never enter a fit or a choice,
     so this equals recomputing on the store without those rows."""
-    from pipeline.evaluation.knn import knn_classify
+    from pipeline.evaluation.knn import exact_device, knn_classify
     from pipeline.evaluation.probes import canonical_order, correct_by_row, fit_probe
 
     test = canonical_order(fs, fs.mask("test") & (fs.labels >= 0))  # the order the probe's intervals are drawn in
@@ -77,8 +77,8 @@ def scores_without_leaks(fs: FeatureSet, leaked: np.ndarray, config: AuditConfig
     except PipelineError as exc:
         out["probe"] = {"note": str(exc)}
     try:
-        knn = knn or (knn_classify(fs, ks=(config.knn_k,), temperature=config.temperature, resamples=0)
-                      if config.fit else None)
+        knn = knn or (knn_classify(fs, ks=(config.knn_k,), temperature=config.temperature, resamples=0,
+                                   device=exact_device(config.device)) if config.fit else None)
         if knn is None:
             raise PipelineError("no kNN results (not computed)")
         if knn["mode"] != "test vs train+val":
@@ -95,7 +95,9 @@ def scores_without_leaks(fs: FeatureSet, leaked: np.ndarray, config: AuditConfig
 def audit_store(fs: FeatureSet, config: AuditConfig, *, probe: dict | None = None,
                 knn: dict | None = None) -> tuple[dict[str, Any], AuditFindings]:
     """Find duplicates and leakage in a loaded store, and score the test split with and without the leaked rows."""
-    findings = find(fs, threshold=config.threshold, k=config.k)
+    from pipeline.evaluation.knn import exact_device
+
+    findings = find(fs, threshold=config.threshold, k=config.k, device=exact_device(config.device))
     findings.dropped = clean_assignment(fs, findings)
     pairs = findings.pairs
     cross = fs.splits[pairs["a"]] != fs.splits[pairs["b"]]

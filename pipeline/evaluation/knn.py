@@ -169,11 +169,20 @@ def _examples(fs: FeatureSet, bank: np.ndarray, queries: np.ndarray, idx: np.nda
             for q in picked]
 
 
+def exact_device(device: str) -> str:
+    """The device of an exact search: "cpu" (FAISS; torch not imported for it), or CUDA as `--device` names it
+    (auto: CUDA when there is one), checked."""
+    if device == "cpu":
+        return device
+    from pipeline.engine.devices import resolve_device
+
+    return str(resolve_device(device))
+
+
 def run_knn(config: KnnConfig) -> tuple[dict[str, Any], Path]:
     """Run kNN classification and retrieval on a store, save the results JSON and the report. The store is loaded
     whole when its features fit `max_memory`, and streamed otherwise (`pipeline.evaluation.knn_stream`); with
     `index`/`approx` the search goes through a FAISS index and the gap to exact search is measured."""
-    from pipeline.engine.devices import resolve_device
     from pipeline.evaluation.probes import default_results_path
     from pipeline.report.blocks import report_blocks, save_json, title_for
     from pipeline.report.render import check_report_outputs, write_report_blocks
@@ -186,7 +195,7 @@ def run_knn(config: KnnConfig) -> tuple[dict[str, Any], Path]:
     if config.report:
         check_report_outputs(results_stem(out), overwrite=config.overwrite, protect=[config.store])
     streamed = config.index is not None or config.approx or config.queries or not held.fits
-    device = config.device if config.device == "cpu" else str(resolve_device(config.device))
+    device = exact_device(config.device)
     if streamed:
         from pipeline.evaluation.knn_stream import run_streamed
         from pipeline.store.columns import scan_store
