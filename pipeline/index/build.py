@@ -69,7 +69,6 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
-
 def flat_top_k(bank: np.ndarray, queries: np.ndarray, k: int, device: object = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k (similarities, bank rows) by inner product: FAISS's flat index on CPU, torch on a CUDA device
     (`pipeline.index.torch_flat`, imported only then)."""
@@ -84,6 +83,7 @@ def exact_search_name(device: object = "cpu") -> str:
     """How the exact kNN search ran, for the results' protocol line."""
     return f"exact inner-product (cosine) kNN, torch float32 on {device}" if str(device).startswith("cuda") \
         else "exact FAISS inner-product (cosine) kNN"
+
 
 # -- building and tuning --------------------------------------------------------------------------------------------
 

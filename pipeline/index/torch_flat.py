@@ -1,7 +1,7 @@
 """Exact inner-product top-k in torch, for kNN on a GPU: FAISS's flat search (`IndexFlatIP`) computed as matrix
 products on the device, in float32 (TF32 off, so the similarities are FAISS's to rounding), a bounded block of
-queries x bank rows at a time. The results have FAISS's form: similarities best first, bank row numbers, ties to the
-lower row. faiss-cpu has no GPU search; this one needs nothing but torch.
+queries x bank rows at a time. The results have FAISS's form: similarities best first, bank row numbers; exact ties
+go to the lower row (FAISS orders them its own way). faiss-cpu has no GPU search; this one needs nothing but torch.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def _ties_to_lower_row(sims: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """torch.topk orders equal similarities arbitrarily; FAISS gives the lower row first."""
+    """torch.topk orders equal similarities arbitrarily: the lower row first, so that a run repeats itself."""
     order = np.lexsort((idx, -sims), axis=1)
     return np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
 
