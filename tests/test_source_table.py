@@ -89,6 +89,41 @@ def test_a_manifest_lists_as_a_table_with_the_samples_and_fingerprint_of_tuples(
     assert fingerprint == data_fingerprint(as_tuples, tuple_listing, decoding) == _old_fingerprint(source, decoding)
     picked = source.samples.take([5, 1])
     assert list(picked) == [expected[5], expected[1]]
+    with_ids = any("id" in row for row in rows)  # the ids are the path texts only without an id column
+    assert with_ids and source.samples.paths.texts is not source.samples.ids
+    ids_only = open_source(write_manifest(tmp_path / f"n.{fmt}", [{k: v for k, v in r.items() if k != "id"}
+                                                                   for r in rows]))
+    assert ids_only.samples.paths.texts is ids_only.samples.ids  # one column: no absolute path per row
+    assert list(ids_only.samples.paths) == [s.path for s in expected]
+    part = ids_only.samples.take([9, 2])
+    assert part.paths.texts is part.ids and list(part) == [expected[9], expected[2]]
+
+
+def test_a_file_column_reads_and_hashes_as_the_absolute_paths(monkeypatch):
+    """sources/table: `FileColumn` (a folder and path texts) reads by row, slice, block and take, iterates and
+    hashes as the TextColumn of the absolute paths, in several digest blocks."""
+    import pickle
+    from pathlib import Path
+
+    import pipeline.sources.table as table
+    from pipeline.sources.table import FileColumn
+
+    texts = ["a.png", "/abs/b.png", ".", "x/é/c.png", "d e/f.png", *[f"n/{i}.png" for i in range(40)]]
+    for base in ("/data/set", "/"):
+        column = FileColumn(base, TextColumn.from_strings(texts))
+        absolute = [t if t.startswith("/") else base if t == "." else str(Path(base) / t) for t in texts]
+        whole = TextColumn.from_strings(absolute)
+        assert list(column) == absolute and [column[i] for i in range(len(texts))] == absolute
+        assert column[-1] == absolute[-1] and list(column[1:4]) == absolute[1:4]
+        assert column.block(2, 9) == absolute[2:9] and list(column.take([4, 0])) == [absolute[4], absolute[0]]
+        assert column == whole and column != absolute[:-1]
+        for rows in (7, 1 << 20):
+            monkeypatch.setattr(table, "_DIGEST_ROWS", rows)
+            mine, theirs = hashlib.sha256(), hashlib.sha256()
+            column.digest_into(mine)
+            whole.digest_into(theirs)
+            assert mine.hexdigest() == theirs.hexdigest()
+        assert pickle.loads(pickle.dumps(column)) == absolute
 
 
 def test_a_parquet_manifest_with_numeric_labels_codes_them_as_text(tmp_path):

@@ -334,7 +334,8 @@ def test_manifest_ids_paths_and_stamps_are_the_pathlib_forms(tmp_path):
 
     import pyarrow as pa
 
-    from pipeline.sources.manifest import file_cells, path_cells, posix_text
+    from pipeline.sources.manifest import path_cells, posix_text
+    from pipeline.sources.table import file_cells
 
     odd = ["a.png", "./a.png", "x//a.png", "x/./a.png", "x/", "x/.", ".", "//x/a", "///x", "a/../b", ".a", "a.",
            "x/.a/", "/abs/./p", "é/ü.png", "a b/c"]

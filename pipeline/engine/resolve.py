@@ -97,10 +97,9 @@ def data_fingerprint(source: Source, listing: Listing, decoding: Decoding) -> st
     for start in range(0, len(listing), _FINGERPRINT_BLOCK):
         digest.update(listing_lines(listing, start, start + _FINGERPRINT_BLOCK))
     if listing.paths is not None:
-        paths = listing.paths if isinstance(listing.paths, TextColumn) else TextColumn.from_strings(listing.paths)
+        paths = listing.paths if hasattr(listing.paths, "digest_into") else TextColumn.from_strings(listing.paths)
         digest.update(b"paths\0")
-        digest.update(np.ascontiguousarray(paths.offsets, dtype="<i8"))  # no copy: the column's own offsets
-        digest.update(paths.data)
+        paths.digest_into(digest)  # a TextColumn's offsets and bytes; a FileColumn's the same, a block at a time
     return digest.hexdigest()[:32]
 
 

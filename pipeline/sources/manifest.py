@@ -33,7 +33,7 @@ from pipeline.sources.base import (
     finish_table,
     split_cell,
 )
-from pipeline.sources.table import UNDECIDED, TextBuilder, TextColumn, stat_rows
+from pipeline.sources.table import UNDECIDED, FileColumn, TextBuilder, TextColumn, stat_rows
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -232,14 +232,6 @@ def path_cells(values: pa.ChunkedArray | list) -> pa.Array:
     return texts
 
 
-def file_cells(base: str, texts: pa.Array) -> pa.Array:
-    """`str(Path(base) / text)` of posix texts: the file each names (absolute ones as they are, "." the folder)."""
-    prefix = pa.scalar(base if base.endswith("/") else base + "/", _TEXT)
-    joined = pc.binary_join_element_wise(prefix, texts, pa.scalar("", _TEXT))
-    files = pc.if_else(pc.starts_with(texts, "/"), texts, joined)
-    return pc.if_else(pc.equal(texts, "."), pa.scalar(base, _TEXT), files)
-
-
 def _first(mask: pa.Array) -> int | None:
     rows = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
     return int(rows[0]) if len(rows) else None
@@ -259,7 +251,7 @@ def _split_hints(values: pa.Array | list | None, n: int) -> tuple[np.ndarray, in
 PARALLEL_STAT_ROWS = 1 << 21  # from about 2M rows, processes share the stats
 
 
-def _stamps(files: TextColumn, workers: int | None = None) -> np.ndarray:
+def _stamps(files: TextColumn | FileColumn, workers: int | None = None) -> np.ndarray:
     """[n, 2] (size, mtime_ns) of each file, (-1, -1) where it cannot be stat'ed: one stat per row, in blocks, shared
     among processes for millions of rows (threads do not help: the GIL is held between the system calls)."""
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
@@ -274,7 +266,7 @@ def _stamps(files: TextColumn, workers: int | None = None) -> np.ndarray:
     return stamps
 
 
-def stamps_in_processes(files: TextColumn, workers: int, step: int = 1 << 19) -> np.ndarray | None:
+def stamps_in_processes(files: TextColumn | FileColumn, workers: int, step: int = 1 << 19) -> np.ndarray | None:
     """`_stamps` by `workers` processes from the forkserver the decode stage uses (it starts once), a block of
     `step` paths at a time with at most two blocks per process in flight; None when processes cannot be started
     here (e.g. inside a daemonic worker), and the caller stats them itself."""
@@ -330,7 +322,7 @@ class _Rows:
 
     def __init__(self, path: Path) -> None:
         self.path, self.base = path, os.path.abspath(path.parent)  # absolute: the store's path column records them
-        self.ids, self.files = TextBuilder(), TextBuilder()
+        self.ids, self.texts = TextBuilder(), None  # texts: the path texts, the ids builder itself without an id column
         self.labels: list[np.ndarray] = []
         self.hints: list[np.ndarray] = []
         self.classes: dict[str, int] = {}
@@ -351,8 +343,11 @@ class _Rows:
         if bad is not None:
             split_cell(_raw(batch["split"], bad), f"{path} row {start + bad + 1}",
                        " (give every row one, or drop the column to split automatically)")  # raises: not a split
+        if self.texts is None:  # a manifest has an id column in every block or in none
+            self.texts = TextBuilder() if "id" in batch else self.ids
         self.ids.append(pc.coalesce(text_cells(batch["id"]), texts) if "id" in batch else texts)
-        self.files.append(file_cells(self.base, texts))
+        if self.texts is not self.ids:
+            self.texts.append(texts)
         self.labels.append(_label_ids(batch.get("label"), n, self.classes))
         self.hints.append(codes)
 
@@ -368,7 +363,8 @@ def scan_manifest(path: str | Path, options: ListOptions = DEFAULT_OPTIONS) -> S
     if not path.is_file():
         raise DataError(f"manifest {path} does not exist; {DATA_HINT}")
     rows = regular_or_not(path, lambda batches: _Rows(path).gather(batches))
-    ids, files = rows.ids.finish(), rows.files.finish()
+    ids = rows.ids.finish()
+    files = FileColumn(rows.base, ids if rows.texts is None or rows.texts is rows.ids else rows.texts.finish())
     n = len(ids)
     if not n:
         raise DataError(f"manifest {path} lists no images; add rows with a path column")

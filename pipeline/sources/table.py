@@ -3,8 +3,9 @@ buffer and an offsets array), label codes, split codes and an [n, 2] stamp array
 `Sample`s built on access, so code that walks a source's samples one by one works unchanged, while planning (the
 listing, the fingerprint, split counts, stamps) reads the arrays whole.
 
-A 10M-row manifest's table takes about 80 bytes per row (ids and paths as text, 8 + 1 + 16 bytes of codes and
-stamps) where a tuple of `Sample`s took about 600."""
+A manifest's table keeps its ids and its path texts (one column when the ids are the paths), the folder they are
+relative to (`FileColumn`), and 8 + 1 + 16 bytes a row of codes and stamps, where a tuple of `Sample`s took about
+600 bytes a row."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.engine.decode import SPLITS
 
@@ -110,8 +112,74 @@ class TextColumn(Sequence):
 
     __hash__ = None  # type: ignore[assignment]
 
+    def digest_into(self, digest: Any) -> None:
+        """Hash the column: its offsets (little-endian int64, from 0), then its bytes."""
+        digest.update(np.ascontiguousarray(self.offsets, dtype="<i8"))  # no copy: the column's own offsets
+        digest.update(self.data)
+
     def __repr__(self) -> str:
         return f"TextColumn({len(self)} rows, {len(self.data)} bytes)"
+
+
+def file_cells(base: str, texts: pa.Array) -> pa.Array:
+    """`str(Path(base) / text)` of posix texts: the file each names (absolute ones as they are, "." the folder)."""
+    prefix = pa.scalar(base if base.endswith("/") else base + "/", pa.large_string())
+    texts = texts.cast(pa.large_string())
+    joined = pc.binary_join_element_wise(prefix, texts, pa.scalar("", pa.large_string()))
+    files = pc.if_else(pc.starts_with(texts, "/"), texts, joined)
+    return pc.if_else(pc.equal(texts, "."), pa.scalar(base, pa.large_string()), files)
+
+
+class FileColumn(Sequence):
+    """The files of a manifest as its folder plus its posix path texts (`file_cells` of each, made when read): no
+    absolute path held per row, and without an id column the texts are the ids column itself. Reads as the
+    TextColumn of the absolute paths would: by row, in blocks (as TextColumns), hashed the same."""
+
+    def __init__(self, base: str, texts: TextColumn) -> None:
+        self.base, self.texts = base, texts
+        self.prefix = base if base.endswith("/") else base + "/"
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, where: Any) -> Any:
+        if isinstance(where, slice):
+            return self.take(_positions(where, len(self)))
+        text = self.texts[where]
+        return text if text.startswith("/") else self.base if text == "." else self.prefix + text
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self), _CHUNK):
+            yield from self.block(start, start + _CHUNK)
+
+    def take(self, where: Any) -> FileColumn:
+        return FileColumn(self.base, self.texts.take(where))
+
+    def block(self, start: int, stop: int) -> TextColumn:
+        return TextColumn.from_arrow(file_cells(self.base, self.texts.block(start, stop).to_arrow()))
+
+    def digest_into(self, digest: Any) -> None:
+        """`TextColumn.digest_into` of the absolute paths, a block at a time (two passes: offsets, then bytes)."""
+        digest.update(np.zeros(1, dtype="<i8"))
+        total = 0
+        for start in range(0, len(self), _DIGEST_ROWS):
+            offsets = self.block(start, start + _DIGEST_ROWS).offsets
+            digest.update((offsets[1:] + total).astype("<i8"))
+            total += int(offsets[-1])
+        for start in range(0, len(self), _DIGEST_ROWS):
+            digest.update(self.block(start, start + _DIGEST_ROWS).data)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and not isinstance(other, str) and len(self) == len(other) and \
+            all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"FileColumn({len(self)} rows under {self.base})"
+
+
+_DIGEST_ROWS = 1 << 20
 
 
 def _arrow_bounds(array: pa.Array) -> tuple[np.ndarray, Any]:
@@ -186,13 +254,14 @@ def split_codes(splits: Iterable[str]) -> np.ndarray:
 
 
 class SampleTable(Sequence):
-    """Samples of a listed source as columns: `ids` and `paths` (TextColumn), `labels` ([n] int64, -1 unlabelled),
+    """Samples of a listed source as columns: `ids` (TextColumn) and `paths` (TextColumn, or a FileColumn whose
+    texts may be the ids themselves), `labels` ([n] int64, -1 unlabelled),
     `codes` ([n] int8 split codes) and `stamps` ([n, 2] int64). Indexing and iteration build `Sample`s (with the
     path as text, no locator, the stamp as a pair); `take` selects rows as another table."""
 
     __slots__ = ("ids", "paths", "labels", "codes", "stamps")
 
-    def __init__(self, ids: TextColumn, paths: TextColumn, labels: np.ndarray, codes: np.ndarray,
+    def __init__(self, ids: TextColumn, paths: TextColumn | FileColumn, labels: np.ndarray, codes: np.ndarray,
                  stamps: np.ndarray) -> None:
         n = len(ids)
         if not (len(paths) == len(labels) == len(codes) == len(stamps) == n):
@@ -230,8 +299,10 @@ class SampleTable(Sequence):
 
     def take(self, where: Any) -> SampleTable:
         positions = _positions(where, len(self))
-        return SampleTable(self.ids.take(positions), self.paths.take(positions), self.labels[positions],
-                           self.codes[positions], self.stamps[positions])
+        ids = self.ids.take(positions)
+        shared = isinstance(self.paths, FileColumn) and self.paths.texts is self.ids  # the ids are the path texts
+        return SampleTable(ids, FileColumn(self.paths.base, ids) if shared else self.paths.take(positions),
+                           self.labels[positions], self.codes[positions], self.stamps[positions])
 
     def split_counts(self) -> dict[str, int]:
         counts = np.bincount(self.codes, minlength=len(SPLIT_CODES))
