@@ -159,13 +159,19 @@ class FileColumn(Sequence):
         return TextColumn.from_arrow(file_cells(self.base, self.texts.block(start, stop).to_arrow()))
 
     def digest_into(self, digest: Any) -> None:
-        """`TextColumn.digest_into` of the absolute paths, a block at a time (two passes: offsets, then bytes)."""
+        """`TextColumn.digest_into` of the absolute paths, a block at a time: their offsets from the texts' lengths
+        (no join), then their bytes."""
         digest.update(np.zeros(1, dtype="<i8"))
+        base, prefix = (len(t.encode("utf-8", "surrogateescape")) for t in (self.base, self.prefix))
         total = 0
         for start in range(0, len(self), _DIGEST_ROWS):
-            offsets = self.block(start, start + _DIGEST_ROWS).offsets
-            digest.update((offsets[1:] + total).astype("<i8"))
-            total += int(offsets[-1])
+            block = self.texts.block(start, start + _DIGEST_ROWS)
+            texts, lengths = block.to_arrow(), np.diff(block.offsets)
+            absolute = pc.starts_with(texts, "/").to_numpy(zero_copy_only=False)
+            dot = pc.equal(texts, ".").to_numpy(zero_copy_only=False)
+            ends = np.cumsum(np.where(absolute, lengths, np.where(dot, base, prefix + lengths))) + total
+            digest.update(ends.astype("<i8"))
+            total = int(ends[-1]) if len(ends) else total
         for start in range(0, len(self), _DIGEST_ROWS):
             digest.update(self.block(start, start + _DIGEST_ROWS).data)
 
