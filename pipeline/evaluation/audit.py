@@ -37,7 +37,7 @@ def neighbour_table(features: np.ndarray, k: int, labels: np.ndarray | None = No
     content (`keys`) among its `depth` nearest (when there is none that near, the depth-th cosine: an upper bound;
     NaN for unlabelled rows). The search runs on `device`: FAISS on CPU, torch on CUDA (in bigger blocks, each
     a pass over the bank)."""
-    from pipeline.index.build import build_flat_index, search
+    from pipeline.index.build import build_flat_index, on_cuda, search
     from pipeline.index.torch_flat import torch_top_k
 
     n = len(features)
@@ -45,7 +45,7 @@ def neighbour_table(features: np.ndarray, k: int, labels: np.ndarray | None = No
     if k < 1:
         raise PipelineError(f"the store has {n} row(s); an audit needs at least 2")
     depth = min(max(k, depth), n - 1)
-    on_gpu = str(device).startswith("cuda")
+    on_gpu = on_cuda(device)
     index = None if on_gpu else build_flat_index(features)
     sims, idx = np.empty((n, k), dtype=np.float32), np.empty((n, k), dtype=np.int64)
     other = np.full(n, np.nan)

@@ -57,11 +57,11 @@ def _figure(right: np.ndarray, keep: np.ndarray, resamples: int) -> dict[str, An
 
 
 def scores_without_leaks(fs: FeatureSet, leaked: np.ndarray, config: AuditConfig, *, probe: dict | None = None,
-                         knn: dict | None = None) -> dict[str, Any]:
+                         knn: dict | None = None, device: str = "cpu") -> dict[str, Any]:
     """The probe's and kNN's test top-1 on all test images and without the leaked ones, from their per-image
-    correctness (the `probe` and `knn` results given, else fitted here). Test rows never enter a fit or a choice,
-    so this equals recomputing on the store without those rows."""
-    from pipeline.evaluation.knn import exact_device, knn_classify
+    correctness (the `probe` and `knn` results given, else fitted here; the kNN search on `device`). Test rows
+    never enter a fit or a choice, so this equals recomputing on the store without those rows."""
+    from pipeline.evaluation.knn import knn_classify
     from pipeline.evaluation.probes import canonical_order, correct_by_row, fit_probe
 
     test = canonical_order(fs, fs.mask("test") & (fs.labels >= 0))  # the order the probe's intervals are drawn in
@@ -78,7 +78,7 @@ def scores_without_leaks(fs: FeatureSet, leaked: np.ndarray, config: AuditConfig
         out["probe"] = {"note": str(exc)}
     try:
         knn = knn or (knn_classify(fs, ks=(config.knn_k,), temperature=config.temperature, resamples=0,
-                                   device=exact_device(config.device)) if config.fit else None)
+                                   device=device) if config.fit else None)
         if knn is None:
             raise PipelineError("no kNN results (not computed)")
         if knn["mode"] != "test vs train+val":
@@ -97,15 +97,17 @@ def audit_store(fs: FeatureSet, config: AuditConfig, *, probe: dict | None = Non
     """Find duplicates and leakage in a loaded store, and score the test split with and without the leaked rows."""
     from pipeline.evaluation.knn import exact_device
 
-    findings = find(fs, threshold=config.threshold, k=config.k, device=exact_device(config.device))
+    device = exact_device(config.device)  # checked once, before any search
+    findings = find(fs, threshold=config.threshold, k=config.k, device=device)
     findings.dropped = clean_assignment(fs, findings)
     pairs = findings.pairs
     cross = fs.splits[pairs["a"]] != fs.splits[pairs["b"]]
     by_splits = Counter("-".join(sorted((str(fs.splits[a]), str(fs.splits[b]))))
                         for a, b in zip(pairs["a"], pairs["b"], strict=True))
     start = time.perf_counter()
-    scores = (scores_without_leaks(fs, findings.leaked, config, probe=probe, knn=knn) if config.fit or probe or knn
-              else {"note": "not computed (--no-fit)"})  # without fit, only the results given are scored
+    scores = (scores_without_leaks(fs, findings.leaked, config, probe=probe, knn=knn, device=device)
+              if config.fit or probe or knn  # without fit, only the results given are scored
+              else {"note": "not computed (--no-fit)"})
     result = {
         "protocol": f"exact duplicates by content hash; near duplicates: another image among a row's "
                     f"{findings.idx.shape[1]} nearest neighbours (exact FAISS search) with cosine at or above the "

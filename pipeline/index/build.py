@@ -69,10 +69,15 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
+def on_cuda(device: object) -> bool:
+    """Whether a search runs in torch on a CUDA device (FAISS otherwise)."""
+    return str(device).startswith("cuda")
+
+
 def flat_top_k(bank: np.ndarray, queries: np.ndarray, k: int, device: object = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k (similarities, bank rows) by inner product: FAISS's flat index on CPU, torch on a CUDA device
     (`pipeline.index.torch_flat`, imported only then)."""
-    if str(device).startswith("cuda"):
+    if on_cuda(device):
         from pipeline.index.torch_flat import torch_top_k
 
         return torch_top_k(bank, queries, k, device)
@@ -81,7 +86,7 @@ def flat_top_k(bank: np.ndarray, queries: np.ndarray, k: int, device: object = "
 
 def exact_search_name(device: object = "cpu") -> str:
     """How the exact kNN search ran, for the results' protocol line."""
-    return f"exact inner-product (cosine) kNN, torch float32 on {device}" if str(device).startswith("cuda") \
+    return f"exact inner-product (cosine) kNN, torch float32 on {device}" if on_cuda(device) \
         else "exact FAISS inner-product (cosine) kNN"
 
 
