@@ -11,8 +11,9 @@ small parent with wait4) and the growth exponents between sizes: time ~ rows^a, 
 
 Steps: `probe --head torch-logreg` (streamed beyond --max-memory), exact `knn` on a fixed seeded sample of test
 queries (the cost per query is linear in the bank, so time per row stays flat), approximate `knn --approx` on a fixed
-seeded sample of 20,000 queries (its gap to exact measured on 2,000), and `index build`. Only the standard library
-is imported here, so the children's peak RSS is theirs alone.
+seeded sample of 20,000 queries (its gap to exact measured on 2,000), and `index build`; on request (`--steps audit
+--copies 0.01`) the audit's all-pairs search (`audit --no-fit`, quadratic in time like exact kNN over every row). Only
+the standard library is imported here, so the children's peak RSS is theirs alone.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def steps(store: str, args: argparse.Namespace) -> dict[str, list[str]]:
                        *mem, *quiet],
         "index_build": ["-m", "pipeline", "index", "build", "--store", store, "--out", f"{store}.index",
                         "--memory-budget", args.memory_budget, "--overwrite", *mem],
+        "audit": ["-m", "pipeline", "audit", "--store", store, "--no-fit", "--out", f"{store}.audit.json", *mem,
+                  *quiet],
     }
 
 
@@ -66,7 +69,7 @@ def build(work: Path, rows: int, args: argparse.Namespace) -> tuple[str, dict]:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     shard = ["--shard-rows", "1000000"] if rows >= 5_000_000 else []
     made = run(["-m", "pipeline.store.synthetic", "--rows", str(rows), "--dim", str(args.dim), "--out", name,
-                *shard], work)
+                "--copies", str(args.copies), *shard], work)
     return name, made
 
 
@@ -86,6 +89,11 @@ def figures(work: Path, store: str, ran: set[str]) -> dict:
         out["knn_approx_index"] = (f"{approx['approximate']['factory']} {approx['approximate']['search_param']} "
                                    f"{approx['approximate']['search_value']} recall@10 "
                                    f"{approx['approximate']['recall_at_10']:.3f}")
+    if "audit" in ran:
+        audit = json.loads((work / f"{store}.audit.json").read_text())
+        out["audit"] = (f"{audit['exact_pairs']} exact + {audit['near_pairs']} near pairs, {audit['leaked_test_rows']} "
+                        f"leaked test rows, {'streamed' if 'streamed' in audit else 'loaded'}, search "
+                        f"{audit['seconds']['search']} s")
     if "index_build" in ran:
         infos = json.loads((work / f"{store}.index" / "index_infos.json").read_text())
         out["index"] = (f"{infos['factory']} {infos['search_param']} {infos['search_value']} recall@10 "
@@ -151,7 +159,9 @@ def main() -> None:
     parser.add_argument("--exact-queries", type=int, default=5000)
     parser.add_argument("--approx-queries", type=int, default=20000)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", default="probe,knn_exact,knn_approx,index_build", help="which steps to run")
+    parser.add_argument("--steps", default="probe,knn_exact,knn_approx,index_build",
+                        help="which steps to run (also: audit, all pairs: quadratic, so not by default)")
+    parser.add_argument("--copies", type=float, default=0.0, help="share of rows planted as exact or near copies")
     parser.add_argument("--compare", type=int, default=0, help="only compare loaded vs streamed at this size")
     parser.add_argument("--work", type=Path, default=Path("data/benchmarks/scale"))
     parser.add_argument("--keep", action="store_true", help="keep the stores")

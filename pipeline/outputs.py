@@ -170,15 +170,17 @@ def _name_max(folder: Path) -> int:
         return 255
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> Path:
+def write_atomic(path: str | Path, data: str | bytes | Iterable[str | bytes]) -> Path:
     """Write a whole file atomically: a uniquely named scratch file beside it, then a rename (through a symbolic
-    link to its target). The scratch file is removed if anything fails."""
+    link to its target). `data` may come in parts (an iterator: written as they come). The scratch file is removed
+    if anything fails, so a failure leaves the old file, never part of a new one."""
     target = write_target(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, scratch = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:100]}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            for part in [data] if isinstance(data, (str, bytes)) else data:
+                fh.write(part.encode("utf-8") if isinstance(part, str) else part)
         os.chmod(scratch, 0o644 & ~_umask())
         os.replace(scratch, target)
     except BaseException:

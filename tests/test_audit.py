@@ -200,6 +200,32 @@ def test_audit_command_from_another_directory_writes_what_it_says(planted, tmp_p
     assert reaudit["leaked_test_rows"] == 0
 
 
+def test_beyond_max_memory_the_audit_streams_and_writes_the_same_files(planted, tmp_path):
+    """The planted store audited loaded and streamed (`--max-memory 1KiB`): the same pairs, clean assignment and
+    manifest (its paths from the store's path column), and a report with the pictures."""
+    fs, copies = planted
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    written = {}
+    for name, extra in (("loaded", ()), ("streamed", ("--max-memory", "1KiB"))):
+        out = tmp_path / name / "audit.json"
+        run = subprocess.run([sys.executable, "-m", "pipeline", "audit", "--store", str(fs.path), "--out", str(out),
+                              "--knn-k", "5", "--head", "torch-logreg", "--resamples", "0",
+                              "--write-splits", str(out.with_name("splits.csv")),
+                              "--write-manifest", str(out.with_name("keep.csv")), *extra],
+                             cwd=work, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr
+        written[name] = {f: (out.parent / f).read_bytes() for f in ("audit.pairs.csv", "splits.csv", "keep.csv")}
+        written[name]["result"] = json.loads(out.read_text())
+    loaded, streamed = written["loaded"].pop("result"), written["streamed"].pop("result")
+    assert written["loaded"] == written["streamed"]
+    assert "streamed" in streamed and streamed["leaked_test_rows"] == loaded["leaked_test_rows"] == len(copies)
+    assert streamed["scores"]["knn"] == loaded["scores"]["knn"] and streamed["hints"].keys() == loaded["hints"].keys()
+    assert "without_leaked" in streamed["scores"]["probe"]
+    html = Path(streamed["report"][1]).read_text()
+    assert "Pairs across splits" in html and html.count("<img") >= 3
+
+
 def test_bad_audit_arguments_are_one_line_before_any_search(planted, tmp_path, capsys):
     from pipeline.cli import main
 

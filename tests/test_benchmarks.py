@@ -51,13 +51,15 @@ def test_the_transfer_benchmark_sizes_the_activations_of_common_backbones(tmp_pa
 
 def test_the_scale_benchmark_runs_every_step_at_two_sizes(tmp_path):
     result = _run(tmp_path, "scale", "--sizes", "3000,6000", "--dim", "16", "--max-memory", "256KiB",
-                  "--memory-budget", "256KiB", "--exact-queries", "300", "--grid", "1", "--work", str(tmp_path / "w"))
+                  "--memory-budget", "256KiB", "--exact-queries", "300", "--grid", "1", "--work", str(tmp_path / "w"),
+                  "--steps", "probe,knn_exact,knn_approx,index_build,audit", "--copies", "0.01")
     assert [r["rows"] for r in result["results"]] == [3000, 6000]
     for r in result["results"]:
-        assert set(r["steps"]) == {"probe", "knn_exact", "knn_approx", "index_build"}
+        assert set(r["steps"]) == {"probe", "knn_exact", "knn_approx", "index_build", "audit"}
+        assert "streamed" in r["figures"]["audit"] and " 0 exact" not in r["figures"]["audit"]
         assert all(m["seconds"] > 0 and m["peak_rss_mib"] > 10 for m in r["steps"].values())
         assert r["figures"]["probe_streamed"] and 0.02 < r["figures"]["knn_exact_top1"] <= 1  # 100 classes: chance 0.01
-    assert set(result["growth"]["3000->6000"]) == {"probe", "knn_exact", "knn_approx", "index_build"}
+    assert set(result["growth"]["3000->6000"]) == {"probe", "knn_exact", "knn_approx", "index_build", "audit"}
 
 
 def test_the_planning_benchmark_lists_and_fingerprints_a_manifest_source(tmp_path):

@@ -5,6 +5,7 @@ synthetic stores written by the real writer (learnable, not separable)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,6 +16,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
+from pipeline.evaluation.audit import neighbour_table
+from pipeline.evaluation.audit_stream import streamed_neighbour_table
 from pipeline.evaluation.knn import knn_classify
 from pipeline.evaluation.knn_stream import knn_streamed
 from pipeline.evaluation.stream_probe import hash_holdout
@@ -177,9 +180,10 @@ def test_the_hash_holdout_is_stratified_and_order_free():
 def test_refusals_beyond_the_budget_are_one_line(store, tmp_path):
     run = _cli(tmp_path, "probe", "--store", str(store), "--max-memory", "1MiB", "--no-report")
     assert run.returncode == 2 and "--head torch-logreg" in run.stderr and len(run.stderr.strip().splitlines()) == 1
-    run = _cli(tmp_path, "audit", "--store", str(store), "--max-memory", "1MiB", "--no-report")
-    assert run.returncode == 2 and "raise --max-memory" in run.stderr and len(run.stderr.strip().splitlines()) == 1
-    assert "features need about" in run.stderr and "all-pairs" in run.stderr
+    run = _cli(tmp_path, "audit", "--store", str(store), "--max-memory", "1MiB", "--no-report",
+               "--write-manifest", "keep.csv", "--out", "a.json")
+    assert run.returncode == 2 and "path column" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert "--write-splits" in run.stderr and not (tmp_path / "a.json").exists()
     held = store_budget(store, 1 << 20)
     assert not held.fits and held.rows == 12000 and held.need.endswith("more than --max-memory 1 MiB")
     assert store_budget(store, 1 << 34).fits
@@ -259,3 +263,82 @@ def test_an_index_is_searched_a_bounded_batch_of_queries_at_a_time_with_the_same
     (s1, i1), (s2, i2) = whole(queries, positions), tight(queries, positions)
     assert i1.shape == (700, 10) and np.array_equal(i1, i2) and np.array_equal(s1, s2)
     assert not (i1 == np.arange(700)[:, None]).any()  # each query's own row left out
+
+
+def test_the_streamed_neighbour_table_is_the_loaded_one(store):
+    """Every row against every row in 12 blocks x 12 chunks equals one search of the loaded matrix: the same
+    neighbours in the same order (exact ties by row), similarities and nearest other-class cosines to rounding."""
+    ss, fs = scan_store(store), load_store(store)
+    keys = np.array(fs.row_keys(), dtype=object)
+    sims, idx, other = neighbour_table(fs.features, 7, fs.labels, keys)
+    s_sims, s_idx, s_other = streamed_neighbour_table(ss, 7, max_memory=1 << 20)
+    assert s_idx.shape == (12000, 7) and not (s_idx == np.arange(12000)[:, None]).any()  # the row itself left out
+    assert np.mean((s_idx == idx).all(axis=1)) > 0.995
+    np.testing.assert_allclose(s_sims, sims, atol=1e-6)
+    np.testing.assert_allclose(s_other, other, atol=1e-6)
+    one = dataclasses.replace(ss, rows=ss.rows[:1], labels=ss.labels[:1], codes=ss.codes[:1], keys=ss.keys[:1])
+    with pytest.raises(PipelineError, match="at least 2"):
+        streamed_neighbour_table(one, 7, max_memory=1 << 20)
+
+
+def _same_pairs(x: np.ndarray, hashes: np.ndarray, threshold: float) -> tuple[set, set]:
+    """Brute force: the pairs of rows with the same hash, and those of other content at or above `threshold`."""
+    exact, near = set(), set()
+    for start in range(0, len(x), 2000):
+        sims = x[start:start + 2000] @ x.T
+        for a, b in zip(*np.nonzero(sims >= threshold), strict=True):
+            a += start
+            if a < b:
+                (exact if hashes[a] == hashes[b] else near).add((int(a), int(b)))
+    _, first, counts = np.unique(hashes, return_index=True, return_counts=True)
+    for h in hashes[first[counts > 1]]:  # exact copies are paired whatever their cosine (float16 rounding)
+        rows = np.flatnonzero(hashes == h)
+        exact |= {(int(a), int(b)) for i, a in enumerate(rows) for b in rows[i + 1:]}
+    return exact, near
+
+
+@pytest.mark.slow
+def test_the_streamed_audit_finds_what_the_loaded_one_finds(tmp_path):
+    """A store with 2% planted copies (half exact, half near), audited loaded and beyond --max-memory (12 blocks of
+    rows, each searched against 12 chunks): the same pairs (those brute force finds), leaked rows, clean assignment
+    and kNN figures, hints within float rounding; its probe figure is the streamed probe's."""
+    store = tmp_path / "copies.h5"
+    write_synthetic(store, 12000, dim=32, classes=12, noise=1.2, dtype="float16", shard_rows=5000, copies=0.02)
+    common = ("audit", "--store", str(store), "--knn-k", "10", "--head", "torch-logreg", "--threshold", "0.97",
+              "--resamples", "100", "--no-report")
+    runs = {}
+    for name, extra in (("loaded", ()), ("streamed", ("--max-memory", "1MiB"))):
+        run = _cli(tmp_path, *common, *extra, "--out", f"{name}.json", "--write-splits", f"{name}.splits.csv")
+        assert run.returncode == 0, run.stderr
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    loaded, streamed = runs["loaded"], runs["streamed"]
+    assert "streamed" in streamed and "streamed" not in loaded and "streamed in blocks" in streamed["protocol"]
+    fs = load_store(store)
+    exact, near = _same_pairs(fs.features, fs.hashes, 0.97)
+    with open(tmp_path / "streamed.pairs.csv") as f:
+        found = [line.split(",") for line in f.read().splitlines()[1:]]
+    index = {i: n for n, i in enumerate(fs.ids)}
+    got = {kind: {tuple(sorted((index[a], index[b]))) for kind_, _, a, _, _, b, *_ in found if kind_ == kind}
+           for kind in ("exact", "near")}
+    assert got["exact"] == exact and got["near"] == near and len(exact) > 50 and len(near) > 50
+    leaked = {fs.ids[r] for pair in exact | near for r, o in (pair, pair[::-1])
+              if fs.splits[r] == "test" and fs.splits[o] == "train"}
+    assert set(streamed["leaked_test_ids"]) == leaked and streamed["leaked_test_rows"] == len(leaked)
+    for key in ("exact_pairs", "near_pairs", "cross_split_pairs", "pairs_by_splits", "leaked_test_ids", "threshold",
+                "dropped_by_clean_assignment", "cross_split", "n_rows", "n_test"):
+        assert streamed[key] == loaded[key], key
+    assert streamed["scores"]["knn"] == loaded["scores"]["knn"]
+    for hint in ("label_noise", "outliers"):
+        a, b = loaded["hints"][hint], streamed["hints"][hint]
+        assert [r["id"] for r in a] == [r["id"] for r in b] and len(a) > 5
+        assert np.allclose([r["centre_distance"] for r in a], [r["centre_distance"] for r in b], atol=1e-6)
+        assert np.allclose([h["score"] for r in a for h in r["neighbours"]],
+                           [h["score"] for r in b for h in r["neighbours"]], atol=1e-5)
+    assert (tmp_path / "loaded.splits.csv").read_bytes() == (tmp_path / "streamed.splits.csv").read_bytes()
+    assert (tmp_path / "loaded.pairs.csv").read_bytes() == (tmp_path / "streamed.pairs.csv").read_bytes()
+    run = _cli(tmp_path, "probe", "--store", str(store), "--head", "torch-logreg", "--max-memory", "1MiB",
+               "--no-report", "--resamples", "0", "--out", "probe.json")
+    assert run.returncode == 0, run.stderr
+    probe = json.loads((tmp_path / "probe.json").read_text())
+    assert streamed["scores"]["probe"]["all"] == probe["test_top1"]
+    assert streamed["scores"]["probe"]["chosen"] == probe["chosen"]

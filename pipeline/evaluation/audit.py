@@ -2,7 +2,7 @@
 
 - Exact duplicates: rows with the same content hash (recorded at extraction).
 - Near duplicates: pairs of rows with cosine similarity at or above a threshold among each row's k nearest
-  neighbours (one exact FAISS search per row, in blocks of rows). The default threshold is set from re-encoded and
+  neighbours (one exact search per row, in blocks of rows; equal similarities ordered by row). The default threshold is set from re-encoded and
   resized copies of real images (see `benchmarks/audit.py` and the README): it sits between the cosine of such copies
   with their originals and that of the closest distinct images.
 - Leakage: test rows with an exact or near copy in train or val. The probe and kNN test figures are given on every
@@ -10,6 +10,9 @@
   the same as recomputing on a store without them.
 - Hints: a row's label-noise score is the share of its labelled neighbours with another label (the standard kNN
   score); a row's distance from its classes is 1 - its highest cosine to any class centre.
+
+Everything here takes a loaded `FeatureSet` or, for a store beyond `--max-memory`, its compact `StreamedSet`
+(`pipeline.evaluation.audit_stream` searches it in blocks): the same rules, the same figures.
 """
 
 from __future__ import annotations
@@ -21,13 +24,74 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.store.columns import StreamedSet
 from pipeline.store.read import FeatureSet
+from pipeline.store.schema import SPLITS
 
 DEFAULT_AUDIT_K = 10
 SCALE_DEPTH = 32  # neighbours searched per row to find its nearest row of another class
 AUTO_FLOOR, AUTO_CEILING = 0.95, 0.995
 LIST_LIMIT = 50
 _QUERY_BLOCK = 4096
+_PAIR_BLOCK = 65536  # pairs whose features are read at a time (a streamed store)
+Rows = FeatureSet | StreamedSet
+
+
+def ids_of(fs: Rows, rows: np.ndarray) -> np.ndarray:
+    """The ids of some rows (read from the store for a streamed one)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return fs.ids_of(rows) if isinstance(fs, StreamedSet) else fs.ids[rows]
+
+
+def splits_of(fs: Rows, rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.int64)
+    return np.asarray(SPLITS, dtype=object)[fs.codes[rows]] if isinstance(fs, StreamedSet) else fs.splits[rows]
+
+
+def _split_column(fs: Rows) -> np.ndarray:
+    """One comparable split value per row (codes for a streamed store)."""
+    return fs.codes if isinstance(fs, StreamedSet) else fs.splits
+
+
+def content_keys(fs: Rows) -> np.ndarray:
+    """Per row, what "same content" is compared by: the content hash (else the id) as text; for a streamed store
+    its 64-bit prefix (`StreamedSet.keys`), which `content_groups` confirms on the full hash."""
+    return fs.keys if isinstance(fs, StreamedSet) else np.array(fs.row_keys(), dtype=object)
+
+
+def content_groups(fs: Rows) -> list[np.ndarray]:
+    """The groups of two or more rows with the same content hash, each in row order, the groups in hash order."""
+    keys = content_keys(fs)
+    order = np.argsort(keys, kind="stable")
+    ranked = keys[order]
+    bounds = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1], True])
+    sizes = np.diff(bounds)
+    if isinstance(fs, StreamedSet) and (sizes > 1).any():  # confirm the 64-bit matches on the whole hashes
+        candidates = np.sort(np.concatenate([order[lo:hi] for lo, hi, m in zip(bounds[:-1], bounds[1:], sizes,
+                                                                                 strict=True) if m > 1]))
+        full = fs.row_keys_of(candidates)[0]
+        order = candidates[np.lexsort((candidates, full))]
+        ranked = full[np.lexsort((candidates, full))]
+        bounds = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1], True])
+        sizes = np.diff(bounds)
+    return [order[lo:hi] for lo, hi, m in zip(bounds[:-1], bounds[1:], sizes, strict=True) if m > 1]
+
+
+def feature_blocks(fs: Rows, block_rows: int = _QUERY_BLOCK):
+    """(rows, float32 features) of every row, `block_rows` at a time."""
+    if isinstance(fs, StreamedSet):
+        yield from fs.blocks(block_rows=block_rows)
+        return
+    for start in range(0, len(fs), block_rows):
+        yield np.arange(start, min(len(fs), start + block_rows)), fs.features[start:start + block_rows]
+
+
+def pair_cosines(fs: Rows, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if not isinstance(fs, StreamedSet):
+        return np.einsum("ij,ij->i", fs.features[a], fs.features[b]) if len(a) else np.zeros(0, dtype=np.float32)
+    parts = [np.einsum("ij,ij->i", fs.features_of(a[i:i + _PAIR_BLOCK]), fs.features_of(b[i:i + _PAIR_BLOCK]))
+             for i in range(0, len(a), _PAIR_BLOCK)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
 
 def neighbour_table(features: np.ndarray, k: int, labels: np.ndarray | None = None, keys: np.ndarray | None = None,
@@ -58,12 +122,19 @@ def neighbour_table(features: np.ndarray, k: int, labels: np.ndarray | None = No
             raise PipelineError("the search found fewer neighbours than asked (non-finite features?); run python -m "
                                 "pipeline store verify on the store")
         order = np.argsort(i == rows[:, None], axis=1, kind="stable")[:, :depth]  # the non-self hits, in rank order
-        s, i = np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1)
+        s, i = tie_order(np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1))
         sims[rows], idx[rows] = s[:, :k], i[:, :k]
         if labels is not None:
             same = keys[i] == keys[rows][:, None] if keys is not None else np.zeros(i.shape, dtype=bool)
             other[rows] = _nearest_other_class(labels[rows], np.where(same, -1, labels[i]), s)
     return sims, idx, other
+
+
+def tie_order(sims: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's neighbours best first, equal similarities (exact copies) by row number: one order whichever
+    search, block size or device found them."""
+    order = np.lexsort((idx, -sims))
+    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
 
 
 def _nearest_other_class(own: np.ndarray, neighbour_labels: np.ndarray, sims: np.ndarray) -> np.ndarray:
@@ -97,31 +168,27 @@ def auto_thresholds(other_class: np.ndarray, labels: np.ndarray) -> tuple[np.nda
                  f"(median {np.median(out):.4f})")
 
 
-def duplicate_pairs(fs: FeatureSet, sims: np.ndarray, idx: np.ndarray, *,
+def duplicate_pairs(fs: Rows, sims: np.ndarray, idx: np.ndarray, *,
                     thresholds: np.ndarray) -> dict[str, np.ndarray]:
     """Pairs (a < b row numbers) that are exact duplicates (same content hash) or near duplicates (other content,
     among the neighbours, cosine at or above the higher of the two rows' `thresholds`), with cosine and kind."""
-    keys = np.array(fs.row_keys(), dtype=object)
-    order = np.argsort(keys, kind="stable")
     exact_a, exact_b = [], []
-    bounds = np.flatnonzero(np.r_[True, keys[order][1:] != keys[order][:-1], True])
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        if hi - lo > 1:
-            a, b = _group_pairs(np.sort(order[lo:hi]), fs.splits)
-            exact_a.append(a)
-            exact_b.append(b)
+    for group in content_groups(fs):
+        a, b = _group_pairs(group, _split_column(fs))
+        exact_a.append(a)
+        exact_b.append(b)
+    keys = content_keys(fs)
     near = sims >= np.maximum(thresholds[:, None], thresholds[idx])
     a = np.repeat(np.arange(len(fs)), near.sum(axis=1))
-    b = idx[near]
+    b = idx[near].astype(np.int64)
     a, b = np.minimum(a, b), np.maximum(a, b)
     near_pairs = np.unique(np.stack([a, b], axis=1), axis=0) if len(a) else np.zeros((0, 2), dtype=np.int64)
     near_pairs = near_pairs[keys[near_pairs[:, 0]] != keys[near_pairs[:, 1]]] if len(near_pairs) else near_pairs
     ea = np.concatenate(exact_a) if exact_a else np.zeros(0, dtype=np.int64)
     eb = np.concatenate(exact_b) if exact_b else np.zeros(0, dtype=np.int64)
     pa, pb = np.r_[ea, near_pairs[:, 0]].astype(np.int64), np.r_[eb, near_pairs[:, 1]].astype(np.int64)
-    cosine = np.einsum("ij,ij->i", fs.features[pa], fs.features[pb]) if len(pa) else np.zeros(0, dtype=np.float32)
     kind = np.array(["exact"] * len(ea) + ["near"] * len(near_pairs), dtype=object)
-    return {"a": pa, "b": pb, "cosine": cosine.astype(np.float64), "kind": kind}
+    return {"a": pa, "b": pb, "cosine": pair_cosines(fs, pa, pb).astype(np.float64), "kind": kind}
 
 
 def _group_pairs(group: np.ndarray, splits: np.ndarray, *, all_pairs_up_to: int = 64) -> tuple[np.ndarray,
@@ -141,47 +208,53 @@ def _group_pairs(group: np.ndarray, splits: np.ndarray, *, all_pairs_up_to: int 
     return pairs[:, 0], pairs[:, 1]
 
 
-def leaked_test_rows(fs: FeatureSet, pairs: dict[str, np.ndarray]) -> np.ndarray:
+def leaked_test_rows(fs: Rows, pairs: dict[str, np.ndarray]) -> np.ndarray:
     """Boolean mask of the test rows that have an exact or near copy in train or val."""
-    split = fs.splits
-    fit = np.isin(split, ["train", "val"])
+    test, fit = fs.mask("test"), fs.mask("train", "val")
     leaked = np.zeros(len(fs), dtype=bool)
     for one, other in ((pairs["a"], pairs["b"]), (pairs["b"], pairs["a"])):
-        hit = (split[one] == "test") & fit[other]
-        leaked[one[hit]] = True
+        leaked[one[test[one] & fit[other]]] = True
     return leaked
 
 
-def label_noise_scores(fs: FeatureSet, idx: np.ndarray) -> np.ndarray:
+def label_noise_scores(fs: Rows, idx: np.ndarray) -> np.ndarray:
     """Per row: the share of its labelled neighbours that carry the one other label most of them agree on (1: every
     neighbour has the same label, not this row's), the kNN vote against the row's label; NaN for unlabelled rows or
-    rows without a labelled neighbour."""
+    rows without a labelled neighbour. Counted a block of rows at a time (rows x classes votes)."""
     labels = fs.labels
-    neighbour = labels[idx]
-    labelled = neighbour >= 0
-    n_classes = max(int(labels.max()) + 1, 1)
-    votes = np.zeros((len(fs), n_classes))
-    rows = np.repeat(np.arange(len(fs)), idx.shape[1])[labelled.ravel()]
-    np.add.at(votes, (rows, neighbour[labelled]), 1.0)
-    own = np.clip(labels, 0, None)
-    votes[np.arange(len(fs)), own] = 0.0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        score = votes.max(axis=1) / labelled.sum(axis=1)
-    return np.where(labels >= 0, score, np.nan)
+    n_classes = max(int(labels.max()) + 1, 1) if len(labels) else 1
+    out = np.full(len(fs), np.nan)
+    block = max(1, (1 << 24) // n_classes)
+    for start in range(0, len(fs), block):
+        own, neighbour = labels[start:start + block], labels[idx[start:start + block]]
+        labelled = neighbour >= 0
+        votes = np.zeros((len(own), n_classes))
+        rows = np.repeat(np.arange(len(own)), idx.shape[1])[labelled.ravel()]
+        np.add.at(votes, (rows, neighbour[labelled]), 1.0)
+        votes[np.arange(len(own)), np.clip(own, 0, None)] = 0.0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            score = votes.max(axis=1) / labelled.sum(axis=1)
+        out[start:start + len(own)] = np.where(own >= 0, score, np.nan)
+    return out
 
 
-def centre_distances(fs: FeatureSet) -> np.ndarray:
-    """Per row: 1 - the highest cosine to any class centre (the normalised mean of the class's labelled rows)."""
-    labelled = fs.labels >= 0
+def centre_distances(fs: Rows, block_rows: int = _QUERY_BLOCK) -> np.ndarray:
+    """Per row: 1 - the highest cosine to any class centre (the normalised mean of the class's labelled rows); two
+    passes over the features, `block_rows` at a time."""
+    labels = fs.labels
+    labelled = labels >= 0
     if not labelled.any():
         return np.full(len(fs), np.nan)
-    classes = np.unique(fs.labels[labelled])
-    centres = np.stack([fs.features[fs.labels == c].mean(axis=0) for c in classes])
+    classes = np.unique(labels[labelled])
+    sums = np.zeros((int(classes.max()) + 1, fs.features.shape[1] if isinstance(fs, FeatureSet) else fs.dim))
+    for rows, x in feature_blocks(fs, block_rows):
+        own = labels[rows]
+        np.add.at(sums, own[own >= 0], x[own >= 0].astype(np.float64))
+    centres = sums[classes] / np.bincount(labels[labelled], minlength=len(sums))[classes][:, None]
     centres /= np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
     best = np.full(len(fs), -np.inf)
-    for start in range(0, len(fs), _QUERY_BLOCK):
-        block = fs.features[start:start + _QUERY_BLOCK] @ centres.T
-        best[start:start + len(block)] = block.max(axis=1)
+    for rows, x in feature_blocks(fs, block_rows):
+        best[rows] = (x @ centres.T.astype(np.float32)).max(axis=1)
     return 1.0 - best
 
 
@@ -198,59 +271,73 @@ class AuditFindings:
     thresholds: np.ndarray
     threshold_rule: str
     seconds: float
-    dropped: list[str] | None = None  # per row, why a clean split assignment drops it ("" to keep); set by the run
+    dropped: tuple[np.ndarray, np.ndarray] | None = None  # per row, why a clean assignment drops it; set by the run
 
 
-def find(fs: FeatureSet, *, threshold: float | None = None, k: int = DEFAULT_AUDIT_K,
-         device: str = "cpu") -> AuditFindings:
-    """Duplicates, leakage and hints of a loaded store (the search on `device`); `threshold` None:
-    `auto_threshold`."""
+def find(fs: Rows, *, threshold: float | None = None, k: int = DEFAULT_AUDIT_K, device: str = "cpu",
+         max_memory: int | None = None) -> AuditFindings:
+    """Duplicates, leakage and hints of a store (the search on `device`): loaded, or streamed within `max_memory`
+    bytes of feature data; `threshold` None: `auto_threshold`."""
     if threshold is not None and (not np.isfinite(threshold) or not 0 < threshold <= 1):
         raise PipelineError(f"the near-duplicate threshold is a cosine in (0, 1], got {threshold}")
     start = time.perf_counter()
-    sims, idx, other = neighbour_table(fs.features, k, fs.labels, np.array(fs.row_keys(), dtype=object),
-                                       device=device)
+    block = _QUERY_BLOCK
+    if isinstance(fs, StreamedSet):
+        from pipeline.evaluation.audit_stream import streamed_neighbour_table
+        from pipeline.store.budget import block_rows, resolve_max_memory
+
+        budget = resolve_max_memory(max_memory)
+        block = block_rows(budget, fs.dim, parts=6)
+        sims, idx, other = streamed_neighbour_table(fs, k, max_memory=budget, device=device)
+    else:
+        sims, idx, other = neighbour_table(fs.features, k, fs.labels, content_keys(fs), device=device)
     if threshold is None:
         thresholds, how = auto_thresholds(other, fs.labels)
     else:
         thresholds, how = np.full(len(fs), float(threshold)), f"given: {threshold:g}"
     pairs = duplicate_pairs(fs, sims, idx, thresholds=thresholds)
     return AuditFindings(pairs=pairs, leaked=leaked_test_rows(fs, pairs), noise=label_noise_scores(fs, idx),
-                         far=centre_distances(fs), sims=sims, idx=idx, thresholds=thresholds, threshold_rule=how,
-                         seconds=round(time.perf_counter() - start, 3))
+                         far=centre_distances(fs, block), sims=sims, idx=idx, thresholds=thresholds,
+                         threshold_rule=how, seconds=round(time.perf_counter() - start, 3))
 
 
-def pair_rows(fs: FeatureSet, pairs: dict[str, np.ndarray], *, cross_split_only: bool = False,
+def pair_rows(fs: Rows, pairs: dict[str, np.ndarray], *, cross_split_only: bool = False,
               limit: int | None = None) -> list[dict[str, Any]]:
     """Pairs as records with both ids and splits (cross-split pairs first, then by cosine)."""
-    cross = fs.splits[pairs["a"]] != fs.splits[pairs["b"]]
+    split_a, split_b = splits_of(fs, pairs["a"]), splits_of(fs, pairs["b"])
+    cross = split_a != split_b
     order = np.lexsort((-pairs["cosine"], ~cross))
     if cross_split_only:
         order = order[cross[order]]
-    out = []
-    for i in order[:limit]:
-        a, b = int(pairs["a"][i]), int(pairs["b"][i])
-        out.append({"kind": pairs["kind"][i], "cosine": round(float(pairs["cosine"][i]), 6),
-                    "a_id": str(fs.ids[a]), "a_split": str(fs.splits[a]), "a_label": int(fs.labels[a]),
-                    "b_id": str(fs.ids[b]), "b_split": str(fs.splits[b]), "b_label": int(fs.labels[b]),
-                    "cross_split": bool(cross[i])})
-    return out
+    order = order[:limit]
+    a, b = pairs["a"][order], pairs["b"][order]
+    id_a, id_b = ids_of(fs, a), ids_of(fs, b)
+    return [{"kind": pairs["kind"][i], "cosine": round(float(pairs["cosine"][i]), 6),
+             "a_id": str(id_a[n]), "a_split": str(split_a[i]), "a_label": int(fs.labels[a[n]]),
+             "b_id": str(id_b[n]), "b_split": str(split_b[i]), "b_label": int(fs.labels[b[n]]),
+             "cross_split": bool(cross[i])} for n, i in enumerate(order)]
 
 
-def hint_rows(fs: FeatureSet, findings: AuditFindings, *, limit: int = LIST_LIMIT) -> dict[str, list[dict]]:
+def hint_rows(fs: Rows, findings: AuditFindings, *, limit: int = LIST_LIMIT) -> dict[str, list[dict]]:
     """The rows most likely mislabelled (highest label-noise score: at least half the neighbours agreeing on one
     other label) and the rows farthest from every class centre."""
+    noise = np.nan_to_num(findings.noise, nan=-1.0)
+    noisy = np.lexsort((np.arange(len(fs)), -noise))
+    noisy = noisy[noise[noisy] >= 0.5][:limit]
+    far = np.nan_to_num(findings.far, nan=-np.inf)
+    farthest = np.lexsort((np.arange(len(fs)), -far))
+    farthest = farthest[np.isfinite(far[farthest])][:limit]
+    shown = np.unique(np.r_[noisy, farthest, findings.idx[np.r_[noisy, farthest], :6].ravel()]).astype(np.int64)
+    ids = dict(zip(shown.tolist(), (str(i) for i in ids_of(fs, shown)), strict=True))
+    splits = dict(zip(shown.tolist(), (str(s) for s in splits_of(fs, shown)), strict=True))
+
     def record(i: int) -> dict[str, Any]:
-        return {"id": str(fs.ids[i]), "split": str(fs.splits[i]), "label": int(fs.labels[i]),
+        return {"id": ids[i], "split": splits[i], "label": int(fs.labels[i]),
                 "label_noise": _rounded(findings.noise[i]), "centre_distance": _rounded(findings.far[i]),
-                "neighbours": [{"id": str(fs.ids[j]), "label": int(fs.labels[j]), "score": float(s)}
+                "neighbours": [{"id": ids[int(j)], "label": int(fs.labels[j]), "score": float(s)}
                                for j, s in zip(findings.idx[i, :6], findings.sims[i, :6], strict=True)]}
 
-    noise = np.nan_to_num(findings.noise, nan=-1.0)
-    noisy = [i for i in np.lexsort((np.arange(len(fs)), -noise)) if noise[i] >= 0.5][:limit]
-    far = np.nan_to_num(findings.far, nan=-np.inf)
-    farthest = [i for i in np.lexsort((np.arange(len(fs)), -far)) if np.isfinite(far[i])][:limit]
-    return {"label_noise": [record(i) for i in noisy], "outliers": [record(i) for i in farthest]}
+    return {"label_noise": [record(int(i)) for i in noisy], "outliers": [record(int(i)) for i in farthest]}
 
 
 def _rounded(value: float) -> float | None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -33,8 +34,13 @@ def _is_number(text: str) -> bool:
 
 
 def csv_text(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([safe_cell(h) for h in header])
-    writer.writerows([safe_cell(c) for c in row] for row in rows)
-    return buffer.getvalue()
+    return "".join(csv_chunks(header, [rows]))
+
+
+def csv_chunks(header: Sequence[str], blocks: Iterable[Iterable[Sequence[object]]]) -> Iterator[str]:
+    """`csv_text` of the rows of every block, as one text per block (the header first): for files too large to
+    format whole."""
+    for rows in itertools.chain([[header]], blocks):
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows([safe_cell(c) for c in row] for row in rows)
+        yield buffer.getvalue()
