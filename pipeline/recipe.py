@@ -167,7 +167,8 @@ def audit_store(store: str, output_dir: str, spec: AuditSpec, probe: dict | None
 
     k = max(knn["ks"]) if knn else AuditConfig.knn_k
     result, _ = run_audit(AuditConfig(store=Path(store), out=results_for(output_dir, store, "audit"),
-                                      threshold=spec.threshold, k=spec.k, fit=False, knn_k=k), probe=probe, knn=knn)
+                                      threshold=spec.threshold, k=spec.k, fit=False, knn_k=k,
+                                      max_memory=_bytes(spec.max_memory)), probe=probe, knn=knn)
     for name in ("cross_split", "hints", "leaked_test_ids"):  # in the results file: not worth passing around
         result.pop(name, None)
     return result

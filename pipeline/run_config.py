@@ -129,6 +129,13 @@ class AuditSpec(_Strict):
     threshold: float | None = Field(None, gt=0, le=1, description="near duplicates: cosine at or above this "
                                                                   "(default: the store's auto threshold)")
     k: int = Field(10, ge=1, description="neighbours searched per row")
+    max_memory: str | None = Field(None, description="feature data held at once, e.g. 4GiB (default: half the "
+                                                   "available memory); beyond it the audit streams the store")
+
+    @field_validator("max_memory")
+    @classmethod
+    def _memory(cls, text: str | None) -> str | None:
+        return _size_or_none(text)
 
 
 class IndexSpec(_Strict):

@@ -208,22 +208,30 @@ def test_the_refine_and_opq_indexes_build_from_the_streamed_store(store, tmp_pat
 
 def test_the_run_config_carries_max_memory_and_the_dask_address(store, tmp_path):
     from pipeline.errors import ConfigError
-    from pipeline.recipe import knn_store, probe_store
+    from pipeline.recipe import audit_store, knn_store, probe_store
     from pipeline.run_config import load_run_config
 
     cfg = tmp_path / "c.yaml"
     body = ("name: x\ndatasets: [{name: d, data: imgs}]\nbackbones: [b]\n"
             "probe: {head: torch-logreg, grid: [1.0], max_memory: 2MiB, resamples: 0}\n"
             "knn: {ks: [5], max_memory: 1MiB, resamples: 0}\n"
+            "audit: {k: 5, max_memory: 1MiB}\n"
             "extract: {shards: 2, dask_address: 'tcp://127.0.0.1:8786'}\n")
     cfg.write_text(body)
     config = load_run_config(cfg)
     assert config.extract.dask_address == "tcp://127.0.0.1:8786" and config.probe.max_memory == "2MiB"
-    assert "streamed" in probe_store(str(store), str(tmp_path / "out"), config.probe)
-    assert "streamed" in knn_store(str(store), str(tmp_path / "out"), config.knn)
-    cfg.write_text(body.replace("max_memory: 1MiB", "max_memory: lots"))
-    with pytest.raises(ConfigError, match="knn.max_memory"):
-        load_run_config(cfg)
+    probe = probe_store(str(store), str(tmp_path / "out"), config.probe)
+    knn = knn_store(str(store), str(tmp_path / "out"), config.knn)
+    assert "streamed" in probe and "streamed" in knn
+    audit = audit_store(str(store), str(tmp_path / "out"), config.audit, probe, knn)  # as the flows call it
+    assert "streamed" in audit and audit["k"] == 5
+    assert audit["scores"]["probe"]["all"] == probe["test_top1"]  # the given results, mapped back by content
+    assert audit["scores"]["knn"]["all"] == knn["by_k"]["5"]["weighted"]["top1"]
+    for section in ("knn", "audit"):
+        cfg.write_text(body.replace(f"{section}: {{" + ("ks: [5], " if section == "knn" else "k: 5, ") +
+                                    "max_memory: 1MiB", f"{section}: {{max_memory: lots"))
+        with pytest.raises(ConfigError, match=f"{section}.max_memory"):
+            load_run_config(cfg)
 
 
 def test_knn_through_a_saved_index_of_the_searched_rows(store, tmp_path):

@@ -2,9 +2,9 @@
 
 - Exact duplicates: rows with the same content hash (recorded at extraction).
 - Near duplicates: pairs of rows with cosine similarity at or above a threshold among each row's k nearest
-  neighbours (one exact search per row, in blocks of rows; equal similarities ordered by row). The default threshold is set from re-encoded and
-  resized copies of real images (see `benchmarks/audit.py` and the README): it sits between the cosine of such copies
-  with their originals and that of the closest distinct images.
+  neighbours (one exact search per row, in blocks of rows; equal similarities ordered by row). The default
+  threshold is set from re-encoded and resized copies of real images (see `benchmarks/audit.py` and the README): it
+  sits between the cosine of such copies with their originals and that of the closest distinct images.
 - Leakage: test rows with an exact or near copy in train or val. The probe and kNN test figures are given on every
   test image and on the test images without a copy; the fits never see test rows, so dropping leaked test rows is
   the same as recomputing on a store without them.
