@@ -48,7 +48,7 @@ def splits_of(fs: Rows, rows: np.ndarray) -> np.ndarray:
     return np.asarray(SPLITS, dtype=object)[fs.codes[rows]] if isinstance(fs, StreamedSet) else fs.splits[rows]
 
 
-def _split_column(fs: Rows) -> np.ndarray:
+def split_column(fs: Rows) -> np.ndarray:
     """One comparable split value per row (codes for a streamed store)."""
     return fs.codes if isinstance(fs, StreamedSet) else fs.splits
 
@@ -174,7 +174,7 @@ def duplicate_pairs(fs: Rows, sims: np.ndarray, idx: np.ndarray, *,
     among the neighbours, cosine at or above the higher of the two rows' `thresholds`), with cosine and kind."""
     exact_a, exact_b = [], []
     for group in content_groups(fs):
-        a, b = _group_pairs(group, _split_column(fs))
+        a, b = _group_pairs(group, split_column(fs))
         exact_a.append(a)
         exact_b.append(b)
     keys = content_keys(fs)
@@ -224,7 +224,7 @@ def label_noise_scores(fs: Rows, idx: np.ndarray) -> np.ndarray:
     labels = fs.labels
     n_classes = max(int(labels.max()) + 1, 1) if len(labels) else 1
     out = np.full(len(fs), np.nan)
-    block = max(1, (1 << 24) // n_classes)
+    block = max(1, (1 << 22) // n_classes)  # 32 MiB of votes at a time
     for start in range(0, len(fs), block):
         own, neighbour = labels[start:start + block], labels[idx[start:start + block]]
         labelled = neighbour >= 0

@@ -17,12 +17,12 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation.audit import (
     AuditFindings,
     Rows,
-    _split_column,
     content_groups,
     find,
     hint_rows,
     ids_of,
     pair_rows,
+    split_column,
     splits_of,
 )
 from pipeline.evaluation.intervals import mean_intervals
@@ -48,7 +48,7 @@ def drop_codes(fs: Rows, findings: AuditFindings) -> tuple[np.ndarray, np.ndarra
     hit = test[one] & fit[other] if len(one) else np.zeros(0, dtype=bool)
     rows, first = np.unique(one[hit], return_index=True)  # the first copy named for each row
     kind[rows], ref[rows] = 1, other[hit][first]
-    splits = _split_column(fs)
+    splits = split_column(fs)
     for group in content_groups(fs):
         _, firsts = np.unique(splits[group], return_index=True)
         keeper = {splits[group[i]]: group[i] for i in firsts}
