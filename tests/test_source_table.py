@@ -252,3 +252,20 @@ def test_the_stats_of_millions_of_files_are_shared_among_processes_with_the_same
     assert (serial[:, 0] == -1).sum() == sum(1 for i in range(300) if (i % 120) % 7 == 0)
     assert np.array_equal(stamps_in_processes(files, 2, step=37), serial)
     assert np.array_equal(stamps_in_processes(TextColumn.from_strings([]), 2), np.zeros((0, 2), dtype=np.int64))
+
+
+def test_a_text_builder_of_many_blocks_is_the_column_of_all_their_strings():
+    from pipeline.sources.table import TextBuilder, release_freed_memory
+
+    rng = np.random.default_rng(0)
+    blocks = [[f"{'é' * int(rng.integers(0, 4))}{i}-{j}" if j % 7 else "" for j in range(int(rng.integers(0, 50)))]
+              for i in range(40)]
+    builder = TextBuilder()
+    for block in blocks:
+        array = pa.array(block, pa.string())
+        builder.append(array.slice(1) if len(block) > 3 else array)  # sliced arrays start at an offset
+    expected = [s for block in blocks for s in (block[1:] if len(block) > 3 else block)]
+    column = builder.finish()
+    release_freed_memory()
+    assert column == TextColumn.from_strings(expected) and list(column) == expected
+    assert column.offsets.dtype == np.int64 and len(builder.finish()) == 0

@@ -103,7 +103,7 @@ def data_fingerprint(source: Source, listing: Listing, decoding: Decoding) -> st
     return digest.hexdigest()[:32]
 
 
-_FINGERPRINT_BLOCK = 1 << 20
+_FINGERPRINT_BLOCK = 1 << 18  # rows formatted at a time: about 60 MB of arrow temporaries
 _TEXT = pa.large_string()
 
 

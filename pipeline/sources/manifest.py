@@ -33,7 +33,7 @@ from pipeline.sources.base import (
     finish_table,
     split_cell,
 )
-from pipeline.sources.table import UNDECIDED, FileColumn, TextBuilder, TextColumn, stat_rows
+from pipeline.sources.table import UNDECIDED, FileColumn, TextBuilder, TextColumn, release_freed_memory, stat_rows
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ def _stamps(files: TextColumn | FileColumn, workers: int | None = None) -> np.nd
     return stamps
 
 
-def stamps_in_processes(files: TextColumn | FileColumn, workers: int, step: int = 1 << 19) -> np.ndarray | None:
+def stamps_in_processes(files: TextColumn | FileColumn, workers: int, step: int = 1 << 18) -> np.ndarray | None:
     """`_stamps` by `workers` processes from the forkserver the decode stage uses (it starts once), a block of
     `step` paths at a time with at most two blocks per process in flight; None when processes cannot be started
     here (e.g. inside a daemonic worker), and the caller stats them itself."""
@@ -276,19 +276,21 @@ def stamps_in_processes(files: TextColumn | FileColumn, workers: int, step: int 
 
     from pipeline.engine.loader import forkserver_context
 
-    parts, pending = [], deque()
+    stamps, pending = np.empty((len(files), 2), dtype=np.int64), deque()  # filled in place: no second copy
     try:
         with ProcessPoolExecutor(workers, mp_context=forkserver_context()) as pool:
             for start in range(0, len(files), step):
                 if len(pending) >= 2 * workers:
-                    parts.append(pending.popleft().result())
+                    done, future = pending.popleft()
+                    stamps[done:done + step] = future.result()
                 block = files.block(start, start + step)
-                pending.append(pool.submit(stat_rows, block.data, block.offsets))
-            parts.extend(future.result() for future in pending)
+                pending.append((start, pool.submit(stat_rows, block.data, block.offsets)))
+            for done, future in pending:
+                stamps[done:done + step] = future.result()
     except (OSError, RuntimeError, AssertionError, BrokenProcessPool) as exc:
         log.info("stat'ing the %d files in this process (%s: %s)", len(files), type(exc).__name__, exc)
         return None
-    return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
+    return stamps
 
 
 def _raw(values: pa.Array | list, row: int) -> Any:
@@ -371,7 +373,9 @@ def scan_manifest(path: str | Path, options: ListOptions = DEFAULT_OPTIONS) -> S
     class_names, labels = _class_codes(_joined(rows.labels, np.int32), rows.classes)
     hints = _joined(rows.hints, np.int8)
     del rows
+    release_freed_memory()
     stamps = _stamps(files)
+    release_freed_memory()
     missing = [k for k in np.flatnonzero(stamps[:, 0] < 0).tolist()
                if not os.path.lexists(files[k])]  # a broken link exists (and fails to decode later)
     if missing:

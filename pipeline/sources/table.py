@@ -185,7 +185,7 @@ class FileColumn(Sequence):
         return f"FileColumn({len(self)} rows under {self.base})"
 
 
-_DIGEST_ROWS = 1 << 20
+_DIGEST_ROWS = 1 << 18
 
 
 def _arrow_bounds(array: pa.Array) -> tuple[np.ndarray, Any]:
@@ -197,6 +197,18 @@ def _arrow_bounds(array: pa.Array) -> tuple[np.ndarray, Any]:
         raise ValueError("a text column cannot hold nulls")
     _, offsets, data = array.buffers()
     return np.frombuffer(offsets, dtype=np.int64, count=len(array) + 1, offset=array.offset * 8), data
+
+
+def release_freed_memory() -> None:
+    """Hand back to the system what a large listing's last phase freed: arrow's pool, and the C heap (glibc's
+    `malloc_trim`, where there is one), so that the next phase's arrays do not sit beside pages the last one left."""
+    import ctypes
+
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 class TextBuilder:
@@ -216,14 +228,19 @@ class TextBuilder:
         start, end = int(offsets[0]), int(offsets[-1])
         if end > start:
             self.data += memoryview(data)[start:end]
-        self.lengths.append(np.diff(offsets))
+        self.lengths.append(np.diff(offsets).astype(np.int32))  # one block's lengths: each far below 2 GiB
         self.rows += len(offsets) - 1
 
     def finish(self) -> TextColumn:
+        """The column; its offsets summed block by block into one array (no joined copy of the lengths)."""
         offsets = np.zeros(self.rows + 1, dtype=np.int64)
-        if self.rows:
-            np.cumsum(np.concatenate(self.lengths), out=offsets[1:])
-        data, self.data, self.lengths = self.data, bytearray(), []
+        row = 0
+        while self.lengths:
+            lengths = self.lengths.pop(0)
+            np.cumsum(lengths, dtype=np.int64, out=offsets[row + 1:row + 1 + len(lengths)])
+            offsets[row + 1:row + 1 + len(lengths)] += offsets[row]
+            row += len(lengths)
+        data, self.data, self.rows = self.data, bytearray(), 0
         return TextColumn(data, offsets)
 
 
