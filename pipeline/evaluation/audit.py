@@ -70,8 +70,8 @@ def content_groups(fs: Rows) -> list[np.ndarray]:
         candidates = np.sort(np.concatenate([order[lo:hi] for lo, hi, m in zip(bounds[:-1], bounds[1:], sizes,
                                                                                  strict=True) if m > 1]))
         full = fs.row_keys_of(candidates)[0]
-        order = candidates[np.lexsort((candidates, full))]
-        ranked = full[np.lexsort((candidates, full))]
+        by_full = np.lexsort((candidates, full))
+        order, ranked = candidates[by_full], full[by_full]
         bounds = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1], True])
         sizes = np.diff(bounds)
     return [order[lo:hi] for lo, hi, m in zip(bounds[:-1], bounds[1:], sizes, strict=True) if m > 1]
@@ -168,12 +168,13 @@ def auto_thresholds(other_class: np.ndarray, labels: np.ndarray) -> tuple[np.nda
                  f"(median {np.median(out):.4f})")
 
 
-def duplicate_pairs(fs: Rows, sims: np.ndarray, idx: np.ndarray, *,
-                    thresholds: np.ndarray) -> dict[str, np.ndarray]:
-    """Pairs (a < b row numbers) that are exact duplicates (same content hash) or near duplicates (other content,
-    among the neighbours, cosine at or above the higher of the two rows' `thresholds`), with cosine and kind."""
+def duplicate_pairs(fs: Rows, sims: np.ndarray, idx: np.ndarray, *, thresholds: np.ndarray,
+                    groups: list[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Pairs (a < b row numbers) that are exact duplicates (same content hash: `groups`, else `content_groups`) or
+    near duplicates (other content, among the neighbours, cosine at or above the higher of the two rows'
+    `thresholds`), with cosine and kind."""
     exact_a, exact_b = [], []
-    for group in content_groups(fs):
+    for group in content_groups(fs) if groups is None else groups:
         a, b = _group_pairs(group, split_column(fs))
         exact_a.append(a)
         exact_b.append(b)
@@ -271,6 +272,7 @@ class AuditFindings:
     thresholds: np.ndarray
     threshold_rule: str
     seconds: float
+    groups: list[np.ndarray]  # the rows of each content hash held more than once (`content_groups`)
     dropped: tuple[np.ndarray, np.ndarray] | None = None  # per row, why a clean assignment drops it; set by the run
 
 
@@ -295,10 +297,11 @@ def find(fs: Rows, *, threshold: float | None = None, k: int = DEFAULT_AUDIT_K, 
         thresholds, how = auto_thresholds(other, fs.labels)
     else:
         thresholds, how = np.full(len(fs), float(threshold)), f"given: {threshold:g}"
-    pairs = duplicate_pairs(fs, sims, idx, thresholds=thresholds)
-    return AuditFindings(pairs=pairs, leaked=leaked_test_rows(fs, pairs), noise=label_noise_scores(fs, idx),
-                         far=centre_distances(fs, block), sims=sims, idx=idx, thresholds=thresholds,
-                         threshold_rule=how, seconds=round(time.perf_counter() - start, 3))
+    groups = content_groups(fs)
+    pairs = duplicate_pairs(fs, sims, idx, thresholds=thresholds, groups=groups)
+    return AuditFindings(pairs=pairs, groups=groups, leaked=leaked_test_rows(fs, pairs),
+                         noise=label_noise_scores(fs, idx), far=centre_distances(fs, block), sims=sims, idx=idx,
+                         thresholds=thresholds, threshold_rule=how, seconds=round(time.perf_counter() - start, 3))
 
 
 def pair_rows(fs: Rows, pairs: dict[str, np.ndarray], *, cross_split_only: bool = False,

@@ -17,7 +17,6 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation.audit import (
     AuditFindings,
     Rows,
-    content_groups,
     find,
     hint_rows,
     ids_of,
@@ -49,7 +48,7 @@ def drop_codes(fs: Rows, findings: AuditFindings) -> tuple[np.ndarray, np.ndarra
     rows, first = np.unique(one[hit], return_index=True)  # the first copy named for each row
     kind[rows], ref[rows] = 1, other[hit][first]
     splits = split_column(fs)
-    for group in content_groups(fs):
+    for group in findings.groups:
         _, firsts = np.unique(splits[group], return_index=True)
         keeper = {splits[group[i]]: group[i] for i in firsts}
         for row in group:
