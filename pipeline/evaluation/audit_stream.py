@@ -12,7 +12,6 @@ columns (`StreamedSet`), the features read a block at a time.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +19,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.evaluation.audit import SCALE_DEPTH, _nearest_other_class, tie_order
-from pipeline.evaluation.intervals import unpack_correct
+from pipeline.evaluation.intervals import keys_digest, unpack_correct
 from pipeline.store.budget import block_rows
 from pipeline.store.columns import StreamedSet, read_column
 
@@ -58,8 +57,7 @@ def streamed_correct(ss: StreamedSet, positions: np.ndarray, packed: dict[str, A
     keys, ids = ss.row_keys_of(positions)
     order = np.lexsort((ids, keys))
     bits = unpack_correct(packed)
-    digest = hashlib.sha256(b"\n".join(np.sort(keys).tolist())).hexdigest()[:32]
-    if len(bits) != len(positions) or packed.get("digest") != digest:
+    if len(bits) != len(positions) or packed.get("digest") != keys_digest(keys):
         raise PipelineError(f"the results scored other images than these {len(positions)} rows of {ss.path}; "
                             "compute them again on this store")
     out = np.empty(len(positions), dtype=bool)
@@ -83,11 +81,6 @@ def streamed_knn(ss: StreamedSet, k: int, temperature: float, *, max_memory: int
     from pipeline.evaluation.knn_stream import knn_streamed
 
     return knn_streamed(ss, ks=(k,), temperature=temperature, resamples=0, max_memory=max_memory, device=device)
-
-
-def _blocks_of(n: int) -> Iterator[np.ndarray]:
-    for start in range(0, n, WRITE_ROWS):
-        yield np.arange(start, min(n, start + WRITE_ROWS))
 
 
 def check_manifest_source(ss: StreamedSet) -> None:

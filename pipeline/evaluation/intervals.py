@@ -160,9 +160,13 @@ def pack_correct_arrays(correct: np.ndarray, keys: np.ndarray, ids: np.ndarray) 
     keys, ids = np.asarray(keys, dtype=bytes), np.asarray(ids, dtype=bytes)
     order = np.lexsort((ids, keys))
     bits = np.packbits(np.asarray(correct, dtype=bool)[order])
-    digest = hashlib.sha256(b"\n".join(np.sort(keys).tolist())).hexdigest()[:32]
-    return {"order": "content hash, then id", "digest": digest, "n": int(len(keys)),
+    return {"order": "content hash, then id", "digest": keys_digest(keys), "n": int(len(keys)),
             "bits": base64.b64encode(bits.tobytes()).decode("ascii")}
+
+
+def keys_digest(keys: np.ndarray) -> str:
+    """What a packed correctness record names its images by: the hash of their sorted content keys (bytes)."""
+    return hashlib.sha256(b"\n".join(np.sort(np.asarray(keys, dtype=bytes)).tolist())).hexdigest()[:32]
 
 
 def unpack_correct(packed: dict[str, Any]) -> np.ndarray:
