@@ -1,10 +1,17 @@
-"""Planning at scale: what the up-to-date check of a manifest source costs as it grows (listing, stamps, fingerprint).
+"""Planning at scale: what the up-to-date check of a manifest source costs as it grows.
 
 Writes N one-byte files (in folders of 10,000) and a CSV manifest `path,label,split` for them, then, in a child
-process per size, does what `extract` does before deciding a store is up to date: list the manifest (every path
-checked and stat'ed), build the store listing and hash it into the data fingerprint. The backbone is not built
-(a fixed cost) and no image is read (a manifest with splits needs no content). Reports wall time per phase, the
-child's peak RSS (wait4 from this small parent) and the growth between sizes.
+process per size and way, computes the data fingerprint the store's is compared with:
+
+- `listing`: what `extract` does when the source must be listed (a new or changed source): list the manifest
+  (every path checked and stat'ed), build the store listing and hash it;
+- `check`: what `extract` does first when a complete store of the manifest exists (`pipeline.engine.current`):
+  the same fingerprint streamed over the file a block at a time, nothing held per row.
+
+The two fingerprints must be equal. The backbone is not built (a fixed cost) and no image is read (a manifest with
+splits needs no content). Reports wall time per phase, each child's own peak RSS (its getrusage when the work is done;
+the stat processes' largest in `children_peak_mib`; wait4's figure, which also counts the interpreter's teardown,
+in `peak_rss_mib`) and the growth between sizes.
 
     python benchmarks/plan_scale.py                          # 100k and 1M rows
     python benchmarks/plan_scale.py --sizes 10000,100000     # a quick look
@@ -24,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale import run  # noqa: E402, I001 - one way to run a measured child
 
 CHECK = """
-import json, sys, time
+import json, os, resource, sys, time
+peak = lambda: {"self_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "children_peak_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
 start = time.perf_counter()
 from pipeline.engine.resolve import data_fingerprint, decoding_policy, source_listing
 from pipeline.sources import open_source
@@ -39,9 +48,45 @@ t["listing_s"] = time.perf_counter() - start
 start = time.perf_counter()
 fingerprint = data_fingerprint(source, listing, decoding_policy({}))
 t["fingerprint_s"] = time.perf_counter() - start
-print("RESULT", json.dumps({"rows": len(source), "fingerprint": fingerprint,
-                            **{k: round(v, 3) for k, v in t.items()}}))
+print("RESULT", json.dumps({"rows": len(source), "fingerprint": fingerprint, **{k: round(v, 3) for k, v in t.items()},
+                            **peak()}), flush=True)
+os._exit(0)  # no interpreter teardown: it can raise the process's peak RSS by 100 MiB or more (torch's)
 """
+
+STREAMED = """
+import json, os, resource, sys, time
+peak = lambda: {"self_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "children_peak_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+start = time.perf_counter()
+from pipeline.engine.current import manifest_fingerprint
+from pipeline.engine.resolve import decoding_policy
+from pipeline.sources.base import ListOptions
+from pipeline.sources.stamps import PARALLEL_STAT_ROWS, stat_workers
+t = {"import_s": time.perf_counter() - start}
+start = time.perf_counter()
+rows = int(sys.argv[2])
+fingerprint, n = manifest_fingerprint(sys.argv[1], ListOptions(), decoding_policy({}),
+                                      workers=stat_workers() if rows >= PARALLEL_STAT_ROWS else 1)
+t["check_s"] = time.perf_counter() - start
+print("RESULT", json.dumps({"rows": n, "fingerprint": fingerprint, **{k: round(v, 3) for k, v in t.items()},
+                            **peak()}), flush=True)
+os._exit(0)
+"""
+
+
+def _child(script: str, args: list[str], work: Path) -> tuple[dict, dict]:
+    measured = run(["-c", script, *args], work)
+    return measured, json.loads(next(line for line in (work / "last.log").read_text().splitlines()
+                                     if line.startswith("RESULT "))[7:])
+
+
+def _growth(results: list[dict], way: str) -> dict:
+    def ratio(a: dict, b: dict) -> dict:
+        rss = b[way]["self_peak_mib"] / a[way]["self_peak_mib"]
+        return {"time_per_row_ratio": round((b[way]["seconds"] / b["rows"]) / (a[way]["seconds"] / a["rows"]), 3),
+                "rss_ratio": round(rss, 3), "rss_exponent": round(math.log(rss) / math.log(b["rows"] / a["rows"]), 3)}
+
+    return {f"{a['rows']}->{b['rows']}": ratio(a, b) for a, b in zip(results, results[1:], strict=False)}
 
 
 def make_source(work: Path, rows: int, files: int | None = None) -> Path:
@@ -83,24 +128,25 @@ def main() -> None:
     results = []
     for rows in (int(s) for s in args.sizes.split(",")):
         manifest = make_source(work, rows, args.files)
-        measured = run(["-c", CHECK, str(manifest)], work)
-        figures = json.loads(next(line for line in (work / "last.log").read_text().splitlines()
-                                  if line.startswith("RESULT "))[7:])
-        results.append({"rows": rows, **measured, **figures})
-        print(f"{rows:>10,} rows: {measured['seconds']:.1f} s ({figures['list_s']:.1f} list, "
-              f"{figures['listing_s']:.1f} listing, {figures['fingerprint_s']:.1f} fingerprint), "
-              f"peak RSS {measured['peak_rss_mib']:.0f} MiB",
+        listed, figures = _child(CHECK, [str(manifest)], work)
+        checked, streamed = _child(STREAMED, [str(manifest), str(rows)], work)
+        if streamed["fingerprint"] != figures["fingerprint"] or streamed["rows"] != figures["rows"]:
+            raise SystemExit(f"at {rows} rows the streamed check's fingerprint {streamed['fingerprint']} is not the "
+                             f"listing's {figures['fingerprint']}")
+        listed.update(self_peak_mib=figures.pop("self_peak_mib"), children_peak_mib=figures.pop("children_peak_mib"))
+        checked.update(self_peak_mib=streamed["self_peak_mib"], children_peak_mib=streamed["children_peak_mib"],
+                       check_s=streamed["check_s"])
+        results.append({"rows": rows, "listing": listed, "check": checked, **figures})
+        print(f"{rows:>10,} rows: listing {listed['seconds']:.1f} s ({figures['list_s']:.1f} list, "
+              f"{figures['listing_s']:.1f} listing, {figures['fingerprint_s']:.1f} fingerprint), peak RSS "
+              f"{listed['self_peak_mib']:.0f} MiB; streamed check {checked['seconds']:.1f} s "
+              f"({checked['check_s']:.1f} s after the imports), peak RSS {checked['self_peak_mib']:.0f} MiB",
               flush=True)
         shutil.rmtree(manifest.parent)
-    growth = {f"{a['rows']}->{b['rows']}": {
-        "time_per_row_ratio": round((b["seconds"] / b["rows"]) / (a["seconds"] / a["rows"]), 3),
-        "rss_ratio": round(b["peak_rss_mib"] / a["peak_rss_mib"], 3),
-        "rss_exponent": round(math.log(b["peak_rss_mib"] / a["peak_rss_mib"]) / math.log(b["rows"] / a["rows"]), 3)}
-        for a, b in zip(results, results[1:], strict=False)}
+    growth = {way: _growth(results, way) for way in ("listing", "check")}
     print(json.dumps(growth, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"results": results, "growth": growth}, indent=2) + "\n")
-
 
 if __name__ == "__main__":
     main()

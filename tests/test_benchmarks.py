@@ -62,10 +62,12 @@ def test_the_scale_benchmark_runs_every_step_at_two_sizes(tmp_path):
     assert set(result["growth"]["3000->6000"]) == {"probe", "knn_exact", "knn_approx", "index_build", "audit"}
 
 
-def test_the_planning_benchmark_lists_and_fingerprints_a_manifest_source(tmp_path):
+def test_the_planning_benchmark_lists_a_manifest_source_and_streams_its_up_to_date_check(tmp_path):
     result = _run(tmp_path, "plan_scale", "--sizes", "1000,3000", "--files", "2000", "--work", str(tmp_path / "w"))
     # 3,000 rows over 2,000 files: the rows past 2,000 name files again under ids of their own
     assert [r["rows"] for r in result["results"]] == [1000, 3000]  # every file listed, none dropped
     assert all(len(r["fingerprint"]) == 32 and r["list_s"] > 0 for r in result["results"])
+    assert all(r["check"]["check_s"] > 0 and r["listing"]["peak_rss_mib"] > 10 for r in result["results"])
     assert result["results"][0]["fingerprint"] != result["results"][1]["fingerprint"]
-    assert set(result["growth"]["1000->3000"]) == {"time_per_row_ratio", "rss_ratio", "rss_exponent"}
+    for way in ("listing", "check"):  # the streamed check's fingerprint equals the listing's (the script checks)
+        assert set(result["growth"][way]["1000->3000"]) == {"time_per_row_ratio", "rss_ratio", "rss_exponent"}

@@ -237,9 +237,9 @@ def test_distinct_finds_a_duplicate_among_many_and_none_where_there_is_none():
 
 
 def test_the_stats_of_millions_of_files_are_shared_among_processes_with_the_same_stamps(tmp_path):
-    """sources/manifest: from PARALLEL_STAT_ROWS the stats run in forkserver processes, a block at a time; the stamps
+    """sources/stamps: from PARALLEL_STAT_ROWS the stats run in forkserver processes, a block at a time; the stamps
     are those of one process, row for row, missing files (-1, -1) included."""
-    from pipeline.sources.manifest import _stamps, stamps_in_processes
+    from pipeline.sources.stamps import file_stamps, stamps_in_processes
 
     paths = []
     for i in range(300):
@@ -248,7 +248,7 @@ def test_the_stats_of_millions_of_files_are_shared_among_processes_with_the_same
             file.write_bytes(b"x" * i)
         paths.append(str(file))
     files = TextColumn.from_strings(paths)
-    serial = _stamps(files)
+    serial = file_stamps(files)
     assert (serial[:, 0] == -1).sum() == sum(1 for i in range(300) if (i % 120) % 7 == 0)
     assert np.array_equal(stamps_in_processes(files, 2, step=37), serial)
     assert np.array_equal(stamps_in_processes(TextColumn.from_strings([]), 2), np.zeros((0, 2), dtype=np.int64))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,7 @@ def data_fingerprint(source: Source, listing: Listing, decoding: Decoding) -> st
     """Hash of the listing (ids, labels, splits, stamps), the class names and the decoding policy: changes when any
     input changes (a new decoding policy retries the images that failed under the old one), and the paths the
     store's path column records (images moved under the same ids and stamps)."""
-    digest = hashlib.sha256(json.dumps(list(source.class_names)).encode())
-    digest.update(json.dumps(decoding.as_attrs(), sort_keys=True).encode())
+    digest = fingerprint_digest(source.class_names, decoding)
     for start in range(0, len(listing), _FINGERPRINT_BLOCK):
         digest.update(listing_lines(listing, start, start + _FINGERPRINT_BLOCK))
     if listing.paths is not None:
@@ -101,6 +101,13 @@ def data_fingerprint(source: Source, listing: Listing, decoding: Decoding) -> st
         digest.update(b"paths\0")
         paths.digest_into(digest)  # a TextColumn's offsets and bytes; a FileColumn's the same, a block at a time
     return digest.hexdigest()[:32]
+
+
+def fingerprint_digest(class_names: Sequence[str], decoding: Decoding) -> Any:
+    """The fingerprint's hash before the rows: the class names, then the decoding policy."""
+    digest = hashlib.sha256(json.dumps(list(class_names)).encode())
+    digest.update(json.dumps(decoding.as_attrs(), sort_keys=True).encode())
+    return digest
 
 
 _FINGERPRINT_BLOCK = 1 << 18  # rows formatted at a time: about 60 MB of arrow temporaries
@@ -226,27 +233,35 @@ class Plan:
         return self.config.layout.spatial_dtype if self.backbone.spatial_layer else ""
 
 
-def resolve_plan(config: ExtractConfig, *, backbone: Backbone | None = None, source: Source | None = None) -> Plan:
+def build_backbone(config: ExtractConfig) -> Backbone:
+    m = config.model
+    spatial = m.keeps_spatial()
+    return create_backbone(m.backbone, device=config.run.device, random_init=m.random_init, weights_path=m.weights,
+                           layer=None if spatial else m.layer, precision=m.precision, compile=m.compile,
+                           overrides=m.preprocessing_overrides(), keep=m.layer if spatial else None)
+
+
+def plan_key(config: ExtractConfig, backbone: Backbone, decoding: Decoding) -> str:
+    """The cache key of the store this configuration makes with this backbone."""
+    return backbone_key(backbone, config.layout.feature_dtype, decoding.alpha,
+                        config.layout.spatial_dtype if backbone.spatial_layer else "", view_policy(config, backbone)[1])
+
+
+def resolve_plan(config: ExtractConfig, *, backbone: Backbone | None = None, source: Source | None = None,
+                 optimize: bool | None = None) -> Plan:
     """List the source (or take `source`), build the backbone (or take `backbone`), and derive the decoding policy,
-    cache key and fingerprint. Problems of the input are errors here, before any compute."""
+    cache key and fingerprint. Problems of the input are errors here, before any compute. The backbone is traced
+    for CPU before computing when `optimize` (default: when it is built here) and the configuration asks for it."""
     check_output_path(Path(config.out))
     given = source is not None
     source = source if given else open_source_with_views(config)
     load_plugins(config.decode.image_plugins)  # a missing plugin is an error now, not a failure for every image
-    built = backbone is None
-    if built:
-        m = config.model
-        spatial = m.keeps_spatial()
-        backbone = create_backbone(m.backbone, device=config.run.device, random_init=m.random_init,
-                                   weights_path=m.weights, layer=None if spatial else m.layer, precision=m.precision,
-                                   compile=m.compile, overrides=m.preprocessing_overrides(),
-                                   keep=m.layer if spatial else None)
+    optimize = backbone is None if optimize is None else optimize
+    backbone = backbone or build_backbone(config)
     decoding = decoding_policy(backbone.data_config, config.decode)
     listing = source_listing(source)
-    train, views = view_policy(config, backbone)
+    train, _ = view_policy(config, backbone)
     return Plan(config=config, source=source, backbone=backbone, decoding=decoding, listing=listing,
-                key=backbone_key(backbone, config.layout.feature_dtype, decoding.alpha,
-                                 config.layout.spatial_dtype if backbone.spatial_layer else "", views),
-                train_transform=train,
+                key=plan_key(config, backbone, decoding), train_transform=train,
                 fingerprint=data_fingerprint(source, listing, decoding),
-                data="" if given else absolute_data(config.source.data), optimize=built and config.model.optimize)
+                data="" if given else absolute_data(config.source.data), optimize=optimize and config.model.optimize)

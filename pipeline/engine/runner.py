@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline.backbones.model import Backbone
+from pipeline.engine.current import check_without_listing
 from pipeline.engine.decode import ImageDataset
 from pipeline.engine.forward import ALL_ZERO, NON_FINITE, default_batch_size, default_workers, extract_features
 from pipeline.engine.resolve import Plan, resolve_plan
@@ -75,7 +76,13 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None,
     given, is used instead of opening the configured data (e.g. a part of a sharded run); `on_progress(done, total)`
     is called from the writer thread after each committed batch.
     """
-    plan = resolve_plan(config, backbone=backbone, source=source)
+    optimize = backbone is None
+    if source is None:  # a manifest's store found current without listing the manifest
+        rows, backbone = check_without_listing(config, backbone)
+        if rows is not None:
+            log.info("%s is up to date (found without listing the manifest); no forward pass", config.out)
+            return ExtractResult(str(config.out), rows, 0, True, 0.0, 0.0, backbone.name, backbone.dim)
+    plan = resolve_plan(config, backbone=backbone, source=source, optimize=optimize)
     if plan.is_current():
         log.info("%s is up to date; no forward pass", plan.out)
         return ExtractResult(str(plan.out), len(plan.source), 0, True, 0.0, 0.0, plan.backbone.name, plan.backbone.dim)

@@ -12,13 +12,13 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.engine.decode import SPLITS, FileReader, file_stamp, read_file
+from pipeline.engine.decode import SPLITS, FileReader, read_file
 from pipeline.errors import DataError
 from pipeline.sources.base import (
     DATA_HINT,
@@ -33,7 +33,8 @@ from pipeline.sources.base import (
     finish_table,
     split_cell,
 )
-from pipeline.sources.table import UNDECIDED, FileColumn, TextBuilder, TextColumn, release_freed_memory, stat_rows
+from pipeline.sources.stamps import file_stamps
+from pipeline.sources.table import UNDECIDED, FileColumn, TextBuilder, release_freed_memory
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -248,58 +249,13 @@ def _split_hints(values: pa.Array | list | None, n: int) -> tuple[np.ndarray, in
             _first(pc.and_(pc.is_valid(text), pc.is_null(codes))))
 
 
-PARALLEL_STAT_ROWS = 1 << 21  # from about 2M rows, processes share the stats
-
-
-def _stamps(files: TextColumn | FileColumn, workers: int | None = None) -> np.ndarray:
-    """[n, 2] (size, mtime_ns) of each file, (-1, -1) where it cannot be stat'ed: one stat per row, in blocks, shared
-    among processes for millions of rows (threads do not help: the GIL is held between the system calls)."""
-    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
-    if len(files) >= PARALLEL_STAT_ROWS and workers > 1:
-        stamps = stamps_in_processes(files, workers)
-        if stamps is not None:
-            return stamps
-    stamps = np.empty((len(files), 2), dtype=np.int64)
-    for start in range(0, len(files), 1 << 16):
-        block = files.block(start, start + (1 << 16))
-        stamps[start:start + len(block)] = [file_stamp(f) for f in block]
-    return stamps
-
-
-def stamps_in_processes(files: TextColumn | FileColumn, workers: int, step: int = 1 << 18) -> np.ndarray | None:
-    """`_stamps` by `workers` processes from the forkserver the decode stage uses (it starts once), a block of
-    `step` paths at a time with at most two blocks per process in flight; None when processes cannot be started
-    here (e.g. inside a daemonic worker), and the caller stats them itself."""
-    from collections import deque
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    from pipeline.engine.loader import forkserver_context
-
-    stamps, pending = np.empty((len(files), 2), dtype=np.int64), deque()  # filled in place: no second copy
-    try:
-        with ProcessPoolExecutor(workers, mp_context=forkserver_context()) as pool:
-            for start in range(0, len(files), step):
-                if len(pending) >= 2 * workers:
-                    done, future = pending.popleft()
-                    stamps[done:done + step] = future.result()
-                block = files.block(start, start + step)
-                pending.append((start, pool.submit(stat_rows, block.data, block.offsets)))
-            for done, future in pending:
-                stamps[done:done + step] = future.result()
-    except (OSError, RuntimeError, AssertionError, BrokenProcessPool) as exc:
-        log.info("stat'ing the %d files in this process (%s: %s)", len(files), type(exc).__name__, exc)
-        return None
-    return stamps
-
-
 def _raw(values: pa.Array | list, row: int) -> Any:
     return values[row].as_py() if isinstance(values, pa.Array) else values[row]
 
 
 def _label_ids(values: pa.Array | list | None, n: int, classes: dict[str, int]) -> np.ndarray:
     """Provisional label codes of a block (`label_text` of each cell; -1 unlabelled): each new label text gets the
-    next number in `classes`, which `_class_codes` sorts into the class order at the end."""
+    next number in `classes`, which `class_order` sorts into the class order at the end."""
     if values is None:
         return np.full(n, UNLABELLED, dtype=np.int32)
     text = text_cells(values)
@@ -310,32 +266,38 @@ def _label_ids(values: pa.Array | list | None, n: int, classes: dict[str, int]) 
     return np.where(indices >= 0, lookup[indices], UNLABELLED).astype(np.int32)
 
 
-def _class_codes(provisional: np.ndarray, classes: dict[str, int]) -> tuple[tuple[str, ...], np.ndarray]:
-    """`class_index` of the label texts: the class names in order and every row's label code."""
+def class_order(classes: dict[str, int]) -> tuple[tuple[str, ...], np.ndarray]:
+    """`class_index` of the label texts numbered in `classes`: the class names in order, and for each provisional
+    code its class code (`recoded`)."""
     class_names, _ = class_index(list(classes))
     order = {name: i for i, name in enumerate(class_names)}
-    remap = np.array([order[name] for name in classes] or [-1], dtype=np.int64)
-    return class_names, np.where(provisional >= 0, remap[provisional], UNLABELLED).astype(np.int64)
+    return class_names, np.array([order[name] for name in classes] or [-1], dtype=np.int64)
 
 
-class _Rows:
-    """The coded columns of a manifest, gathered a block at a time (`add`): ids and files as text, provisional
-    label codes and the labels they stand for, split codes."""
+def recoded(provisional: np.ndarray, remap: np.ndarray) -> np.ndarray:
+    return np.where(provisional >= 0, remap[provisional], UNLABELLED).astype(np.int64)
+
+
+class Coded(NamedTuple):
+    """One block of a manifest coded: ids and path texts (the same array without an id column), provisional label
+    codes (`ManifestCoder.classes`) and split codes."""
+
+    ids: pa.Array
+    texts: pa.Array
+    labels: np.ndarray
+    codes: np.ndarray
+
+
+class ManifestCoder:
+    """Codes a manifest's blocks in order (`code`), checking each: rows counted for the errors, each new label text
+    numbered in `classes` (`class_order` orders them at the end)."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.base = path, os.path.abspath(path.parent)  # absolute: the store's path column records them
-        self.ids, self.texts = TextBuilder(), None  # texts: the path texts, the ids builder itself without an id column
-        self.labels: list[np.ndarray] = []
-        self.hints: list[np.ndarray] = []
+        self.path, self.rows = path, 0
         self.classes: dict[str, int] = {}
 
-    def gather(self, batches: Iterator[dict]) -> _Rows:
-        for batch in batches:
-            self.add(batch)
-        return self
-
-    def add(self, batch: dict[str, pa.Array | list]) -> None:
-        start, path = len(self.ids), self.path
+    def code(self, batch: dict[str, pa.Array | list]) -> Coded:
+        start, path = self.rows, self.path
         texts = path_cells(batch["path"])
         n = len(texts)
         codes, bad = _split_hints(batch.get("split"), n)
@@ -345,13 +307,33 @@ class _Rows:
         if bad is not None:
             split_cell(_raw(batch["split"], bad), f"{path} row {start + bad + 1}",
                        " (give every row one, or drop the column to split automatically)")  # raises: not a split
-        if self.texts is None:  # a manifest has an id column in every block or in none
-            self.texts = TextBuilder() if "id" in batch else self.ids
-        self.ids.append(pc.coalesce(text_cells(batch["id"]), texts) if "id" in batch else texts)
-        if self.texts is not self.ids:
-            self.texts.append(texts)
-        self.labels.append(_label_ids(batch.get("label"), n, self.classes))
-        self.hints.append(codes)
+        self.rows += n
+        ids = pc.coalesce(text_cells(batch["id"]), texts) if "id" in batch else texts
+        return Coded(ids, texts, _label_ids(batch.get("label"), n, self.classes), codes)
+
+
+class _Rows:
+    """The coded columns of a manifest, gathered a block at a time (`add`): ids and files as text, provisional
+    label codes and the labels they stand for, split codes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.base = path, os.path.abspath(path.parent)  # absolute: the store's path column records them
+        self.coder = ManifestCoder(path)
+        self.ids, self.texts = TextBuilder(), None  # texts: the path texts, the ids builder itself without an id column
+        self.labels: list[np.ndarray] = []
+        self.hints: list[np.ndarray] = []
+
+    def gather(self, batches: Iterator[dict]) -> _Rows:
+        for batch in batches:
+            block = self.coder.code(batch)
+            if self.texts is None:  # a manifest has an id column in every block or in none
+                self.texts = self.ids if block.ids is block.texts else TextBuilder()
+            self.ids.append(block.ids)
+            if self.texts is not self.ids:
+                self.texts.append(block.texts)
+            self.labels.append(block.labels)
+            self.hints.append(block.codes)
+        return self
 
 
 def _joined(parts: list[np.ndarray], dtype: type) -> np.ndarray:
@@ -370,11 +352,12 @@ def scan_manifest(path: str | Path, options: ListOptions = DEFAULT_OPTIONS) -> S
     n = len(ids)
     if not n:
         raise DataError(f"manifest {path} lists no images; add rows with a path column")
-    class_names, labels = _class_codes(_joined(rows.labels, np.int32), rows.classes)
+    class_names, remap = class_order(rows.coder.classes)
+    labels = recoded(_joined(rows.labels, np.int32), remap)
     hints = _joined(rows.hints, np.int8)
     del rows
     release_freed_memory()
-    stamps = _stamps(files)
+    stamps = file_stamps(files)
     release_freed_memory()
     missing = [k for k in np.flatnonzero(stamps[:, 0] < 0).tolist()
                if not os.path.lexists(files[k])]  # a broken link exists (and fails to decode later)

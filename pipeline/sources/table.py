@@ -10,7 +10,7 @@ relative to (`FileColumn`), and 8 + 1 + 16 bytes a row of codes and stamps, wher
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -159,21 +159,9 @@ class FileColumn(Sequence):
         return TextColumn.from_arrow(file_cells(self.base, self.texts.block(start, stop).to_arrow()))
 
     def digest_into(self, digest: Any) -> None:
-        """`TextColumn.digest_into` of the absolute paths, a block at a time: their offsets from the texts' lengths
-        (no join), then their bytes."""
-        digest.update(np.zeros(1, dtype="<i8"))
-        base, prefix = (len(t.encode("utf-8", "surrogateescape")) for t in (self.base, self.prefix))
-        total = 0
-        for start in range(0, len(self), _DIGEST_ROWS):
-            block = self.texts.block(start, start + _DIGEST_ROWS)
-            texts, lengths = block.to_arrow(), np.diff(block.offsets)
-            absolute = pc.starts_with(texts, "/").to_numpy(zero_copy_only=False)
-            dot = pc.equal(texts, ".").to_numpy(zero_copy_only=False)
-            ends = np.cumsum(np.where(absolute, lengths, np.where(dot, base, prefix + lengths))) + total
-            digest.update(ends.astype("<i8"))
-            total = int(ends[-1]) if len(ends) else total
-        for start in range(0, len(self), _DIGEST_ROWS):
-            digest.update(self.block(start, start + _DIGEST_ROWS).data)
+        """`TextColumn.digest_into` of the absolute paths, a block at a time (`digest_files`)."""
+        digest_files(digest, self.base, lambda: (self.texts.block(start, start + _DIGEST_ROWS).to_arrow()
+                                                 for start in range(0, len(self), _DIGEST_ROWS)))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and not isinstance(other, str) and len(self) == len(other) and \
@@ -186,6 +174,25 @@ class FileColumn(Sequence):
 
 
 _DIGEST_ROWS = 1 << 18
+
+
+def digest_files(digest: Any, base: str, blocks: Callable[[], Iterable[pa.Array]]) -> None:
+    """Hash the files of posix path texts under `base` (`file_cells`) as `TextColumn.digest_into` hashes a column of
+    them, given the texts a block at a time by `blocks()` (called twice: for the offsets, found from the texts'
+    lengths without joining, then for the bytes)."""
+    digest.update(np.zeros(1, dtype="<i8"))
+    prefix = base if base.endswith("/") else base + "/"
+    base_bytes, prefix_bytes = (len(t.encode("utf-8", "surrogateescape")) for t in (base, prefix))
+    total = 0
+    for texts in blocks():
+        lengths = pc.binary_length(texts).to_numpy(zero_copy_only=False).astype(np.int64)
+        absolute = pc.starts_with(texts, "/").to_numpy(zero_copy_only=False)
+        dot = pc.equal(texts, ".").to_numpy(zero_copy_only=False)
+        ends = np.cumsum(np.where(absolute, lengths, np.where(dot, base_bytes, prefix_bytes + lengths))) + total
+        digest.update(ends.astype("<i8"))
+        total = int(ends[-1]) if len(ends) else total
+    for texts in blocks():
+        digest.update(TextColumn.from_arrow(file_cells(base, texts)).data)
 
 
 def _arrow_bounds(array: pa.Array) -> tuple[np.ndarray, Any]:
@@ -338,12 +345,3 @@ class SampleTable(Sequence):
 
     def __repr__(self) -> str:
         return f"SampleTable({len(self)} rows)"
-
-
-def stat_rows(data: bytes, offsets: np.ndarray) -> np.ndarray:
-    """[n, 2] (size, mtime_ns) of a block of file paths (a TextColumn's buffers): one process's share of a listing's
-    stats."""
-    from pipeline.engine.decode import file_stamp
-
-    column = TextColumn(data, offsets)
-    return np.array([file_stamp(f) for f in column], dtype=np.int64).reshape(-1, 2)

@@ -1,0 +1,150 @@
+"""The up-to-date check of a store made from a manifest, without listing the manifest: its data fingerprint streamed
+in a few passes over the file, a block of rows at a time, so that a scheduled run over millions of unchanged images
+holds a few blocks, not the listing's columns (about 70 bytes a row), before it finds there is nothing to do.
+
+The fingerprint is `data_fingerprint` of the listing `scan_manifest` would give, byte for byte: the class names
+(pass 1: every label text), the rows with their stamps (pass 2: the stats, in processes for millions of rows),
+then the files' offsets and bytes (passes 3 and 4). Whenever the streamed check cannot say "current" (a stratified
+split, a manifest that changed while it was read, processes that cannot start, a different fingerprint), the
+runner lists the source as before, and that listing reports what is wrong with it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.backbones.model import Backbone
+from pipeline.engine.decode import Decoding, load_plugins
+from pipeline.engine.resolve import (
+    absolute_data,
+    build_backbone,
+    decoding_policy,
+    fingerprint_digest,
+    list_options,
+    listing_lines,
+    plan_key,
+)
+from pipeline.errors import PipelineError
+from pipeline.plan import ExtractConfig
+from pipeline.sources.base import ListOptions, split_mode
+from pipeline.sources.manifest import (
+    MANIFEST_FORMATS,
+    Coded,
+    ManifestCoder,
+    _NotRegular,
+    class_order,
+    manifest_batches,
+    path_cells,
+    recoded,
+    regular_or_not,
+)
+from pipeline.sources.stamps import PARALLEL_STAT_ROWS, stamp_blocks, stat_workers
+from pipeline.sources.table import UNDECIDED, SplitColumn, TextColumn, digest_files, file_cells
+from pipeline.store.read import is_current, read_attrs
+from pipeline.store.reuse import Listing
+from pipeline.store.schema import layout_attrs
+
+log = logging.getLogger(__name__)
+
+
+class _Changed(Exception):
+    """The manifest read differently in a later pass (it changed while it was read)."""
+
+
+def manifest_fingerprint(path: str | Path, options: ListOptions, decoding: Decoding, *,
+                         workers: int = 1) -> tuple[str, int] | None:
+    """(`data_fingerprint` of the manifest's listing, its rows), streamed; None where it cannot be streamed (a
+    stratified split, an empty manifest, a manifest that changed while it was read). The stats run in `workers`
+    processes (in this one when they cannot start). A bad manifest raises the listing's own error."""
+    path = Path(path)
+    if options.split == "stratified" or path.suffix.lower() not in MANIFEST_FORMATS or not path.is_file():
+        return None
+    coder, given, arrow = regular_or_not(path, lambda batches: _first_pass(path, batches))
+    if not coder.rows or split_mode("manifest", coder.rows, given, options=options, hinted_by="manifest",
+                                    description=str(path)) == "stratified":
+        return None
+    try:
+        try:
+            return _streamed(path, coder, options, decoding, arrow, workers), coder.rows
+        except (OSError, RuntimeError, AssertionError, BrokenProcessPool) as exc:
+            if workers <= 1:
+                raise
+            log.info("stat'ing the manifest's files in this process (%s: %s)", type(exc).__name__, exc)
+            return _streamed(path, coder, options, decoding, arrow, 1), coder.rows
+    except (_Changed, _NotRegular):
+        log.info("%s changed while it was read; listing it", path)
+        return None
+
+
+def _first_pass(path: Path, batches: Iterator[dict]) -> tuple[ManifestCoder, int, bool]:
+    """Every block coded and checked, for the class names and the number of given splits; and whether arrow read
+    it (its blocks are arrow arrays, the csv module's lists), so that the later passes read it the same way."""
+    coder, given, arrow = ManifestCoder(path), 0, True
+    for batch in batches:
+        arrow = isinstance(batch["path"], pa.Array)
+        given += int(np.count_nonzero(coder.code(batch).codes != UNDECIDED))
+    return coder, given, arrow
+
+
+def _streamed(path: Path, first: ManifestCoder, options: ListOptions, decoding: Decoding, arrow: bool,
+              workers: int) -> str:
+    class_names, remap = class_order(first.classes)
+    base = os.path.abspath(path.parent)
+    coder = ManifestCoder(path)
+    coder.classes = dict(first.classes)  # the same provisional numbers: the blocks come in the same order
+    decided = options.split != "none"
+
+    def coded() -> Iterator[Coded]:
+        for batch in manifest_batches(path, arrow=arrow):
+            block = coder.code(batch)
+            if len(coder.classes) != len(remap) or coder.rows > first.rows:
+                raise _Changed
+            yield block
+
+    digest = fingerprint_digest(class_names, decoding)
+    for block, stamps in stamp_blocks(coded(), lambda b: TextColumn.from_arrow(file_cells(base, b.texts)), workers):
+        codes = block.codes if decided else np.full(len(block.codes), UNDECIDED, dtype=np.int8)
+        rows = Listing(ids=TextColumn.from_arrow(block.ids), labels=recoded(block.labels, remap),
+                       splits=SplitColumn(codes), stamps=stamps)
+        digest.update(listing_lines(rows, 0, len(rows)))
+    if coder.rows != first.rows:
+        raise _Changed
+    digest.update(b"paths\0")
+    digest_files(digest, base, lambda: (path_cells(batch["path"]) for batch in manifest_batches(path, arrow=arrow)))
+    return digest.hexdigest()[:32]
+
+
+def check_without_listing(config: ExtractConfig, backbone: Backbone | None) -> tuple[int | None, Backbone | None]:
+    """Whether the store at `config.out` is current for a manifest source, found without listing it: (its rows,
+    or None when it is not current or this cannot tell; the backbone, built here when the check needed one and
+    none was given, for the listing that follows)."""
+    out, run, s = Path(config.out), config.run, config.source
+    data = absolute_data(s.data)
+    if run.overwrite or run.check_content or s.views or Path(data).suffix.lower() not in MANIFEST_FORMATS \
+            or not out.is_file():
+        return None, backbone
+    try:
+        attrs = read_attrs(out)
+    except PipelineError:
+        return None, backbone
+    if attrs.get("complete") is not True or attrs.get("source") != "manifest" or attrs.get("data") != data:
+        return None, backbone
+    load_plugins(config.decode.image_plugins)
+    backbone = backbone or build_backbone(config)
+    decoding = decoding_policy(backbone.data_config, config.decode)
+    key = plan_key(config, backbone, decoding)
+    if attrs.get("cache_key") != key:
+        return None, backbone
+    many = int(attrs.get("num_images") or 0) >= PARALLEL_STAT_ROWS
+    found = manifest_fingerprint(data, list_options(config, known=False), decoding,
+                                 workers=stat_workers() if many else 1)
+    layout = layout_attrs(shard_rows=config.layout.shard_rows, compression=config.layout.compression)
+    if found is None or not is_current(out, key=key, fingerprint=found[0], layout=layout, data=data):
+        return None, backbone
+    return found[1], backbone
