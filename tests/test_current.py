@@ -128,3 +128,22 @@ def test_an_unchanged_manifest_is_found_current_without_listing_and_a_change_is_
     bad = extract()
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "row 8" in bad.stderr, bad.stderr
     assert bad.stderr.startswith("error: ") and (elsewhere / "s.h5").read_bytes() == store
+
+
+def _fingerprint_in_daemon(manifest, queue):
+    queue.put(manifest_fingerprint(manifest, ListOptions(), decoding_policy({}), workers=2))
+
+
+def test_inside_a_daemonic_worker_the_stats_run_in_the_worker_itself(tmp_path):
+    """A daemonic process (a pool worker) cannot start the stat processes: the check stats the files itself and
+    gives the same fingerprint."""
+    import multiprocessing
+
+    manifest = write_manifest(tmp_path / "m.csv", [{**r, "split": r["split"].strip()} for r in _rows(tmp_path, 12)])
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    worker = context.Process(target=_fingerprint_in_daemon, args=(manifest, queue), daemon=True)
+    worker.start()
+    found = queue.get(timeout=120)
+    worker.join(30)
+    assert worker.exitcode == 0 and found == _listed(manifest, ListOptions())
