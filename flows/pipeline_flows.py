@@ -143,9 +143,22 @@ def dask_runner(workers: int, address: str | None = None) -> Any:
                                           "dashboard_address": None})
 
 
+@task(name="check-current", cache_policy=NO_CACHE, task_run_name="check-{backbone}")
+def check_current_task(dataset: DatasetSpec, backbone: str, output_dir: str, spec: ExtractSpec) -> dict | None:
+    """The merged store's summary when it is current (a manifest source, checked without listing it), else None."""
+    from pipeline.engine.parts import current_merged
+
+    found = current_merged(recipe.extract_config(dataset, backbone, output_dir, spec, progress=False))
+    return None if found is None else recipe.summarize(found)
+
+
 @flow(name="extract-sharded", flow_run_name="extract-sharded-{backbone}")
 def extract_sharded(dataset: DatasetSpec, backbone: str, output_dir: str, spec: ExtractSpec) -> dict:
-    """The parts of one extraction in parallel on the flow's task runner, then merged into its store."""
+    """The parts of one extraction in parallel on the flow's task runner, then merged into its store; nothing when
+    the store is found current first."""
+    current = check_current_task(dataset, backbone, output_dir, spec)
+    if current is not None:
+        return current
     futures = [extract_part_task.submit(dataset, backbone, output_dir, spec, k) for k in range(spec.shards)]
     parts = [f.result() for f in futures]
     return merge_task(dataset, backbone, output_dir, spec, parts)

@@ -147,3 +147,36 @@ def test_inside_a_daemonic_worker_the_stats_run_in_the_worker_itself(tmp_path):
     found = queue.get(timeout=120)
     worker.join(30)
     assert worker.exitcode == 0 and found == _listed(manifest, ListOptions())
+
+
+def test_a_sharded_extraction_of_an_unchanged_manifest_runs_no_part(tmp_path):
+    """`extract --shards 2` from another working directory: the rerun finds the merged store current before any part
+    runs (the parts' stores are not touched); after a label changes, the parts and the merge run again."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    (tmp_path / "data").mkdir()
+    rows = []
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "data" / f"{i}.png")
+        rows.append({"path": f"{i}.png", "label": f"c{i % 2}", "split": "train" if i < 7 else "test"})
+    manifest = write_manifest(tmp_path / "data" / "m.csv", rows)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+
+    def extract():
+        return subprocess.run([sys.executable, "-m", "pipeline", "extract", "--data", str(manifest), "--out",
+                               "s.h5", "--shards", "2", "--backbone", "timm:test_resnet", "--random-init",
+                               "--workers", "0"], cwd=elsewhere, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": os.getcwd()})
+
+    assert extract().returncode == 0
+    parts = [elsewhere / f"s.part{k}of2.h5" for k in range(2)]
+    made = [p.stat().st_mtime_ns for p in parts]
+    again = extract()
+    assert again.returncode == 0 and "is up to date (10 rows" in again.stdout, again.stderr
+    assert "no part runs" in again.stderr and [p.stat().st_mtime_ns for p in parts] == made
+    manifest.write_text(manifest.read_text().replace("3.png,c1,train", "3.png,c0,train"))
+    changed = extract()
+    assert changed.returncode == 0 and "no part runs" not in changed.stderr, changed.stderr
+    assert [p.stat().st_mtime_ns for p in parts] != made

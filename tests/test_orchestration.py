@@ -180,6 +180,21 @@ def test_sharded_extraction_on_two_dask_workers_equals_one_run(tmp_path, small_d
     again = extract_features(dataset, [TINY_BACKBONE], str(tmp_path / "sharded"), spec)
     assert again[0]["skipped"] and again[0]["computed"] == 0  # a rerun is a no-op
 
+    # a manifest of the same images: the rerun finds the merged store current before any part runs
+    from tests.sources_data import write_manifest
+
+    listed = write_manifest(tmp_path / "digits.csv", [
+        {"path": str(p.relative_to(tmp_path)) if p.is_relative_to(tmp_path) else str(p), "label": p.parent.name,
+         "split": p.parent.parent.name} for p in sorted(small_digits_root.glob("*/*/*.png"))])
+    listed_set = DatasetSpec(name="digits-listed", data=str(listed))
+    first = extract_features(listed_set, [TINY_BACKBONE], str(tmp_path / "sharded"), spec)
+    stored = store_for(tmp_path / "sharded", listed_set.name, TINY_BACKBONE)
+    assert first[0]["computed"] == 100 and not verify_store(stored)
+    made = {k: part_path(stored, k, 2).stat().st_mtime_ns for k in range(2)}
+    rerun = extract_features(listed_set, [TINY_BACKBONE], str(tmp_path / "sharded"), spec)
+    assert rerun[0]["skipped"] and rerun[0]["rows"] == 100
+    assert {k: part_path(stored, k, 2).stat().st_mtime_ns for k in range(2)} == made  # no part ran, none rewritten
+
 
 @pytest.mark.slow
 def test_a_failing_backbone_does_not_stop_the_others(tmp_path, small_digits_root, prefect_harness, capsys):

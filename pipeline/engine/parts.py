@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.engine.current import check_without_listing
 from pipeline.engine.decode import Decoding
 from pipeline.engine.resolve import (
     absolute_data,
@@ -147,6 +148,16 @@ def _copy_rows(writer: StoreWriter, listing: Listing, paths: list[Path], dim: in
         writer.write(block, features, [part_hashes[k][row].decode() for k, row in located])
 
 
+def current_merged(config: ExtractConfig) -> ExtractResult | None:
+    """The merged store's result when it is current for a manifest source, found without listing the source
+    (`check_without_listing`), so that no part runs; else None (the parts and the merge check their own stores)."""
+    rows, backbone = check_without_listing(config, None)
+    if rows is None:
+        return None
+    log.info("%s is up to date (found without listing the manifest); no part runs", config.out)
+    return ExtractResult(str(config.out), rows, 0, True, 0.0, 0.0, backbone.name, backbone.dim)
+
+
 def extract_in_parts(config: ExtractConfig, parts: int, *, dask_address: str | None = None,
                      timeout: float = 30.0) -> ExtractResult:
     """Extract the source in `parts` parts, then merge them into `config.out`. With `dask_address` the parts run on
@@ -155,6 +166,9 @@ def extract_in_parts(config: ExtractConfig, parts: int, *, dask_address: str | N
     lost worker costs only its part: run the same command again and the finished parts are reused."""
     if parts < 1:
         raise StoreError(f"--shards must be >= 1, got {parts}")
+    found = current_merged(config)
+    if found is not None:  # nothing to hand out
+        return found
     if dask_address:  # workers run elsewhere (another directory, another machine): absolute paths only
         data = str(config.source.data)
         config = config.replace(out=Path(config.out).resolve(),
