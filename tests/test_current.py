@@ -176,6 +176,13 @@ def test_a_sharded_extraction_of_an_unchanged_manifest_runs_no_part(tmp_path):
     again = extract()
     assert again.returncode == 0 and "is up to date (10 rows" in again.stdout, again.stderr
     assert "no part runs" in again.stderr and [p.stat().st_mtime_ns for p in parts] == made
+    from pipeline.engine.parts import current_merged
+    from pipeline.plan import ExtractConfig
+
+    config = ExtractConfig.of(data=str(manifest), out=elsewhere / "s.h5", backbone="timm:test_resnet",
+                              random_init=True, workers=0, progress=False)
+    assert current_merged(config).skipped  # the same check in-process; a coordinator without the parts' GPU
+    assert current_merged(config.replace(device="cuda")) is None  # leaves the check to the parts, no error here
     manifest.write_text(manifest.read_text().replace("3.png,c1,train", "3.png,c0,train"))
     changed = extract()
     assert changed.returncode == 0 and "no part runs" not in changed.stderr, changed.stderr

@@ -27,7 +27,7 @@ from pipeline.engine.resolve import (
     source_listing,
 )
 from pipeline.engine.runner import ExtractResult, extract_to_store
-from pipeline.errors import StoreError
+from pipeline.errors import PipelineError, StoreError
 from pipeline.outputs import store_stem
 from pipeline.plan import ExtractConfig, Provenance
 from pipeline.sources.base import Source
@@ -150,8 +150,13 @@ def _copy_rows(writer: StoreWriter, listing: Listing, paths: list[Path], dim: in
 
 def current_merged(config: ExtractConfig) -> ExtractResult | None:
     """The merged store's result when it is current for a manifest source, found without listing the source
-    (`check_without_listing`), so that no part runs; else None (the parts and the merge check their own stores)."""
-    rows, backbone = check_without_listing(config, None)
+    (`check_without_listing`), so that no part runs; else None (the parts and the merge check their own stores,
+    and report what is wrong: e.g. here, the coordinator, may have no GPU for `--device cuda`)."""
+    try:
+        rows, backbone = check_without_listing(config, None)
+    except PipelineError as exc:
+        log.info("the parts check their own stores (%s)", exc)
+        return None
     if rows is None:
         return None
     log.info("%s is up to date (found without listing the manifest); no part runs", config.out)
