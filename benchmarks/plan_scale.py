@@ -30,14 +30,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale import run  # noqa: E402, I001 - one way to run a measured child
 
-CHECK = """
+_PRELUDE = """
 import json, os, resource, sys, time
 peak = lambda: {"self_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 "children_peak_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
 start = time.perf_counter()
 from pipeline.engine.resolve import data_fingerprint, decoding_policy, source_listing
-from pipeline.sources import open_source
 from pipeline.sources.base import ListOptions
+"""
+_RESULT = """
+print("RESULT", json.dumps({"rows": rows, "fingerprint": fingerprint, **{k: round(v, 3) for k, v in t.items()},
+                            **peak()}), flush=True)
+os._exit(0)  # no interpreter teardown: it can raise the process's peak RSS by 100 MiB or more (torch's)
+"""
+
+CHECK = _PRELUDE + """
+from pipeline.sources import open_source
 t = {"import_s": time.perf_counter() - start}
 start = time.perf_counter()
 source = open_source(sys.argv[1], ListOptions())
@@ -46,32 +54,20 @@ start = time.perf_counter()
 listing = source_listing(source)
 t["listing_s"] = time.perf_counter() - start
 start = time.perf_counter()
-fingerprint = data_fingerprint(source, listing, decoding_policy({}))
+fingerprint, rows = data_fingerprint(source, listing, decoding_policy({})), len(source)
 t["fingerprint_s"] = time.perf_counter() - start
-print("RESULT", json.dumps({"rows": len(source), "fingerprint": fingerprint, **{k: round(v, 3) for k, v in t.items()},
-                            **peak()}), flush=True)
-os._exit(0)  # no interpreter teardown: it can raise the process's peak RSS by 100 MiB or more (torch's)
-"""
+""" + _RESULT
 
-STREAMED = """
-import json, os, resource, sys, time
-peak = lambda: {"self_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                "children_peak_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
-start = time.perf_counter()
+STREAMED = _PRELUDE + """
 from pipeline.engine.current import manifest_fingerprint
-from pipeline.engine.resolve import decoding_policy
-from pipeline.sources.base import ListOptions
 from pipeline.sources.stamps import PARALLEL_STAT_ROWS, stat_workers
 t = {"import_s": time.perf_counter() - start}
 start = time.perf_counter()
-rows = int(sys.argv[2])
-fingerprint, n = manifest_fingerprint(sys.argv[1], ListOptions(), decoding_policy({}),
-                                      workers=stat_workers() if rows >= PARALLEL_STAT_ROWS else 1)
+many = int(sys.argv[2]) >= PARALLEL_STAT_ROWS
+fingerprint, rows = manifest_fingerprint(sys.argv[1], ListOptions(), decoding_policy({}),
+                                         workers=stat_workers() if many else 1)
 t["check_s"] = time.perf_counter() - start
-print("RESULT", json.dumps({"rows": n, "fingerprint": fingerprint, **{k: round(v, 3) for k, v in t.items()},
-                            **peak()}), flush=True)
-os._exit(0)
-"""
+""" + _RESULT
 
 
 def _child(script: str, args: list[str], work: Path) -> tuple[dict, dict]:
