@@ -136,7 +136,7 @@ def check_without_listing(config: ExtractConfig, backbone: Backbone | None) -> t
     if attrs.get("complete") is not True or attrs.get("source") != "manifest" or attrs.get("data") != data:
         return None, backbone
     load_plugins(config.decode.image_plugins)
-    backbone = backbone or build_backbone(config)
+    backbone = build_backbone(config) if backbone is None else backbone
     decoding = decoding_policy(backbone.data_config, config.decode)
     key = plan_key(config, backbone, decoding)
     if attrs.get("cache_key") != key:

@@ -257,7 +257,7 @@ def resolve_plan(config: ExtractConfig, *, backbone: Backbone | None = None, sou
     source = source if given else open_source_with_views(config)
     load_plugins(config.decode.image_plugins)  # a missing plugin is an error now, not a failure for every image
     optimize = backbone is None if optimize is None else optimize
-    backbone = backbone or build_backbone(config)
+    backbone = build_backbone(config) if backbone is None else backbone
     decoding = decoding_policy(backbone.data_config, config.decode)
     listing = source_listing(source)
     train, _ = view_policy(config, backbone)
