@@ -93,8 +93,10 @@ def test_a_bad_manifest_streamed_raises_the_listings_error(tmp_path):
 
 def test_an_unchanged_manifest_is_found_current_without_listing_and_a_change_is_extracted(tmp_path):
     """The CLI from another working directory: the second run finds the store current by the streamed check (its
-    log says so) and runs nothing; after one image changes, the check says not current, the listing follows and
-    only that image is extracted again; a manifest turned bad is one line, exit 2, and the store is untouched."""
+    log says so) and runs nothing; after one image is added, the check's first pass sees the extra row and stops
+    (no stats) and the listing extracts only it; after one image changes, the check says not current, the listing
+    follows and only that image is extracted again; a manifest turned bad is one line, exit 2, and the store is
+    untouched."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -118,9 +120,14 @@ def test_an_unchanged_manifest_is_found_current_without_listing_and_a_change_is_
     again = extract()
     assert again.returncode == 0 and "is up to date (16 rows" in again.stdout, again.stderr
     assert "found without listing the manifest" in again.stderr
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "data" / "img" / "16.png")
+    manifest.write_text(manifest.read_text() + "img/16.png,c0,test\n")  # one image more
+    more = extract()  # the first pass shows the new row: no stats, the listing follows and extracts it
+    assert "has 17 rows and 2 classes, the store 16 and 2: listing it" in more.stderr, more.stderr
+    assert more.returncode == 0 and "1 extracted" in more.stdout and "16 unchanged kept" in more.stdout
     Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "data" / "img" / "3.png")
     changed = extract()
-    assert changed.returncode == 0 and "1 extracted" in changed.stdout and "15 unchanged kept" in changed.stdout
+    assert changed.returncode == 0 and "1 extracted" in changed.stdout and "16 unchanged kept" in changed.stdout
     assert "without listing" not in changed.stderr, changed.stderr
     assert "found without listing the manifest" in extract().stderr
     store = (elsewhere / "s.h5").read_bytes()

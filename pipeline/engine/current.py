@@ -31,7 +31,7 @@ from pipeline.engine.resolve import (
     plan_key,
 )
 from pipeline.errors import PipelineError
-from pipeline.plan import ExtractConfig
+from pipeline.plan import ExtractConfig, Provenance
 from pipeline.sources.base import ListOptions, split_mode
 from pipeline.sources.manifest import (
     MANIFEST_FORMATS,
@@ -57,17 +57,24 @@ class _Changed(Exception):
     """The manifest read differently in a later pass (it changed while it was read)."""
 
 
-def manifest_fingerprint(path: str | Path, options: ListOptions, decoding: Decoding, *,
-                         workers: int = 1) -> tuple[str, int] | None:
+def manifest_fingerprint(path: str | Path, options: ListOptions, decoding: Decoding, *, workers: int = 1,
+                         expect: Provenance | None = None) -> tuple[str, int] | None:
     """(`data_fingerprint` of the manifest's listing, its rows), streamed; None where it cannot be streamed (a
-    stratified split, an empty manifest, a manifest that changed while it was read). The stats run in `workers`
-    processes (in this one when they cannot start). A bad manifest raises the listing's own error."""
+    stratified split, an empty manifest, a manifest that changed while it was read), or, with `expect` (what made
+    the store), as soon as the first pass shows other rows or classes: a grown source costs one pass, not the
+    stats. The stats run in `workers` processes (in this one when they cannot start). A bad manifest raises the
+    listing's own error."""
     path = Path(path)
     if options.split == "stratified" or path.suffix.lower() not in MANIFEST_FORMATS or not path.is_file():
         return None
     coder, given, arrow = regular_or_not(path, lambda batches: _first_pass(path, batches))
     if not coder.rows or split_mode("manifest", coder.rows, given, options=options, hinted_by="manifest",
                                     description=str(path)) == "stratified":
+        return None
+    if expect is not None and (coder.rows, list(class_order(coder.classes)[0])) != (expect.num_images,
+                                                                                   list(expect.class_names)):
+        log.info("%s has %d rows and %d classes, the store %d and %d: listing it", path, coder.rows,
+                 len(coder.classes), expect.num_images, len(expect.class_names))
         return None
     try:
         try:
@@ -141,9 +148,11 @@ def check_without_listing(config: ExtractConfig, backbone: Backbone | None) -> t
     key = plan_key(config, backbone, decoding)
     if attrs.get("cache_key") != key:
         return None, backbone
-    many = int(attrs.get("num_images") or 0) >= PARALLEL_STAT_ROWS
-    found = manifest_fingerprint(data, list_options(config, known=False), decoding,
-                                 workers=stat_workers() if many else 1)
+    made = Provenance.from_attrs(attrs)
+    if not isinstance(made.num_images, int | np.integer) or not isinstance(made.class_names, list):
+        return None, backbone  # not what extract writes: the listing's check decides
+    found = manifest_fingerprint(data, list_options(config, known=False), decoding, expect=made,
+                                 workers=stat_workers() if made.num_images >= PARALLEL_STAT_ROWS else 1)
     layout = layout_attrs(shard_rows=config.layout.shard_rows, compression=config.layout.compression)
     if found is None or not is_current(out, key=key, fingerprint=found[0], layout=layout, data=data):
         return None, backbone
