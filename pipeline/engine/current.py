@@ -140,7 +140,7 @@ def check_without_listing(config: ExtractConfig, backbone: Backbone | None) -> t
         attrs = read_attrs(out)
     except PipelineError:
         return None, backbone
-    if attrs.get("complete") is not True or attrs.get("source") != "manifest" or attrs.get("data") != data:
+    if not attrs.get("complete") or attrs.get("source") != "manifest" or attrs.get("data") != data:
         return None, backbone
     load_plugins(config.decode.image_plugins)
     backbone = build_backbone(config) if backbone is None else backbone
