@@ -111,35 +111,67 @@ def make_source(work: Path, rows: int, files: int | None = None) -> Path:
     return manifest
 
 
+def make_folder(work: Path, rows: int) -> Path:
+    """N one-byte files as an image folder with split folders, `ROOT/{train,test}/c<k>/<n>.jpg` (100 classes,
+    80/20 by position, as the manifest's), in folders of at most 10,000."""
+    root = work / f"folder{rows}"
+    shutil.rmtree(root, ignore_errors=True)
+    made = set()
+    for i in range(rows):
+        sub = root / ("test" if (i // 100) % 5 == 0 else "train") / f"c{i % 100}" / f"{i // 1_000_000:03d}"
+        if sub not in made:
+            sub.mkdir(parents=True)
+            made.add(sub)
+        (sub / f"{i:08d}.jpg").write_bytes(b"x")
+    return root
+
+
+def _manifest_size(work: Path, rows: int, args: argparse.Namespace) -> dict:
+    manifest = make_source(work, rows, args.files)
+    listed, figures = _child(CHECK, [str(manifest)], work)
+    checked, streamed = _child(STREAMED, [str(manifest), str(rows)], work)
+    if streamed["fingerprint"] != figures["fingerprint"] or streamed["rows"] != figures["rows"]:
+        raise SystemExit(f"at {rows} rows the streamed check's fingerprint {streamed['fingerprint']} is not the "
+                         f"listing's {figures['fingerprint']}")
+    listed.update(self_peak_mib=figures.pop("self_peak_mib"), children_peak_mib=figures.pop("children_peak_mib"))
+    checked.update(self_peak_mib=streamed["self_peak_mib"], children_peak_mib=streamed["children_peak_mib"],
+                   check_s=streamed["check_s"])
+    print(f"{rows:>10,} rows: listing {listed['seconds']:.1f} s ({figures['list_s']:.1f} list, "
+          f"{figures['listing_s']:.1f} listing, {figures['fingerprint_s']:.1f} fingerprint), peak RSS "
+          f"{listed['self_peak_mib']:.0f} MiB; streamed check {checked['seconds']:.1f} s "
+          f"({checked['check_s']:.1f} s after the imports), peak RSS {checked['self_peak_mib']:.0f} MiB", flush=True)
+    shutil.rmtree(manifest.parent)
+    return {"rows": rows, "listing": listed, "check": checked, **figures}
+
+
+def _folder_size(work: Path, rows: int, args: argparse.Namespace) -> dict:
+    root = make_folder(work, rows)
+    listed, figures = _child(CHECK, [str(root)], work)
+    if figures["rows"] != rows:
+        raise SystemExit(f"the folder of {rows} files listed {figures['rows']} rows")
+    listed.update(self_peak_mib=figures.pop("self_peak_mib"), children_peak_mib=figures.pop("children_peak_mib"))
+    print(f"{rows:>10,} files: listing {listed['seconds']:.1f} s ({figures['list_s']:.1f} walk and stat, "
+          f"{figures['listing_s']:.1f} listing, {figures['fingerprint_s']:.1f} fingerprint), peak RSS "
+          f"{listed['self_peak_mib']:.0f} MiB", flush=True)
+    shutil.rmtree(root)
+    return {"rows": rows, "listing": listed, **figures}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--files", type=int, default=1_000_000,
                         help="at most this many distinct files; larger sizes name them repeatedly (default 1M)")
+    parser.add_argument("--source", choices=("manifest", "folder"), default="manifest",
+                        help="folder: list an image folder of as many files (no streamed check: a folder is walked)")
     parser.add_argument("--work", type=Path, default=Path("data/benchmarks/plan"))
     parser.add_argument("--out", type=Path, default=Path("data/benchmarks/plan_scale.json"))
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    results = []
-    for rows in (int(s) for s in args.sizes.split(",")):
-        manifest = make_source(work, rows, args.files)
-        listed, figures = _child(CHECK, [str(manifest)], work)
-        checked, streamed = _child(STREAMED, [str(manifest), str(rows)], work)
-        if streamed["fingerprint"] != figures["fingerprint"] or streamed["rows"] != figures["rows"]:
-            raise SystemExit(f"at {rows} rows the streamed check's fingerprint {streamed['fingerprint']} is not the "
-                             f"listing's {figures['fingerprint']}")
-        listed.update(self_peak_mib=figures.pop("self_peak_mib"), children_peak_mib=figures.pop("children_peak_mib"))
-        checked.update(self_peak_mib=streamed["self_peak_mib"], children_peak_mib=streamed["children_peak_mib"],
-                       check_s=streamed["check_s"])
-        results.append({"rows": rows, "listing": listed, "check": checked, **figures})
-        print(f"{rows:>10,} rows: listing {listed['seconds']:.1f} s ({figures['list_s']:.1f} list, "
-              f"{figures['listing_s']:.1f} listing, {figures['fingerprint_s']:.1f} fingerprint), peak RSS "
-              f"{listed['self_peak_mib']:.0f} MiB; streamed check {checked['seconds']:.1f} s "
-              f"({checked['check_s']:.1f} s after the imports), peak RSS {checked['self_peak_mib']:.0f} MiB",
-              flush=True)
-        shutil.rmtree(manifest.parent)
-    growth = {way: _growth(results, way) for way in ("listing", "check")}
+    results = [(_folder_size if args.source == "folder" else _manifest_size)(work, int(rows), args)
+               for rows in args.sizes.split(",")]
+    growth = {way: _growth(results, way) for way in ("listing", "check") if way in results[0]}
     print(json.dumps(growth, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"results": results, "growth": growth}, indent=2) + "\n")

@@ -269,3 +269,71 @@ def test_a_text_builder_of_many_blocks_is_the_column_of_all_their_strings():
     release_freed_memory()
     assert column == TextColumn.from_strings(expected) and list(column) == expected
     assert column.offsets.dtype == np.int64 and len(builder.finish()) == 0
+
+
+def _folder(root, names: list[str]) -> None:
+    for i, name in enumerate(names):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bytes([i]) * (i + 1))
+
+
+def _as_tuples(root, options=None):
+    from pipeline.sources.folder import _as_samples
+
+    return _as_samples(root, options or ListOptions())
+
+
+def _same_listing(table, tuples) -> None:
+    """The same samples (the tuples' Paths as text), store listing and fingerprint."""
+    assert isinstance(table.samples, SampleTable) and isinstance(tuples.samples, tuple)
+    assert list(table.samples) == [s._replace(path=str(s.path)) for s in tuples.samples]
+    assert (table.class_names, table.split_source, table.split_counts(), table.warnings) == (
+        tuples.class_names, tuples.split_source, tuples.split_counts(), tuples.warnings)
+    decoding = decoding_policy({})
+    assert data_fingerprint(table, source_listing(table), decoding) == \
+        data_fingerprint(tuples, source_listing(tuples), decoding)
+
+
+def test_an_image_folder_lists_as_columns_with_the_samples_and_fingerprint_of_tuples(tmp_path, monkeypatch):
+    from pipeline.sources.folder import _Columns
+
+    monkeypatch.setattr(_Columns, "BLOCK_ROWS", 3)  # several blocks of ids, classes split across them
+    root = tmp_path / "split"
+    # walk order is not id order: 'a.png' sorts before 'a/' as text, 'B' before 'a', numeric classes by number
+    _folder(root, ["train/10/a/z.png", "train/10/a.png", "train/10/a-b.png", "train/2/B.jpg", "train/2/é.png",
+                   "train/2/deep/er/x.webp", "test/2/q.png", "test/10/r.png", "val/10/s.png", "train/10/.hidden.png",
+                   "train/10/notes.txt"])
+    outside = tmp_path / "outside"
+    _folder(outside, ["o.png"])
+    (root / "train" / "2" / "linked").symlink_to(outside, target_is_directory=True)  # not walked: a warning
+    table = open_source(str(root))
+    assert table.class_names == ("2", "10") and len(table) == 9
+    assert list(table.samples.ids)[:3] == ["test/10/r.png", "test/2/q.png", "train/10/a-b.png"]
+    assert table.warnings and "linked folder" in table.warnings[0]
+    _same_listing(table, _as_tuples(root))
+    flat = tmp_path / "flat"  # no split folders: stratified by content, the same way for both
+    _folder(flat, [f"{c}/{i:02d}.png" for c in ("cat", "dog") for i in range(12)])
+    options = ListOptions(test_fraction=0.25, seed=3)
+    stratified = open_source(str(flat), options)
+    assert stratified.split_counts() == {"train": 18, "test": 6}
+    _same_listing(stratified, _as_tuples(flat, options))
+
+
+def test_a_folder_with_names_that_are_not_utf8_or_links_out_lists_as_samples(tmp_path):
+    root = tmp_path / "odd"
+    _folder(root, ["cat/a.png", "dog/b.png"])
+    (root / "cat").joinpath(b"bad\xff.png".decode("utf-8", "surrogateescape")).write_bytes(b"z")
+    source = open_source(str(root))
+    assert isinstance(source.samples, tuple) and [s.id for s in source.samples] == [
+        "cat/a.png", "cat/bad\\xff.png", "dog/b.png"]
+    linked = tmp_path / "linked"
+    _folder(linked, ["cat/a.png", "dog/b.png"])
+    (tmp_path / "secret.png").write_bytes(b"s")
+    (linked / "dog" / "c.png").symlink_to(tmp_path / "secret.png")
+    source = open_source(str(linked))
+    assert isinstance(source.samples, tuple)
+    refused = [s for s in source.samples if s.locator is not None]
+    assert [s.id for s in refused] == ["dog/c.png"] and "outside the data root" in str(refused[0].locator.reason)
+    trusted = open_source(str(linked), ListOptions(follow_links=True))
+    assert isinstance(trusted.samples, SampleTable) and "dog/c.png" in list(trusted.samples.ids)

@@ -32,16 +32,14 @@ from pipeline.engine.resolve import (
 )
 from pipeline.errors import PipelineError
 from pipeline.plan import ExtractConfig, Provenance
-from pipeline.sources.base import ListOptions, split_mode
+from pipeline.sources.base import ListOptions, class_order, recoded, split_mode
 from pipeline.sources.manifest import (
     MANIFEST_FORMATS,
     Coded,
     ManifestCoder,
     _NotRegular,
-    class_order,
     manifest_batches,
     path_cells,
-    recoded,
     regular_or_not,
 )
 from pipeline.sources.stamps import PARALLEL_STAT_ROWS, stamp_blocks, stat_workers

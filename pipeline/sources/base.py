@@ -174,6 +174,18 @@ def class_index(values: list[str | None]) -> tuple[tuple[str, ...], list[int]]:
     return tuple(present), [UNLABELLED if v is None else index[v] for v in values]
 
 
+def class_order(classes: dict[str, int]) -> tuple[tuple[str, ...], np.ndarray]:
+    """`class_index` of the label texts numbered in `classes`: the class names in order, and for each provisional
+    code its class code (`recoded`)."""
+    class_names, _ = class_index(list(classes))
+    order = {name: i for i, name in enumerate(class_names)}
+    return class_names, np.array([order[name] for name in classes] or [-1], dtype=np.int64)
+
+
+def recoded(provisional: np.ndarray, remap: np.ndarray) -> np.ndarray:
+    return np.where(provisional >= 0, remap[provisional], UNLABELLED).astype(np.int64)
+
+
 _EMPTY_CELLS = frozenset(("nan", "none", "null"))
 _NEGATIVE_INT = re.compile(r"-\d+")
 
@@ -305,7 +317,8 @@ def finish(kind: str, root: Path, ids: list[str], paths: list[Path], class_names
 
 def finish_table(kind: str, root: Path, ids: TextColumn, paths: TextColumn, class_names: tuple[str, ...],
                  labels: np.ndarray, hints: np.ndarray, stamps: np.ndarray, *, options: ListOptions, hinted_by: str,
-                 key_of: Callable[[int], str], reader: Reader, description: str, label_source: str = "") -> Source:
+                 key_of: Callable[[int], str], reader: Reader, description: str, label_source: str = "",
+                 warnings: list[str] | None = None) -> Source:
     """`finish` of columns: `labels` codes, `hints` split codes (UNDECIDED where the source gives none) and
     [n, 2] `stamps`; the source's samples are a `SampleTable`."""
     n = len(ids)
@@ -323,7 +336,7 @@ def finish_table(kind: str, root: Path, ids: TextColumn, paths: TextColumn, clas
         split_source = stratified_source(options, hinted_by, given)
     samples = SampleTable(ids, paths, labels.astype(np.int64, copy=False), codes, stamps)
     return _source(kind, root, samples, class_names, split_source, reader, description, label_source,
-                   unlabelled_warning(kind, n, class_names, description), options)
+                   [*(warnings or []), *unlabelled_warning(kind, n, class_names, description)], options)
 
 
 def _source(kind: str, root: Path, samples: Sequence[Sample], class_names: tuple[str, ...], split_source: str,

@@ -5,12 +5,22 @@ Symbolic links are followed while they stay inside the data root. A linked folde
 (a warning says so) and a linked image file that does is listed but never read (a recorded failure), unless
 `follow_links` trusts them: a data set from someone else must not make the tool read the rest of the machine. Names
 that are not valid UTF-8 keep their bytes as `\\xNN` in ids and class names; the files are read by their real names.
+
+A folder is listed as columns (a `SampleTable`: the ids as one text buffer, label, split and stamp arrays), gathered
+a folder at a time, so a folder of millions holds no Python object per image. A folder with a name that is not UTF-8
+or an image linked from outside the root (rare, and each such row needs its own reader) is listed as `Sample`s, to
+the same listing.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.engine.decode import IMAGE_EXTENSIONS, SPLITS, FileReader, Refused, file_stamp, read_file
 from pipeline.errors import DataError
@@ -20,10 +30,15 @@ from pipeline.sources.base import (
     ListOptions,
     Source,
     class_index,
+    class_order,
     content_keys,
     finish,
+    finish_table,
     printable,
+    recoded,
 )
+from pipeline.sources.stamps import file_stamps
+from pipeline.sources.table import UNDECIDED, FileColumn, TextBuilder, TextColumn
 
 LAYOUT_HINT = "expected ROOT/<class>/<image> or ROOT/{train,val,test}/<class>/<image>"
 
@@ -88,12 +103,39 @@ class _Walk:
                     found.append((path, refused))
         return sorted(found, key=lambda item: item[0])
 
-    def class_files(self, split_dir: Path) -> dict[str, list[tuple[Path, Refused | None]]]:
+    def image_ids(self, top: Path, prefix: str) -> Iterator[list[str]]:
+        """The ids (`prefix` + the posix path below `top`) of `images(top)`, a folder at a time in no set order;
+        `_Irregular` at an image linked from outside the root (unless links are trusted)."""
+        stack, seen = [(top, prefix)], {os.path.realpath(top)}
+        while stack:
+            folder, where = stack.pop()
+            ids = []
+            for entry in self._entries(folder):
+                if self._is_dir(entry):
+                    real = os.path.realpath(entry.path)
+                    if real not in seen:
+                        seen.add(real)
+                        stack.append((Path(entry.path), f"{where}{entry.name}/"))
+                elif _is_image_name(entry.name):
+                    if entry.is_symlink() and not self.follow_links and not _inside(entry.path, self.root_real):
+                        raise _Irregular
+                    ids.append(where + entry.name)
+            if ids:
+                yield ids
+
+    def class_dirs(self, split_dir: Path) -> list[Path]:
         stray = self.stray_images(split_dir)
         if stray:
             raise DataError(f"{len(stray)} image(s) lie directly in {split_dir} (e.g. {printable(stray[0])}) with no "
                             f"class folder; {LAYOUT_HINT}")
-        return {printable(d.name): files for d in self.dirs(split_dir) if (files := self.images(d))}
+        return self.dirs(split_dir)
+
+    def class_files(self, split_dir: Path) -> dict[str, list[tuple[Path, Refused | None]]]:
+        return {printable(d.name): files for d in self.class_dirs(split_dir) if (files := self.images(d))}
+
+
+class _Irregular(Exception):
+    """The folder cannot be listed as columns (a name that is not UTF-8, an image linked from outside the root)."""
 
 
 def scan_image_folder(root: str | Path, options: ListOptions = DEFAULT_OPTIONS) -> Source:
@@ -103,31 +145,125 @@ def scan_image_folder(root: str | Path, options: ListOptions = DEFAULT_OPTIONS) 
         raise DataError(f"data folder {root} does not exist; {DATA_HINT}")
     if not root.is_dir():
         raise DataError(f"--data {root} is a file of a kind not recognised (not a manifest or tar shard); {DATA_HINT}")
-    walk = _Walk(root, options.follow_links)
+    try:
+        return _as_table(root, options)
+    except _Irregular:
+        return _as_samples(root, options)
+
+
+def _tops(root: Path, walk: _Walk) -> list[tuple[str | None, Path]]:
+    """The folders that hold the class folders, with their split: the split folders, else the root itself."""
     subdirs = walk.dirs(root)
     split_dirs = [d for d in subdirs if d.name in SPLITS]
-    if split_dirs:
-        others = [d.name for d in subdirs if d.name not in SPLITS]
-        if others:
-            raise DataError(f"{root} mixes split folders ({', '.join(d.name for d in split_dirs)}) with other "
-                            f"folders ({', '.join(map(printable, others[:5]))}); {LAYOUT_HINT}")
-        found = [(p, refused, cls, d.name) for d in split_dirs for cls, files in walk.class_files(d).items()
-                 for p, refused in files]
-        if not any(split == "train" for *_, split in found):
-            raise DataError(f"{root} has split folders but no images in {root / 'train'}; {LAYOUT_HINT}")
-    else:
-        found = [(p, refused, cls, None) for cls, files in walk.class_files(root).items() for p, refused in files]
+    if not split_dirs:
+        return [(None, root)]
+    others = [d.name for d in subdirs if d.name not in SPLITS]
+    if others:
+        raise DataError(f"{root} mixes split folders ({', '.join(d.name for d in split_dirs)}) with other "
+                        f"folders ({', '.join(map(printable, others[:5]))}); {LAYOUT_HINT}")
+    return [(d.name, d) for d in split_dirs]
+
+
+def _no_images(root: Path) -> DataError:
+    return DataError(f"no images found under {root} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                     f"{LAYOUT_HINT}")
+
+
+def _no_train(root: Path) -> DataError:
+    return DataError(f"{root} has split folders but no images in {root / 'train'}; {LAYOUT_HINT}")
+
+
+def _skipped(walk: _Walk, root: Path) -> list[str]:
+    return [f"{len(walk.skipped)} linked folder(s) under {root} lead outside it and were not read (e.g. "
+            f"{walk.skipped[0]}); pass --follow-links to trust them"] if walk.skipped else []
+
+
+class _Columns:
+    """The ids, provisional class codes (`classes`) and split codes of a folder's images, gathered folder by folder
+    and turned into arrays BLOCK_ROWS ids at a time."""
+
+    BLOCK_ROWS = 1 << 16
+
+    def __init__(self) -> None:
+        self.ids, self.classes = TextBuilder(), {}
+        self.labels: list[np.ndarray] = []
+        self.codes: list[np.ndarray] = []
+        self.pending: list[str] = []
+        self.runs: list[tuple[int, int, int]] = []  # (rows, class, split code) of the pending ids
+
+    def add(self, ids: list[str], class_name: str, code: int) -> None:
+        self.pending += ids
+        self.runs.append((len(ids), self.classes.setdefault(class_name, len(self.classes)), code))
+        if len(self.pending) >= self.BLOCK_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        try:
+            self.ids.append(pa.array(self.pending, pa.large_string()))
+        except UnicodeEncodeError as exc:  # a name kept by Python as surrogates: not UTF-8
+            raise _Irregular from exc
+        rows = [r for r, _, _ in self.runs]
+        self.labels.append(np.repeat(np.array([c for _, c, _ in self.runs], dtype=np.int32), rows))
+        self.codes.append(np.repeat(np.array([c for *_, c in self.runs], dtype=np.int8), rows))
+        self.pending, self.runs = [], []
+
+    def sorted(self) -> tuple[TextColumn, np.ndarray, np.ndarray]:
+        """The ids in order (UTF-8 byte order: the code point order `_as_samples` sorts in), provisional class codes
+        and split codes."""
+        self.flush()
+        ids = self.ids.finish()
+        labels, codes = np.concatenate(self.labels), np.concatenate(self.codes)
+        order = pc.sort_indices(ids.to_arrow()).to_numpy()
+        if np.any(order[1:] < order[:-1]):
+            ids = TextColumn.from_arrow(ids.to_arrow().take(pa.array(order)))
+            labels, codes = labels[order], codes[order]
+        return ids, labels, codes
+
+
+def _as_table(root: Path, options: ListOptions) -> Source:
+    """The folder as columns; `_Irregular` when it needs `_as_samples`."""
+    walk = _Walk(root, options.follow_links)
+    columns, tops = _Columns(), _tops(root, walk)
+    for split, top in tops:
+        code = UNDECIDED if split is None else SPLITS.index(split)
+        for class_dir in walk.class_dirs(top):
+            prefix = class_dir.relative_to(root).as_posix() + "/"
+            for ids in walk.image_ids(class_dir, prefix):
+                columns.add(ids, class_dir.name, code)
+    has_splits = tops[0][0] is not None
+    if not columns.classes:
+        raise _no_train(root) if has_splits else _no_images(root)
+    class_names, remap = class_order(columns.classes)
+    ids, provisional, hints = columns.sorted()
+    del columns
+    if has_splits and not np.any(hints == SPLITS.index("train")):
+        raise _no_train(root)
+    labels = recoded(provisional, remap)
+    files = FileColumn(os.path.abspath(root), ids)
+    stamps = file_stamps(files)
+    key_of = content_keys(options, ids, stamps, lambda i: read_file(files[i], options.max_file_bytes))
+    return finish_table("folder", root, ids, files, class_names, labels, hints, stamps, options=options,
+                        hinted_by="folders", key_of=key_of, reader=FileReader(), description=str(root),
+                        label_source="class folders", warnings=_skipped(walk, root))
+
+
+def _as_samples(root: Path, options: ListOptions) -> Source:
+    """The folder as a tuple of `Sample`s, each with its own locator: names that are not UTF-8 printed as `\\xNN`
+    in ids and class names, images linked from outside the root refused when read."""
+    walk = _Walk(root, options.follow_links)
+    tops = _tops(root, walk)
+    found = [(p, refused, cls, split) for split, top in tops for cls, files in walk.class_files(top).items()
+             for p, refused in files]
+    if tops[0][0] is not None and not any(split == "train" for *_, split in found):
+        raise _no_train(root)
     if not found:
-        raise DataError(f"no images found under {root} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}); "
-                        f"{LAYOUT_HINT}")
+        raise _no_images(root)
     found.sort(key=lambda item: printable(item[0].relative_to(root).as_posix()))
     ids = [printable(p.relative_to(root).as_posix()) for p, *_ in found]
     class_names, labels = class_index([cls for _, _, cls, _ in found])
     stamps = [file_stamp(p) if refused is None else _lstamp(p) for p, refused, *_ in found]
-    warnings = []
-    if walk.skipped:
-        warnings.append(f"{len(walk.skipped)} linked folder(s) under {root} lead outside it and were not read (e.g. "
-                        f"{walk.skipped[0]}); pass --follow-links to trust them")
 
     def read(i: int) -> bytes:
         path, refused = found[i][0], found[i][1]
@@ -136,11 +272,10 @@ def scan_image_folder(root: str | Path, options: ListOptions = DEFAULT_OPTIONS) 
         return read_file(path, options.max_file_bytes)
 
     key_of = content_keys(options, ids, stamps, read)
-
     return finish("folder", root, ids, [p for p, *_ in found], class_names, labels, [s for *_, s in found],
                   options=options, hinted_by="folders", key_of=key_of, reader=FileReader(),
                   description=str(root), locators=[refused for _, refused, *_ in found], stamps=stamps,
-                  label_source="class folders", warnings=warnings)
+                  label_source="class folders", warnings=_skipped(walk, root))
 
 
 def _lstamp(path: Path) -> tuple[int, int]:

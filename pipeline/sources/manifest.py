@@ -28,9 +28,10 @@ from pipeline.sources.base import (
     Source,
     cell,
     check_unique,
-    class_index,
+    class_order,
     content_keys,
     finish_table,
+    recoded,
     split_cell,
 )
 from pipeline.sources.stamps import file_stamps
@@ -264,18 +265,6 @@ def _label_ids(values: pa.Array | list | None, n: int, classes: dict[str, int]) 
                       dtype=np.int32)
     indices = encoded.indices.fill_null(-1).to_numpy()
     return np.where(indices >= 0, lookup[indices], UNLABELLED).astype(np.int32)
-
-
-def class_order(classes: dict[str, int]) -> tuple[tuple[str, ...], np.ndarray]:
-    """`class_index` of the label texts numbered in `classes`: the class names in order, and for each provisional
-    code its class code (`recoded`)."""
-    class_names, _ = class_index(list(classes))
-    order = {name: i for i, name in enumerate(class_names)}
-    return class_names, np.array([order[name] for name in classes] or [-1], dtype=np.int64)
-
-
-def recoded(provisional: np.ndarray, remap: np.ndarray) -> np.ndarray:
-    return np.where(provisional >= 0, remap[provisional], UNLABELLED).astype(np.int64)
 
 
 class Coded(NamedTuple):
