@@ -71,3 +71,10 @@ def test_the_planning_benchmark_lists_a_manifest_source_and_streams_its_up_to_da
     assert result["results"][0]["fingerprint"] != result["results"][1]["fingerprint"]
     for way in ("listing", "check"):  # the streamed check's fingerprint equals the listing's (the script checks)
         assert set(result["growth"][way]["1000->3000"]) == {"time_per_row_ratio", "rss_ratio", "rss_exponent"}
+
+
+def test_the_planning_benchmark_lists_an_image_folder(tmp_path):
+    result = _run(tmp_path, "plan_scale", "--source", "folder", "--sizes", "500,1500", "--work", str(tmp_path / "w"))
+    assert [r["rows"] for r in result["results"]] == [500, 1500]  # the script checks every file was listed
+    assert all(len(r["fingerprint"]) == 32 and r["list_s"] > 0 for r in result["results"])
+    assert "check" not in result["results"][0] and set(result["growth"]) == {"listing"}
