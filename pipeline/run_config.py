@@ -10,7 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.config import (
     DEFAULT_RESAMPLES,
@@ -84,6 +93,15 @@ def _size_or_none(text: str | None) -> str | None:
     return text
 
 
+MemorySize = Annotated[str | None, AfterValidator(_size_or_none)]
+
+
+def _max_memory(beyond: str) -> Any:
+    """The `max_memory` field of a section that reads a store: `beyond` says what it does past the budget."""
+    return Field(None, description=f"feature data held at once, e.g. 4GiB (default: half the available memory); "
+                                   f"beyond it {beyond}")
+
+
 class ProbeSpec(_Strict):
     enabled: bool = True
     head: HeadName = "logreg"
@@ -92,13 +110,7 @@ class ProbeSpec(_Strict):
                            description="bootstrap resamples for the 95% intervals (0: none)")
     val_seeds: list[int] = Field(default_factory=list,
                                  description="without a val split: the slice seeds whose spread is reported")
-    max_memory: str | None = Field(None, description="feature data held at once, e.g. 4GiB (default: half the "
-                                                   "available memory); beyond it torch-logreg streams the store")
-
-    @field_validator("max_memory")
-    @classmethod
-    def _memory(cls, text: str | None) -> str | None:
-        return _size_or_none(text)
+    max_memory: MemorySize = _max_memory("torch-logreg streams the store")
 
     @field_validator("grid")
     @classmethod
@@ -115,13 +127,7 @@ class KnnSpec(_Strict):
     temperature: float = Field(DINOV2_TEMPERATURE, gt=0)
     resamples: int = Field(DEFAULT_RESAMPLES, ge=0, le=MAX_RESAMPLES,
                            description="bootstrap resamples for the 95% intervals (0: none)")
-    max_memory: str | None = Field(None, description="feature data held at once, e.g. 4GiB (default: half the "
-                                                   "available memory); beyond it the search streams the store")
-
-    @field_validator("max_memory")
-    @classmethod
-    def _memory(cls, text: str | None) -> str | None:
-        return _size_or_none(text)
+    max_memory: MemorySize = _max_memory("the search streams the store")
 
 
 class AuditSpec(_Strict):
@@ -129,13 +135,7 @@ class AuditSpec(_Strict):
     threshold: float | None = Field(None, gt=0, le=1, description="near duplicates: cosine at or above this "
                                                                   "(default: the store's auto threshold)")
     k: int = Field(10, ge=1, description="neighbours searched per row")
-    max_memory: str | None = Field(None, description="feature data held at once, e.g. 4GiB (default: half the "
-                                                   "available memory); beyond it the audit streams the store")
-
-    @field_validator("max_memory")
-    @classmethod
-    def _memory(cls, text: str | None) -> str | None:
-        return _size_or_none(text)
+    max_memory: MemorySize = _max_memory("the audit streams the store")
 
 
 class IndexSpec(_Strict):

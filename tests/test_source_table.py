@@ -337,3 +337,40 @@ def test_a_folder_with_names_that_are_not_utf8_or_links_out_lists_as_samples(tmp
     assert [s.id for s in refused] == ["dog/c.png"] and "outside the data root" in str(refused[0].locator.reason)
     trusted = open_source(str(linked), ListOptions(follow_links=True))
     assert isinstance(trusted.samples, SampleTable) and "dog/c.png" in list(trusted.samples.ids)
+
+
+def test_a_tables_locators_are_its_path_column_which_the_decode_workers_read_whole(tmp_path):
+    from PIL import Image
+    from torchvision.transforms import ToTensor
+
+    from pipeline.engine.decode import ImageDataset
+    from pipeline.engine.loader import make_loader
+    from pipeline.sources.table import FileColumn
+
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(24):
+        Image.new("RGB", (8, 8), (i * 10, 255 - i * 10, i)).save(tmp_path / "img" / f"{i}.png")
+        rows.append({"path": f"img/{i}.png", "label": f"c{i % 2}", "split": "test" if i % 4 == 0 else "train"})
+    rows.append({"path": "img/missing-pixels.png", "label": "c0", "split": "train"})
+    (tmp_path / "img" / "missing-pixels.png").write_bytes(b"not a png")
+    source = open_source(write_manifest(tmp_path / "m.csv", rows))
+    locators = source.locators()
+    assert isinstance(locators, FileColumn) and list(locators) == [str(tmp_path / r["path"]) for r in rows]
+    picked = source.locators(np.array([24, 3, 3]))
+    assert isinstance(picked, FileColumn) and list(picked) == [str(tmp_path / rows[k]["path"]) for k in (24, 3, 3)]
+    assert list(source.locators(iter([7]))) == [str(tmp_path / "img" / "7.png")]
+    dataset = ImageDataset(locators, ToTensor())
+    assert dataset.locators is locators  # not copied into a list of strings
+    as_list = ImageDataset(list(locators), ToTensor())
+    import pickle
+
+    assert len(pickle.dumps(dataset)) < len(pickle.dumps(as_list))  # relative texts + offsets, not absolute paths
+
+    def read(ds, workers):
+        batches = list(make_loader(ds, batch_size=4, workers=workers, pin_memory=False))
+        return ([int(i) for b in batches for i in b.indices], [h for b in batches for h in b.hashes],
+                [i for b in batches for i, _ in b.failures])
+
+    here, there = read(as_list, 0), read(dataset, 2)  # forkserver workers unpickle the column
+    assert here == there and here[0] == list(range(24)) and here[2] == [24] and len(set(here[1])) == 24

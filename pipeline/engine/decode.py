@@ -14,7 +14,7 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -332,9 +332,10 @@ class ImageDataset:
     recorded instead of silently dropped. A file is read once: its bytes are hashed (for incremental runs) and
     decoded from memory."""
 
-    def __init__(self, locators: list, transform: Callable[[Image.Image], torch.Tensor], *,
+    def __init__(self, locators: Sequence, transform: Callable[[Image.Image], torch.Tensor], *,
                  reader: Reader | None = None, decoding: Decoding = Decoding()) -> None:
-        self.locators = list(locators)
+        # a sequence as given (a listing's column of millions of paths travels to each worker as one buffer)
+        self.locators = locators if isinstance(locators, Sequence) else list(locators)
         self.transform = transform
         self.reader = reader if reader is not None else FileReader()
         self.decoding = decoding

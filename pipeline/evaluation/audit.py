@@ -59,9 +59,10 @@ def content_keys(fs: Rows) -> np.ndarray:
     return fs.keys if isinstance(fs, StreamedSet) else np.array(fs.row_keys(), dtype=object)
 
 
-def content_groups(fs: Rows) -> list[np.ndarray]:
-    """The groups of two or more rows with the same content hash, each in row order, the groups in hash order."""
-    keys = content_keys(fs)
+def content_groups(fs: Rows, keys: np.ndarray | None = None) -> list[np.ndarray]:
+    """The groups of two or more rows with the same content hash, each in row order, the groups in hash order
+    (`keys`: the rows' `content_keys`, when already made)."""
+    keys = content_keys(fs) if keys is None else keys
     order = np.argsort(keys, kind="stable")
     ranked = keys[order]
     bounds = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1], True])
@@ -169,16 +170,17 @@ def auto_thresholds(other_class: np.ndarray, labels: np.ndarray) -> tuple[np.nda
 
 
 def duplicate_pairs(fs: Rows, sims: np.ndarray, idx: np.ndarray, *, thresholds: np.ndarray,
-                    groups: list[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                    groups: list[np.ndarray] | None = None,
+                    keys: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Pairs (a < b row numbers) that are exact duplicates (same content hash: `groups`, else `content_groups`) or
     near duplicates (other content, among the neighbours, cosine at or above the higher of the two rows'
-    `thresholds`), with cosine and kind."""
+    `thresholds`), with cosine and kind (`keys`: the rows' `content_keys`, when already made)."""
     exact_a, exact_b = [], []
-    for group in content_groups(fs) if groups is None else groups:
+    keys = content_keys(fs) if keys is None else keys
+    for group in content_groups(fs, keys) if groups is None else groups:
         a, b = _group_pairs(group, split_column(fs))
         exact_a.append(a)
         exact_b.append(b)
-    keys = content_keys(fs)
     near = sims >= np.maximum(thresholds[:, None], thresholds[idx])
     a = np.repeat(np.arange(len(fs)), near.sum(axis=1))
     b = idx[near].astype(np.int64)
@@ -283,7 +285,7 @@ def find(fs: Rows, *, threshold: float | None = None, k: int = DEFAULT_AUDIT_K, 
     if threshold is not None and (not np.isfinite(threshold) or not 0 < threshold <= 1):
         raise PipelineError(f"the near-duplicate threshold is a cosine in (0, 1], got {threshold}")
     start = time.perf_counter()
-    block = _QUERY_BLOCK
+    block, keys = _QUERY_BLOCK, content_keys(fs)  # made once: on a loaded store, an object array of texts
     if isinstance(fs, StreamedSet):
         from pipeline.evaluation.audit_stream import streamed_neighbour_table
         from pipeline.store.budget import block_rows, resolve_max_memory
@@ -292,13 +294,13 @@ def find(fs: Rows, *, threshold: float | None = None, k: int = DEFAULT_AUDIT_K, 
         block = block_rows(budget, fs.dim, parts=6)
         sims, idx, other = streamed_neighbour_table(fs, k, max_memory=budget, device=device)
     else:
-        sims, idx, other = neighbour_table(fs.features, k, fs.labels, content_keys(fs), device=device)
+        sims, idx, other = neighbour_table(fs.features, k, fs.labels, keys, device=device)
     if threshold is None:
         thresholds, how = auto_thresholds(other, fs.labels)
     else:
         thresholds, how = np.full(len(fs), float(threshold)), f"given: {threshold:g}"
-    groups = content_groups(fs)
-    pairs = duplicate_pairs(fs, sims, idx, thresholds=thresholds, groups=groups)
+    groups = content_groups(fs, keys)
+    pairs = duplicate_pairs(fs, sims, idx, thresholds=thresholds, groups=groups, keys=keys)
     return AuditFindings(pairs=pairs, groups=groups, leaked=leaked_test_rows(fs, pairs),
                          noise=label_noise_scores(fs, idx), far=centre_distances(fs, block), sims=sims, idx=idx,
                          thresholds=thresholds, threshold_rule=how, seconds=round(time.perf_counter() - start, 3))

@@ -108,10 +108,14 @@ class Source:
         counts = Counter(s.split for s in self.samples)
         return {k: counts[k] for k in SPLITS if counts[k]}
 
-    def locators(self, positions: Iterable[int] | None = None) -> list:
+    def locators(self, positions: Iterable[int] | None = None) -> Sequence:
+        """Where each sample (all, or those at `positions`) is read from. A table's are its paths as a column
+        (`FileColumn`/`TextColumn`: one buffer, not a string per row), which is what the decode workers receive."""
         if isinstance(self.samples, SampleTable):  # no locators: the paths
             paths = self.samples.paths
-            return list(paths) if positions is None else [paths[int(i)] for i in positions]
+            if positions is None:
+                return paths
+            return paths.take(positions if isinstance(positions, np.ndarray) else np.asarray(list(positions)))
         picked = self.samples if positions is None else [self.samples[int(i)] for i in positions]
         return [s.path if s.locator is None else s.locator for s in picked]
 

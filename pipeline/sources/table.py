@@ -78,10 +78,15 @@ class TextColumn(Sequence):
             yield from (data[a:b].decode("utf-8", "surrogateescape") for a, b in zip(bounds, bounds[1:], strict=False))
 
     def take(self, where: Any) -> TextColumn:
+        """The rows at these positions, copied by arrow's kernel (as bytes: text kept as surrogates survives)."""
         positions = _positions(where, len(self))
-        starts, ends = self.offsets[positions].tolist(), self.offsets[positions + 1].tolist()
-        data = self.data
-        return TextColumn.from_bytes([data[a:b] for a, b in zip(starts, ends, strict=True)])
+        if len(positions) and (positions.min() < 0 or positions.max() >= len(self)):
+            raise IndexError(f"rows outside a column of {len(self)}")
+        raw = pa.Array.from_buffers(pa.large_binary(), len(self), [None, pa.py_buffer(self.offsets),
+                                                                    pa.py_buffer(self.data)])
+        _, offsets, data = raw.take(pa.array(positions, pa.int64())).buffers()
+        return TextColumn(data.to_pybytes() if data is not None else b"",
+                          np.frombuffer(offsets, dtype=np.int64, count=len(positions) + 1).copy())
 
     @classmethod
     def from_bytes(cls, parts: list[bytes]) -> TextColumn:
