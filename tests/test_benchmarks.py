@@ -78,3 +78,11 @@ def test_the_planning_benchmark_lists_an_image_folder(tmp_path):
     assert [r["rows"] for r in result["results"]] == [500, 1500]  # the script checks every file was listed
     assert all(len(r["fingerprint"]) == 32 and r["list_s"] > 0 for r in result["results"])
     assert "check" not in result["results"][0] and set(result["growth"]) == {"listing"}
+
+
+def test_the_worker_memory_benchmark_reads_through_real_workers_both_ways(tmp_path):
+    result = _run(tmp_path, "worker_memory", "--sizes", "2000", "--files", "100", "--work", str(tmp_path / "w"))
+    (row,) = result["results"]
+    assert row["rows"] == row["list"]["rows"] == row["column"]["rows"] == 2000
+    assert (row["list"]["type"], row["column"]["type"]) == ("list", "FileColumn")
+    assert len(row["column"]["worker_private_mib"]) == 2 and row["pickled_ratio"] < 1
