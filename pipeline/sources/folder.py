@@ -82,46 +82,43 @@ class _Walk:
     def stray_images(self, folder: Path) -> list[str]:
         return [e.name for e in self._entries(folder) if not self._is_dir(e) and _is_image_name(e.name)]
 
-    def images(self, top: Path) -> list[tuple[Path, Refused | None]]:
-        """Every entry with an image name below `top` that is not a folder (files, links, broken links, FIFOs: the
-        unreadable ones become recorded failures, never silent omissions), in sorted order."""
-        found, stack, seen = [], [top], {os.path.realpath(top)}
-        while stack:
-            folder = stack.pop()
-            for entry in self._entries(folder):
-                path = Path(entry.path)
-                if self._is_dir(entry):
-                    real = os.path.realpath(path)
-                    if real not in seen:  # a link back up the tree would loop
-                        seen.add(real)
-                        stack.append(path)
-                elif _is_image_name(entry.name):
-                    refused = None
-                    if entry.is_symlink() and not self.follow_links and not _inside(entry.path, self.root_real):
-                        refused = Refused(path, f"a symbolic link to {printable(os.path.realpath(path))}, outside "
-                                                "the data root: not read (pass --follow-links to trust such links)")
-                    found.append((path, refused))
-        return sorted(found, key=lambda item: item[0])
-
-    def image_ids(self, top: Path, prefix: str) -> Iterator[list[str]]:
-        """The ids (`prefix` + the posix path below `top`) of `images(top)`, a folder at a time in no set order;
-        `_Irregular` at an image linked from outside the root (unless links are trusted)."""
+    def image_entries(self, top: Path, prefix: str = "") -> Iterator[tuple[str, list[os.DirEntry]]]:
+        """Per folder below `top` (in no set order): its id prefix (`prefix` + its posix path below `top`) and its
+        entries with an image name that are not folders (files, links, broken links, FIFOs: the unreadable ones
+        become recorded failures, never silent omissions)."""
         stack, seen = [(top, prefix)], {os.path.realpath(top)}
         while stack:
             folder, where = stack.pop()
-            ids = []
+            images = []
             for entry in self._entries(folder):
                 if self._is_dir(entry):
                     real = os.path.realpath(entry.path)
-                    if real not in seen:
+                    if real not in seen:  # a link back up the tree would loop
                         seen.add(real)
                         stack.append((Path(entry.path), f"{where}{entry.name}/"))
                 elif _is_image_name(entry.name):
-                    if entry.is_symlink() and not self.follow_links and not _inside(entry.path, self.root_real):
-                        raise _Irregular
-                    ids.append(where + entry.name)
-            if ids:
-                yield ids
+                    images.append(entry)
+            if images:
+                yield where, images
+
+    def refused(self, entry: os.DirEntry) -> Refused | None:
+        """Why an image entry must not be read: a link out of the data root (unless links are trusted)."""
+        if entry.is_symlink() and not self.follow_links and not _inside(entry.path, self.root_real):
+            return Refused(Path(entry.path), f"a symbolic link to {printable(os.path.realpath(entry.path))}, outside "
+                                             "the data root: not read (pass --follow-links to trust such links)")
+        return None
+
+    def images(self, top: Path) -> list[tuple[Path, Refused | None]]:
+        """Every `image_entries` entry below `top` with its refusal, in sorted order."""
+        return sorted(((Path(e.path), self.refused(e)) for _, entries in self.image_entries(top) for e in entries),
+                      key=lambda item: item[0])
+
+    def image_ids(self, top: Path, prefix: str) -> Iterator[list[str]]:
+        """The ids of `image_entries(top, prefix)`, a folder at a time; `_Irregular` at a refused one."""
+        for where, entries in self.image_entries(top, prefix):
+            if any(self.refused(e) is not None for e in entries):
+                raise _Irregular
+            yield [where + e.name for e in entries]
 
     def class_dirs(self, split_dir: Path) -> list[Path]:
         stray = self.stray_images(split_dir)
