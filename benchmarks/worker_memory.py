@@ -5,11 +5,13 @@ is listed; then, in a child process per way, the real DataLoader of the decode s
 workers) is started over an `ImageDataset` of every row and a few batches are read:
 
 - `list`: the locators as a list of path strings (what the dataset held before);
-- `column`: the listing's path column as it is (`Source.locators`: one text buffer and offsets).
+- `column`: the listing's path column as it is (`Source.locators`: one text buffer and offsets);
+- `shared`: that column shared through one mapped file (`share_locators`, what an extraction with workers uses):
+  each worker maps it instead of unpickling a copy.
 
 Reports the pickled dataset's size and each worker's private memory (`Private_Dirty` of /proc/PID/smaps_rollup,
 what the worker holds alone: its unpickled copy of the dataset and its own working memory; the forkserver's imports
-are shared), and their ratios between the ways and sizes.
+and a mapped file's pages are shared), and their ratios between the ways and sizes.
 
     python benchmarks/worker_memory.py                        # 1M and 3M rows, 2 workers
     python benchmarks/worker_memory.py --sizes 100000 --workers 2
@@ -30,13 +32,14 @@ from scale import run  # noqa: E402, I001 - one way to run a measured child
 CHILD = """
 import json, pickle, sys
 from pipeline.engine.decode import ImageDataset
+from pipeline.engine.shared import share_locators
 from pipeline.engine.loader import make_loader, shutdown, worker_processes
 from pipeline.sources import open_source
 from torchvision.transforms import ToTensor
 
 source = open_source(sys.argv[1])
 way, workers = sys.argv[2], int(sys.argv[3])
-locators = list(source.locators()) if way == "list" else source.locators()
+locators = {"list": lambda c: list(c), "column": lambda c: c, "shared": share_locators}[way](source.locators())
 dataset = ImageDataset(locators, ToTensor())
 pickled = len(pickle.dumps(dataset, protocol=pickle.HIGHEST_PROTOCOL))
 iterator = iter(make_loader(dataset, batch_size=8, workers=workers, pin_memory=False, prefetch_factor=1))
@@ -74,17 +77,27 @@ def main() -> None:
     results = []
     for rows in (int(s) for s in args.sizes.split(",")):
         manifest = make_source(work, rows, args.files)
-        ways = {way: _child(manifest, way, args.workers, work) for way in ("list", "column")}
-        mean = {way: sum(r["worker_private_mib"]) / len(r["worker_private_mib"]) for way, r in ways.items()}
-        results.append({"rows": rows, **ways, "worker_private_ratio": round(mean["column"] / mean["list"], 3),
+        ways = {way: _child(manifest, way, args.workers, work) for way in ("list", "column", "shared")}
+        mean = {way: _mean(r) for way, r in ways.items()}
+        ratio = {way: round(mean[way] / mean["list"], 3) for way in ("column", "shared")}
+        results.append({"rows": rows, **ways, "worker_private_ratio": ratio["column"],
+                        "shared_private_ratio": ratio["shared"],
                         "pickled_ratio": round(ways["column"]["pickled_mib"] / ways["list"]["pickled_mib"], 3)})
         print(f"{rows:>10,} rows: pickled dataset {ways['list']['pickled_mib']:.0f} MiB as a list, "
-              f"{ways['column']['pickled_mib']:.0f} MiB as a column; private memory per worker "
-              f"{mean['list']:.0f} MiB -> {mean['column']:.0f} MiB ({results[-1]['worker_private_ratio']:.2f}x)",
-              flush=True)
+              f"{ways['column']['pickled_mib']:.0f} MiB as a column, {ways['shared']['pickled_mib']:.2f} MiB "
+              f"shared; private memory per worker {mean['list']:.0f} -> {mean['column']:.0f} "
+              f"({ratio['column']:.2f}x) -> {mean['shared']:.0f} MiB shared ({ratio['shared']:.2f}x)", flush=True)
         shutil.rmtree(manifest.parent)
+    growth = {way: round(_mean(results[-1][way]) / _mean(results[0][way]), 3) for way in ("list", "column", "shared")}
+    if len(results) > 1:
+        print(f"{results[-1]['rows'] / results[0]['rows']:g}x the rows: private memory per worker "
+              + ", ".join(f"{way} {g:.2f}x" for way, g in growth.items()), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"workers": args.workers, "results": results}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"workers": args.workers, "results": results, "growth": growth}, indent=2) + "\n")
+
+
+def _mean(way: dict) -> float:
+    return sum(way["worker_private_mib"]) / len(way["worker_private_mib"])
 
 
 if __name__ == "__main__":

@@ -80,9 +80,10 @@ def test_the_planning_benchmark_lists_an_image_folder(tmp_path):
     assert "check" not in result["results"][0] and set(result["growth"]) == {"listing"}
 
 
-def test_the_worker_memory_benchmark_reads_through_real_workers_both_ways(tmp_path):
+def test_the_worker_memory_benchmark_reads_through_real_workers_all_three_ways(tmp_path):
     result = _run(tmp_path, "worker_memory", "--sizes", "2000", "--files", "100", "--work", str(tmp_path / "w"))
     (row,) = result["results"]
-    assert row["rows"] == row["list"]["rows"] == row["column"]["rows"] == 2000
-    assert (row["list"]["type"], row["column"]["type"]) == ("list", "FileColumn")
-    assert len(row["column"]["worker_private_mib"]) == 2 and row["pickled_ratio"] < 1
+    assert row["rows"] == row["list"]["rows"] == row["column"]["rows"] == row["shared"]["rows"] == 2000
+    assert (row["list"]["type"], row["column"]["type"], row["shared"]["type"]) == ("list", "FileColumn", "FileColumn")
+    assert len(row["shared"]["worker_private_mib"]) == 2 and row["pickled_ratio"] < 1
+    assert row["shared"]["pickled_mib"] < row["column"]["pickled_mib"]

@@ -4,18 +4,23 @@ same store listing and the same fingerprint as the tuple of `Sample`s it replace
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
+import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from pipeline.engine.resolve import data_fingerprint, decoding_policy, source_listing
+from pipeline.engine.shared import SharedText, share_locators, share_text
 from pipeline.errors import DataError
 from pipeline.sources import open_source
 from pipeline.sources.base import ListOptions, Sample
-from pipeline.sources.table import SampleTable, SplitColumn, TextColumn
+from pipeline.sources.table import FileColumn, SampleTable, SplitColumn, TextColumn
 from tests.sources_data import write_manifest
 
 
@@ -106,7 +111,6 @@ def test_a_file_column_reads_and_hashes_as_the_absolute_paths(monkeypatch):
     from pathlib import Path
 
     import pipeline.sources.table as table
-    from pipeline.sources.table import FileColumn
 
     texts = ["a.png", "/abs/b.png", ".", "x/é/c.png", "d e/f.png", *[f"n/{i}.png" for i in range(40)]]
     for base in ("/data/set", "/"):
@@ -345,7 +349,6 @@ def test_a_tables_locators_are_its_path_column_which_the_decode_workers_read_who
 
     from pipeline.engine.decode import ImageDataset
     from pipeline.engine.loader import make_loader
-    from pipeline.sources.table import FileColumn
 
     (tmp_path / "img").mkdir()
     rows = []
@@ -374,3 +377,61 @@ def test_a_tables_locators_are_its_path_column_which_the_decode_workers_read_who
 
     here, there = read(as_list, 0), read(dataset, 2)  # forkserver workers unpickle the column
     assert here == there and here[0] == list(range(24)) and here[2] == [24] and len(set(here[1])) == 24
+    shared = ImageDataset(share_locators(locators), ToTensor())  # what an extraction with workers hands them
+    assert len(pickle.dumps(shared.locators)) < 400 < len(pickle.dumps(locators))  # a path, not the column
+    assert read(shared, 2) == here  # the workers map the file and read the same images
+
+
+def _unlinked_files() -> set[str]:
+    """The unlinked temporary files this process holds open (as `share_text` makes them: no name in the folder)."""
+    links = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            links.add(os.readlink(fd))
+        except OSError:  # closed meanwhile (the fd used to list the folder)
+            pass
+    folder = os.path.realpath(tempfile.gettempdir())
+    return {link for link in links if link.startswith(folder + "/") and link.endswith(" (deleted)")}
+
+
+def test_a_shared_path_column_reads_as_the_column_in_any_process_and_leaves_no_file(tmp_path):
+    import multiprocessing
+    import pickle
+
+    texts = [f"cls{i % 7}/img_{i}.png" for i in range(70_000)] + ["caf\udce9.png", "/abs/x.png", ".", "ünï.png"]
+    column = TextColumn.from_strings(texts)
+    before = _unlinked_files()
+    shared = share_text(column)
+    assert isinstance(shared, SharedText) and shared == column and list(shared) == texts
+    assert [shared[i] for i in (0, -1, -4)] == [texts[0], texts[-1], texts[-4]] and list(shared[5:9]) == texts[5:9]
+    assert list(shared.take([70_003, 2])) == [texts[-1], texts[2]] and shared.block(69_999, 70_002) == \
+        TextColumn.from_strings(texts[69_999:70_002])
+    (ours,) = _unlinked_files() - before  # one file, never with a name in the temporary folder
+    assert os.readlink(shared.where) == ours
+    assert len(pickle.dumps(shared)) < 200
+    files = FileColumn(str(tmp_path), shared)
+    with multiprocessing.get_context("forkserver").Pool(1) as pool:  # another process maps the same file
+        there = pool.apply(_read_column, (share_locators(files),))
+    assert there == ("SharedText", list(files)[:3], list(files)[-4:], len(texts))
+    del shared, files, there
+    gc.collect()
+    assert ours not in _unlinked_files()  # gone with the last holder
+
+
+def _read_column(files: FileColumn) -> tuple:
+    return type(files.texts).__name__, list(files)[:3], [files[i] for i in range(-4, 0)], len(files)
+
+
+def test_an_extraction_with_workers_shares_the_path_column_for_the_run_only(tmp_path, small_digits_root, tiny):
+    from pipeline.engine.runner import extract_to_store
+    from pipeline.plan import ExtractConfig
+
+    held: list[set[str]] = []
+    before = _unlinked_files()
+    config = ExtractConfig.of(data=small_digits_root, out=tmp_path / "s.h5", workers=2, progress=False,
+                              batch_size=16)
+    result = extract_to_store(config, backbone=tiny,
+                              on_progress=lambda done, total: held.append(_unlinked_files() - before))
+    assert result.computed == 100 and held and all(files == held[0] and len(files) == 1 for files in held)
+    gc.collect()
+    assert not held[0] & _unlinked_files()  # the run's file is gone with it

@@ -14,9 +14,9 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from pipeline.engine.decode import ImageDataset, collate_batch
@@ -92,7 +92,7 @@ def forkserver_context() -> multiprocessing.context.BaseContext:
 class _View(torch.utils.data.Dataset):
     """Some indices of an ImageDataset, in a given order; items keep the dataset's own indices."""
 
-    def __init__(self, dataset: ImageDataset, indices: np.ndarray) -> None:
+    def __init__(self, dataset: ImageDataset, indices: Sequence[int]) -> None:
         self.dataset, self.indices = dataset, indices
 
     def __len__(self) -> int:

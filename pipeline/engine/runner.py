@@ -20,6 +20,7 @@ from pipeline.engine.current import check_without_listing
 from pipeline.engine.decode import ImageDataset
 from pipeline.engine.forward import ALL_ZERO, NON_FINITE, default_batch_size, default_workers, extract_features
 from pipeline.engine.resolve import Plan, resolve_plan
+from pipeline.engine.shared import share_locators
 from pipeline.engine.threads import BackgroundWriter, prefetch
 from pipeline.engine.views import ViewDataset
 from pipeline.engine.workers import supervised_batches
@@ -119,12 +120,14 @@ def _compute(plan: Plan, model: Backbone, writer: StoreWriter, todo: np.ndarray,
                  len(todo))
     workers = default_workers() if config.decode.workers is None else config.decode.workers
     batch_size = default_batch_size(model) if config.run.batch_size is None else config.run.batch_size
+    locators = plan.source.locators(todo)
+    if workers > 0:  # one mapped copy of a path column for all the workers, not a pickled one each
+        locators = share_locators(locators)
     if plan.train_transform is None:
-        dataset = ImageDataset(plan.source.locators(todo), model.transform, reader=plan.source.reader,
-                               decoding=plan.decoding)
+        dataset = ImageDataset(locators, model.transform, reader=plan.source.reader, decoding=plan.decoding)
     else:
-        dataset = ViewDataset(plan.source.locators(todo), model.transform, reader=plan.source.reader,
-                              decoding=plan.decoding, train_transform=plan.train_transform)
+        dataset = ViewDataset(locators, model.transform, reader=plan.source.reader, decoding=plan.decoding,
+                              train_transform=plan.train_transform)
     batches = prefetch(supervised_batches(dataset, batch_size=batch_size, workers=workers,
                                           timeout=config.decode.decode_timeout,
                                           pin_memory=model.device.type == "cuda"))

@@ -119,7 +119,7 @@ def _next_step(step: _Step, done: int, failure: str | None, *, timed_out: bool, 
     return _Step("single", step.limit - done, strikes), strikes >= 2  # twice alone: blame it (not a kill from outside)
 
 
-def _read(dataset: ImageDataset, order: np.ndarray, step: _Step, *, workers: int, batch_size: int, pin_memory: bool,
+def _read(dataset: ImageDataset, order: range, step: _Step, *, workers: int, batch_size: int, pin_memory: bool,
           watchdog: _Watchdog, timeout: float) -> Iterator[Batch]:
     """Yield the batches of one stretch; returns (images done, the failure that ended it or None)."""
     fast = step.mode == "fast"
@@ -164,7 +164,7 @@ def supervised_batches(dataset: ImageDataset, *, batch_size: int, workers: int, 
     if workers == 0:
         yield from make_loader(dataset, batch_size=batch_size, workers=0, pin_memory=pin_memory)
         return
-    order = np.arange(len(dataset))  # left to read, in reading order
+    order = range(len(dataset))  # left to read, in reading order (a range: pickled into each worker as two numbers)
     step = _Step("fast", len(order))
     watchdog = _Watchdog(timeout)
     try:

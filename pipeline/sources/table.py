@@ -33,9 +33,9 @@ def _positions(where: Any, n: int) -> np.ndarray:
 
 
 class TextColumn(Sequence):
-    """Strings as one UTF-8 buffer (`data`, bytes or bytearray) and `offsets` ([n + 1] int64): row i is data[offsets[i]:
-    offsets[i + 1]]. Text that is not UTF-8 (a file name kept by Python as surrogates) round-trips through
-    surrogateescape."""
+    """Strings as one UTF-8 buffer (`data`: bytes, bytearray or a memoryview) and `offsets` ([n + 1] int64): row i
+    is data[offsets[i]:offsets[i + 1]]. Text that is not UTF-8 (a file name kept by Python as surrogates)
+    round-trips through surrogateescape."""
 
     __slots__ = ("data", "offsets")
 
@@ -69,13 +69,13 @@ class TextColumn(Sequence):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(f"row {where} of a column of {len(self)}")
-        return self.data[self.offsets[i]:self.offsets[i + 1]].decode("utf-8", "surrogateescape")
+        return str(self.data[self.offsets[i]:self.offsets[i + 1]], "utf-8", "surrogateescape")
 
     def __iter__(self) -> Iterator[str]:
         data = self.data
         for start in range(0, len(self), _CHUNK):
             bounds = self.offsets[start:start + _CHUNK + 1].tolist()
-            yield from (data[a:b].decode("utf-8", "surrogateescape") for a, b in zip(bounds, bounds[1:], strict=False))
+            yield from (str(data[a:b], "utf-8", "surrogateescape") for a, b in zip(bounds, bounds[1:], strict=False))
 
     def take(self, where: Any) -> TextColumn:
         """The rows at these positions, copied by arrow's kernel (as bytes: text kept as surrogates survives)."""
