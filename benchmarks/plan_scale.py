@@ -56,6 +56,7 @@ t["listing_s"] = time.perf_counter() - start
 start = time.perf_counter()
 fingerprint, rows = data_fingerprint(source, listing, decoding_policy({})), len(source)
 t["fingerprint_s"] = time.perf_counter() - start
+t["test"] = source.split_counts().get("test", 0)
 """ + _RESULT
 
 STREAMED = _PRELUDE + """
@@ -85,11 +86,12 @@ def _growth(results: list[dict], way: str) -> dict:
     return {f"{a['rows']}->{b['rows']}": ratio(a, b) for a, b in zip(results, results[1:], strict=False)}
 
 
-def make_source(work: Path, rows: int, files: int | None = None) -> Path:
+def make_source(work: Path, rows: int, files: int | None = None, *, splits: bool = True) -> Path:
     """N one-byte files and their manifest (100 labels, 80/20 train/test by position). With `files` < N, only that
     many files are written and row i names file i mod `files` under its own id (an id column): a 10M-row manifest
     without 10M inodes (40 GB of blocks); the repeated stats are then served from the kernel's cache, so the run
-    with as many files as rows is what measures the cost of stat'ing distinct files."""
+    with as many files as rows is what measures the cost of stat'ing distinct files. Without `splits`, the manifest
+    has no split column and each file holds its own number (distinct contents, for the split by content)."""
     files = min(rows, files or rows)
     folder = work / f"src{rows}"
     shutil.rmtree(folder, ignore_errors=True)
@@ -99,14 +101,14 @@ def make_source(work: Path, rows: int, files: int | None = None) -> Path:
         if i % 10000 == 0:
             sub.mkdir(parents=True)
         name = f"{i:08d}.jpg"
-        (sub / name).write_bytes(b"x")
+        (sub / name).write_bytes(b"x" if splits else str(i).encode())
         names.append(f"{sub.name}/{name}")
     manifest = folder / "manifest.csv"
     with open(manifest, "w") as fh:
-        fh.write("path,label,split\n" if files == rows else "path,id,label,split\n")
+        fh.write(("path,label" if files == rows else "path,id,label") + (",split\n" if splits else "\n"))
         for start in range(0, rows, 100_000):
-            fh.write("".join(f"{names[i % files]},{'' if files == rows else f'r{i:09d},'}c{i % 100},"
-                             f"{'test' if (i // 100) % 5 == 0 else 'train'}\n"
+            fh.write("".join(f"{names[i % files]},{'' if files == rows else f'r{i:09d},'}c{i % 100}"
+                             + (f",{'test' if (i // 100) % 5 == 0 else 'train'}\n" if splits else "\n")
                              for i in range(start, min(rows, start + 100_000))))
     return manifest
 
@@ -144,6 +146,18 @@ def _manifest_size(work: Path, rows: int, args: argparse.Namespace) -> dict:
     return {"rows": rows, "listing": listed, "check": checked, **figures}
 
 
+def _stratified_size(work: Path, rows: int, args: argparse.Namespace) -> dict:
+    """A manifest without a split column: listing it reads and hashes every file to split it by content."""
+    manifest = make_source(work, rows, args.files, splits=False)
+    listed, figures = _child(CHECK, [str(manifest)], work)
+    listed.update(self_peak_mib=figures.pop("self_peak_mib"), children_peak_mib=figures.pop("children_peak_mib"))
+    print(f"{rows:>10,} rows split by content: listing {listed['seconds']:.1f} s ({figures['list_s']:.1f} list, "
+          f"hash and split, {figures['listing_s']:.1f} listing, {figures['fingerprint_s']:.1f} fingerprint), "
+          f"peak RSS {listed['self_peak_mib']:.0f} MiB; {figures['test']:,} test rows", flush=True)
+    shutil.rmtree(manifest.parent)
+    return {"rows": rows, "listing": listed, **figures}
+
+
 def _folder_size(work: Path, rows: int, args: argparse.Namespace) -> dict:
     root = make_folder(work, rows)
     listed, figures = _child(CHECK, [str(root)], work)
@@ -162,15 +176,16 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--files", type=int, default=1_000_000,
                         help="at most this many distinct files; larger sizes name them repeatedly (default 1M)")
-    parser.add_argument("--source", choices=("manifest", "folder"), default="manifest",
-                        help="folder: list an image folder of as many files (no streamed check: a folder is walked)")
+    parser.add_argument("--source", choices=("manifest", "folder", "stratified"), default="manifest",
+                        help="folder: list an image folder of as many files (no streamed check: a folder is walked); "
+                             "stratified: a manifest without splits, split by content (every file read)")
     parser.add_argument("--work", type=Path, default=Path("data/benchmarks/plan"))
     parser.add_argument("--out", type=Path, default=Path("data/benchmarks/plan_scale.json"))
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    results = [(_folder_size if args.source == "folder" else _manifest_size)(work, int(rows), args)
-               for rows in args.sizes.split(",")]
+    size = {"manifest": _manifest_size, "folder": _folder_size, "stratified": _stratified_size}[args.source]
+    results = [size(work, int(rows), args) for rows in args.sizes.split(",")]
     growth = {way: _growth(results, way) for way in ("listing", "check") if way in results[0]}
     print(json.dumps(growth, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)

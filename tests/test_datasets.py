@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -14,7 +16,7 @@ from pipeline.engine.decode import (
 from pipeline.errors import DataError
 from pipeline.sources.base import ListOptions
 from pipeline.sources.folder import scan_image_folder
-from pipeline.splits import stratified_splits
+from pipeline.splits import held_out_count, holdout_mask, stratified_splits
 from tests.helpers import make_folder, write_image
 
 
@@ -51,6 +53,63 @@ def test_split_assignment_does_not_depend_on_listing_order():
     forward = dict(zip(keys, stratified_splits(keys, [0] * 50, test_fraction=0.2, seed=3), strict=True))
     backward = dict(zip(keys[::-1], stratified_splits(keys[::-1], [0] * 50, test_fraction=0.2, seed=3), strict=True))
     assert forward == backward and sum(s == "test" for s in forward.values()) == 10
+
+
+def _reference_pick(keys, n, *, seed, ties, keep_out):
+    """The split rule as it was written before it worked on arrays (a dict and list per key): the reference the
+    array version must agree with, row for row."""
+    def rank(key):
+        return hashlib.sha1(f"{seed}:{key}".encode("utf-8", "surrogateescape")).hexdigest()
+
+    groups = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key if key else f"\0{ties[i]}\0{i}", []).append(i)
+    picked, taken = np.zeros(len(keys), dtype=bool), 0
+    for k in sorted(groups, key=lambda k: (rank(k), min(ties[i] for i in groups[k]))):
+        if taken >= n:
+            break
+        if len(keys) - taken - len(groups[k]) < keep_out:
+            continue
+        picked[groups[k]] = True
+        taken += len(groups[k])
+    return picked
+
+
+def _reference_splits(keys, labels, *, fraction, seed, ties):
+    splits = ["train"] * len(keys)
+    for label in sorted(set(labels)):
+        rows = [i for i, lab in enumerate(labels) if lab == label]
+        mask = _reference_pick([keys[i] for i in rows], held_out_count(len(rows), fraction), seed=seed,
+                               ties=[ties[i] for i in rows], keep_out=1)
+        for i, chosen in zip(rows, mask, strict=True):
+            splits[i] = "test" if chosen else splits[i]
+    return splits
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_the_array_split_picks_exactly_what_the_per_row_rule_picks(seed):
+    """Duplicate keys (picked together, some as large as their class), unreadable rows (empty keys), classes of one
+    and two rows, unlabelled rows, non-UTF-8 ids, and fractions that round both ways."""
+    rng = np.random.default_rng(seed)
+    n = 3_000
+    pool = [f"{k:032x}" for k in rng.integers(0, 2**62, size=1_800)]
+    keys = [pool[int(rng.integers(0, 600))] if rng.random() < 0.4 else pool[600 + i % 1_200] for i in range(n)]
+    keys = [("" if rng.random() < 0.05 else k) for k in keys]
+    labels = [int(x) for x in rng.integers(-1, 40, size=n)]
+    labels[:3] = [90, 91, 91]  # a class of one (stays in train) and one of two (one each way)
+    keys[1] = keys[2] = pool[0]  # the class of two is one duplicate set: it cannot give a test row
+    ties = [f"id_{i}\udcff" if i % 97 == 0 else f"id_{i:05d}" for i in range(n)]
+    for fraction in (0.1, 0.25, 0.5):
+        got = stratified_splits(keys, labels, test_fraction=fraction, seed=seed, ties=ties)
+        assert got == _reference_splits(keys, labels, fraction=fraction, seed=seed, ties=ties)
+        assert got[0] == got[1] == got[2] == "train"
+    default_ties = [str(i) for i in range(n)]
+    assert stratified_splits(keys, labels, test_fraction=0.2, seed=seed) == \
+        _reference_splits(keys, labels, fraction=0.2, seed=seed, ties=default_ties)
+    got = holdout_mask(np.array(labels), keys, fraction=0.15, seed=seed)
+    assert got.tolist() == [s == "test" for s in _reference_splits(keys, labels, fraction=0.15, seed=seed,
+                                                                   ties=default_ties)]
+    assert stratified_splits([], [], test_fraction=0.2, seed=seed) == []
 
 
 @pytest.mark.parametrize(

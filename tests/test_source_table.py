@@ -258,6 +258,44 @@ def test_the_stats_of_millions_of_files_are_shared_among_processes_with_the_same
     assert np.array_equal(stamps_in_processes(TextColumn.from_strings([]), 2), np.zeros((0, 2), dtype=np.int64))
 
 
+def test_the_split_by_content_hashes_files_in_processes_as_one_process_would(tmp_path, caplog):
+    """sources/stamps + base: from PARALLEL_HASH_ROWS rows the files a stratified split needs are read and hashed
+    in forkserver processes; each digest is `content_hash` of the file's bytes, and a file that is missing, over
+    the size limit, a FIFO or a folder has none. Keys the store being updated records are not read again."""
+    from pipeline.engine.decode import content_hash
+    from pipeline.sources.base import file_content_keys
+    from pipeline.sources.stamps import PARALLEL_HASH_ROWS, file_digests
+
+    names = []
+    for i in range(60):
+        (tmp_path / f"{i}.bin").write_bytes(bytes([i % 40]) * (1 + i % 40))  # 40 distinct contents, some twice
+        names.append(f"{i}.bin")
+    (tmp_path / "big.bin").write_bytes(b"y" * 500)
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "folder").mkdir()
+    names += ["big.bin", "pipe", "folder", "missing.bin"]
+    rows = PARALLEL_HASH_ROWS + 1_000
+    files = FileColumn(str(tmp_path), TextColumn.from_strings([names[i % len(names)] for i in range(rows)]))
+    expected = [content_hash((tmp_path / name).read_bytes()) if name.endswith(".bin") and name not in
+                ("big.bin", "missing.bin") else "" for name in names]
+    with caplog.at_level("INFO"):
+        shared = file_digests(files, 100, workers=2, step=997)  # in processes
+    assert "in this process" not in caplog.text
+    alone = file_digests(files.take(np.arange(200)), 100, workers=2)  # few rows: here
+    assert np.array_equal(alone, shared[:200])
+    got = [d[:16].tobytes().hex() if d[16] else "" for d in shared]
+    assert got == [expected[i % len(names)] for i in range(rows)]
+    assert not shared[[60, 61, 62, 63], :].any()  # nothing but zeros for the files not read
+
+    ids = TextColumn.from_strings([f"r{i}" for i in range(200)])
+    part = files.take(np.arange(200))
+    stamps = np.array([[1, 2]] * 200, dtype=np.int64)
+    known = ListOptions(known={"r0": (1, 2, "ab" * 16), "r1": (1, 3, "cd" * 16)}, max_file_bytes=100)  # r1: changed
+    key_of = file_content_keys(known, ids, stamps, part)
+    assert [key_of(i) for i in range(3)] == ["ab" * 16, expected[1], expected[2]]
+    assert [key_of(i) for i in range(60, 64)] == ["", "", "", ""]
+
+
 def test_a_text_builder_of_many_blocks_is_the_column_of_all_their_strings():
     from pipeline.sources.table import TextBuilder, release_freed_memory
 

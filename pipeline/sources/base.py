@@ -32,8 +32,9 @@ from pipeline.engine.decode import (
 )
 from pipeline.errors import DataError
 from pipeline.sources.hints import how_to
-from pipeline.sources.table import UNDECIDED, SampleTable, TextColumn, split_codes
-from pipeline.splits import stratified_splits
+from pipeline.sources.stamps import DIGEST_WIDTH, file_digests
+from pipeline.sources.table import UNDECIDED, FileColumn, SampleTable, TextColumn
+from pipeline.splits import pick_per_label
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,35 @@ def content_keys(options: ListOptions, ids: list[str], stamps: list, read: Calla
             return ""
 
     return key_of
+
+
+def file_content_keys(options: ListOptions, ids: TextColumn, stamps: np.ndarray, files: TextColumn | FileColumn,
+                      workers: int | None = None) -> Callable[[int], str]:
+    """`content_keys` of a table's files, found at the first key asked for: the files without a recorded hash read
+    and hashed at once (`file_digests`: shared among processes for many rows), kept as 17 bytes a row."""
+    found: list[np.ndarray] = []
+
+    def key_of(i: int) -> str:
+        known = known_key(options, ids[i], stamps[i])
+        if known is not None:
+            return known
+        if not found:
+            found.append(_digests(options, ids, stamps, files, workers))
+        digest = found[0][i]
+        return digest[:16].tobytes().hex() if digest[16] else ""
+
+    return key_of
+
+
+def _digests(options: ListOptions, ids: TextColumn, stamps: np.ndarray, files: TextColumn | FileColumn,
+             workers: int | None) -> np.ndarray:
+    if not options.known:
+        return file_digests(files, options.max_file_bytes, workers)
+    unknown = np.array([i for i in range(len(ids)) if known_key(options, ids[i], stamps[i]) is None], dtype=np.int64)
+    digests = np.zeros((len(ids), DIGEST_WIDTH), dtype=np.uint8)
+    if len(unknown):
+        digests[unknown] = file_digests(files.take(unknown), options.max_file_bytes, workers)
+    return digests
 
 
 # -- labels ---------------------------------------------------------------------------------------------------------
@@ -308,8 +338,9 @@ def finish(kind: str, root: Path, ids: list[str], paths: list[Path], class_names
                             description, kind)
         splits, split_source = list(hints), hinted_by
     else:
-        keys = [key_of(i) for i in range(n)]
-        splits = stratified_splits(keys, labels, test_fraction=options.test_fraction, seed=options.seed, ties=ids)
+        test = pick_per_label(np.asarray(labels, dtype=np.int64), key_of, fraction=options.test_fraction,
+                              seed=options.seed, tie_of=ids.__getitem__)
+        splits = [("train", "test")[t] for t in test.tolist()]  # two strings shared by all rows
         split_source = stratified_source(options, hinted_by, given)
     warnings = [*(warnings or []), *unlabelled_warning(kind, n, class_names, description)]
     locators = locators or [None] * n
@@ -334,9 +365,9 @@ def finish_table(kind: str, root: Path, ids: TextColumn, paths: TextColumn, clas
         check_split_codes(class_names, labels, hints, description, kind)
         codes, split_source = hints.astype(np.int8, copy=False), hinted_by
     else:
-        keys = [key_of(i) for i in range(n)]
-        codes = split_codes(stratified_splits(keys, labels.tolist(), test_fraction=options.test_fraction,
-                                              seed=options.seed, ties=list(ids)))
+        test = pick_per_label(labels, key_of, fraction=options.test_fraction, seed=options.seed,
+                              tie_of=ids.__getitem__)  # keys asked for one at a time, kept as 20-byte ranks
+        codes = np.where(test, SPLITS.index("test"), SPLITS.index("train")).astype(np.int8)
         split_source = stratified_source(options, hinted_by, given)
     samples = SampleTable(ids, paths, labels.astype(np.int64, copy=False), codes, stamps)
     return _source(kind, root, samples, class_names, split_source, reader, description, label_source,

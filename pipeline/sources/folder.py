@@ -32,6 +32,7 @@ from pipeline.sources.base import (
     class_index,
     class_order,
     content_keys,
+    file_content_keys,
     finish,
     finish_table,
     printable,
@@ -240,7 +241,7 @@ def _as_table(root: Path, options: ListOptions) -> Source:
     labels = recoded(provisional, remap)
     files = FileColumn(os.path.abspath(root), ids)
     stamps = file_stamps(files)
-    key_of = content_keys(options, ids, stamps, lambda i: read_file(files[i], options.max_file_bytes))
+    key_of = file_content_keys(options, ids, stamps, files)
     return finish_table("folder", root, ids, files, class_names, labels, hints, stamps, options=options,
                         hinted_by="folders", key_of=key_of, reader=FileReader(), description=str(root),
                         label_source="class folders", warnings=_skipped(walk, root))

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.engine.decode import SPLITS, FileReader, read_file
+from pipeline.engine.decode import SPLITS, FileReader
 from pipeline.errors import DataError
 from pipeline.sources.base import (
     DATA_HINT,
@@ -29,7 +29,7 @@ from pipeline.sources.base import (
     cell,
     check_unique,
     class_order,
-    content_keys,
+    file_content_keys,
     finish_table,
     recoded,
     split_cell,
@@ -356,7 +356,7 @@ def scan_manifest(path: str | Path, options: ListOptions = DEFAULT_OPTIONS) -> S
                         "the rows")
     if not ids.distinct():
         check_unique(list(ids), str(path))
-    key_of = content_keys(options, ids, stamps, lambda i: read_file(files[i], options.max_file_bytes))
+    key_of = file_content_keys(options, ids, stamps, files)
     return finish_table("manifest", path, ids, files, class_names, labels, hints, stamps, options=options,
                         hinted_by="manifest", key_of=key_of, reader=FileReader(), description=str(path),
                         label_source="label column" if class_names else "")

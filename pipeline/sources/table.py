@@ -282,12 +282,6 @@ class SplitColumn(Sequence):
     __hash__ = None  # type: ignore[assignment]
 
 
-def split_codes(splits: Iterable[str]) -> np.ndarray:
-    """The codes of split names ("" for not decided)."""
-    code = {name: i for i, name in enumerate(SPLIT_CODES)}
-    return np.fromiter((code[s] for s in splits), dtype=np.int8)
-
-
 class SampleTable(Sequence):
     """Samples of a listed source as columns: `ids` (TextColumn) and `paths` (TextColumn, or a FileColumn whose
     texts may be the ids themselves), `labels` ([n] int64, -1 unlabelled),
