@@ -9,13 +9,16 @@ process per size and way, computes the data fingerprint the store's is compared 
   the same fingerprint streamed over the file a block at a time, nothing held per row.
 
 The two fingerprints must be equal. The backbone is not built (a fixed cost) and no image is read (a manifest with
-splits needs no content). Reports wall time per phase, each child's own peak RSS (its getrusage when the work is done;
-the stat processes' largest in `children_peak_mib`; wait4's figure, which also counts the interpreter's teardown,
-in `peak_rss_mib`) and the growth between sizes.
+splits needs no content). `--source stratified` lists a manifest without a split column instead (distinct file
+contents): every file is read and hashed to split it by content; `--source folder` an image folder. Reports wall
+time per phase, each child's own peak RSS (its getrusage when the work is done; the stat processes' largest in
+`children_peak_mib`; wait4's figure, which also counts the interpreter's teardown, in `peak_rss_mib`) and the growth
+between sizes.
 
     python benchmarks/plan_scale.py                          # 100k and 1M rows
     python benchmarks/plan_scale.py --sizes 10000,100000     # a quick look
     python benchmarks/plan_scale.py --sizes 1000000,10000000 # 10M rows naming 1M files 10 times each
+    python benchmarks/plan_scale.py --source stratified      # split by content: 100k and 1M files read
 """
 
 from __future__ import annotations

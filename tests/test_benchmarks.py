@@ -80,6 +80,16 @@ def test_the_planning_benchmark_lists_an_image_folder(tmp_path):
     assert "check" not in result["results"][0] and set(result["growth"]) == {"listing"}
 
 
+def test_the_planning_benchmark_splits_a_manifest_by_content(tmp_path):
+    from pipeline.splits import held_out_count
+
+    result = _run(tmp_path, "plan_scale", "--source", "stratified", "--sizes", "500,1500", "--work",
+                  str(tmp_path / "w"))
+    # 100 classes of distinct files: each class gives held_out_count of its rows (test fraction 0.3) to test
+    assert [r["test"] for r in result["results"]] == [100 * held_out_count(n // 100, 0.3) for n in (500, 1500)]
+    assert "check" not in result["results"][0] and result["results"][1]["list_s"] > 0
+
+
 def test_the_worker_memory_benchmark_reads_through_real_workers_all_three_ways(tmp_path):
     result = _run(tmp_path, "worker_memory", "--sizes", "2000", "--files", "100", "--work", str(tmp_path / "w"))
     (row,) = result["results"]

@@ -229,12 +229,7 @@ def crop_extreme_aspect(image: Image.Image, max_aspect: float | None = MAX_ASPEC
 
 def content_hash(data: bytes) -> str:
     """The identity of a file's bytes (BLAKE2b-128, hex): tells a changed file from one that was only touched."""
-    return content_digest(data).hex()
-
-
-def content_digest(data: bytes) -> bytes:
-    """`content_hash` as its 16 bytes."""
-    return hashlib.blake2b(data, digest_size=16).digest()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def raw_hash(raw: bytes | Image.Image) -> str:

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from pipeline.engine.decode import content_digest, file_stamp, read_file
+from pipeline.engine.decode import content_hash, file_stamp, read_file
 from pipeline.sources.table import FileColumn, TextColumn
 
 T = TypeVar("T")
@@ -37,13 +37,13 @@ def stat_rows(data: bytes, offsets: np.ndarray) -> np.ndarray:
 
 
 def digest_rows(data: bytes, offsets: np.ndarray, max_bytes: int | None = None) -> np.ndarray:
-    """[n, DIGEST_WIDTH] uint8 of a block of file paths: each file's `content_digest` and 1, or zeros where it cannot
-    be read or is refused (not a regular file, over `max_bytes`)."""
+    """[n, DIGEST_WIDTH] uint8 of a block of file paths: each file's `content_hash` (as 16 bytes) and 1, or zeros
+    where it cannot be read or is refused (not a regular file, over `max_bytes`)."""
     column = TextColumn(data, offsets)
     digests = np.zeros((len(column), DIGEST_WIDTH), dtype=np.uint8)
     for i, path in enumerate(column):
         try:
-            digests[i, :16] = np.frombuffer(content_digest(read_file(path, max_bytes)), dtype=np.uint8)
+            digests[i, :16] = np.frombuffer(bytes.fromhex(content_hash(read_file(path, max_bytes))), dtype=np.uint8)
         except (OSError, ValueError):
             continue
         digests[i, 16] = 1
