@@ -259,12 +259,13 @@ def test_the_stats_of_millions_of_files_are_shared_among_processes_with_the_same
 
 
 def test_the_split_by_content_hashes_files_in_processes_as_one_process_would(tmp_path, caplog):
-    """sources/stamps + base: from PARALLEL_HASH_ROWS rows the files a stratified split needs are read and hashed
-    in forkserver processes; each digest is `content_hash` of the file's bytes, and a file that is missing, over
-    the size limit, a FIFO or a folder has none. Keys the store being updated records are not read again."""
+    """sources/stamps + base: from PARALLEL_HASH_ROWS rows (here from 3,000) the files a stratified split needs are
+    read and hashed in forkserver processes; each digest is `content_hash` of the file's bytes, and a file that is
+    missing, over the size limit, a FIFO or a folder has none. Keys the store being updated records are not read
+    again."""
     from pipeline.engine.decode import content_hash
     from pipeline.sources.base import file_content_keys
-    from pipeline.sources.stamps import PARALLEL_HASH_ROWS, file_digests
+    from pipeline.sources.stamps import file_digests
 
     names = []
     for i in range(60):
@@ -274,14 +275,14 @@ def test_the_split_by_content_hashes_files_in_processes_as_one_process_would(tmp
     os.mkfifo(tmp_path / "pipe")
     (tmp_path / "folder").mkdir()
     names += ["big.bin", "pipe", "folder", "missing.bin"]
-    rows = PARALLEL_HASH_ROWS + 1_000
+    rows = 5_000
     files = FileColumn(str(tmp_path), TextColumn.from_strings([names[i % len(names)] for i in range(rows)]))
     expected = [content_hash((tmp_path / name).read_bytes()) if name.endswith(".bin") and name not in
                 ("big.bin", "missing.bin") else "" for name in names]
     with caplog.at_level("INFO"):
-        shared = file_digests(files, 100, workers=2, step=997)  # in processes
+        shared = file_digests(files, 100, workers=2, step=997, parallel_from=3_000)  # in processes
     assert "in this process" not in caplog.text
-    alone = file_digests(files.take(np.arange(200)), 100, workers=2)  # few rows: here
+    alone = file_digests(files.take(np.arange(200)), 100, workers=2, parallel_from=3_000)  # few rows: here
     assert np.array_equal(alone, shared[:200])
     got = [d[:16].tobytes().hex() if d[16] else "" for d in shared]
     assert got == [expected[i % len(names)] for i in range(rows)]

@@ -21,7 +21,8 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 PARALLEL_STAT_ROWS = 1 << 21  # from about 2M rows, processes share the stats
-PARALLEL_HASH_ROWS = 1 << 15  # reading and hashing a file takes 50 us or more: processes pay off from ~30k rows
+PARALLEL_HASH_ROWS = 1 << 18  # reading and hashing a file takes 30 us or more: from 262k rows processes pay off
+# (their start, a few seconds, is then a small part of the time)
 DIGEST_WIDTH = 17  # a row of `file_digests`: BLAKE2b-128 of the file's bytes, then 1 (0 for a file not read)
 
 
@@ -51,12 +52,12 @@ def digest_rows(data: bytes, offsets: np.ndarray, max_bytes: int | None = None) 
 
 
 def file_digests(files: TextColumn | FileColumn, max_bytes: int | None, workers: int | None = None,
-                 step: int = 1 << 12) -> np.ndarray:
-    """`digest_rows` of every file: in processes from PARALLEL_HASH_ROWS rows (when they can be started here),
-    `step` paths at a time, else in this process."""
+                 step: int = 1 << 12, parallel_from: int = PARALLEL_HASH_ROWS) -> np.ndarray:
+    """`digest_rows` of every file: in processes from `parallel_from` rows (when they can be started here),
+    `step` paths at a time, else in this process. (Threads do not help with small files: the GIL.)"""
     workers = stat_workers() if workers is None else workers
     work = functools.partial(digest_rows, max_bytes=max_bytes)
-    if len(files) >= PARALLEL_HASH_ROWS and workers > 1:
+    if len(files) >= parallel_from and workers > 1:
         digests = _in_processes(files, workers, step, work, DIGEST_WIDTH, np.uint8)
         if digests is not None:
             return digests
