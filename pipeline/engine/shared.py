@@ -35,8 +35,11 @@ class SharedText(TextColumn):
     __slots__ = ("where", "held", "mapping")
 
     def __init__(self, where: str, rows: int, size: int, held: IO[bytes] | None = None) -> None:
-        with open(where, "rb") as fh:
-            mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)  # never empty: the offsets come first
+        if held is not None:  # the process that wrote it maps its own handle: no second open of the /proc path
+            mapping = mmap.mmap(held.fileno(), 0, access=mmap.ACCESS_READ)  # never empty: the offsets come first
+        else:
+            with open(where, "rb") as fh:
+                mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         offsets = np.frombuffer(mapping, dtype=_HEADER, count=rows + 1)
         data = memoryview(mapping)[(rows + 1) * _HEADER.itemsize:]
         if len(data) != size:

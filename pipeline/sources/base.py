@@ -171,29 +171,35 @@ def file_content_keys(options: ListOptions, ids: TextColumn, stamps: np.ndarray,
                       workers: int | None = None) -> Callable[[int], str]:
     """`content_keys` of a table's files, found at the first key asked for: the files without a recorded hash read
     and hashed at once (`file_digests`: shared among processes for many rows), kept as 17 bytes a row."""
-    found: list[np.ndarray] = []
+    found: list[tuple[np.ndarray, dict[int, str]]] = []
 
     def key_of(i: int) -> str:
-        known = known_key(options, ids[i], stamps[i])
-        if known is not None:
-            return known
         if not found:
             found.append(_digests(options, ids, stamps, files, workers))
-        digest = found[0][i]
-        return digest[:16].tobytes().hex() if digest[16] else ""
+        digests, known = found[0]
+        digest = digests[i]
+        return digest[:16].tobytes().hex() if digest[16] else known.get(i, "")
 
     return key_of
 
 
 def _digests(options: ListOptions, ids: TextColumn, stamps: np.ndarray, files: TextColumn | FileColumn,
-             workers: int | None) -> np.ndarray:
+             workers: int | None) -> tuple[np.ndarray, dict[int, str]]:
+    """Each row's digest (`file_digests`; zeros for a row whose hash the store being updated records) and those
+    recorded hashes by row: one look-up of a row's recorded hash, one read of each other file."""
     if not options.known:
-        return file_digests(files, options.max_file_bytes, workers)
-    unknown = np.array([i for i in range(len(ids)) if known_key(options, ids[i], stamps[i]) is None], dtype=np.int64)
+        return file_digests(files, options.max_file_bytes, workers), {}
+    known: dict[int, str] = {}
+    for i in range(len(ids)):
+        key = known_key(options, ids[i], stamps[i])
+        if key is not None:
+            known[i] = key
+    unknown = np.setdiff1d(np.arange(len(ids), dtype=np.int64), np.fromiter(known, dtype=np.int64, count=len(known)),
+                           assume_unique=True)
     digests = np.zeros((len(ids), DIGEST_WIDTH), dtype=np.uint8)
     if len(unknown):
         digests[unknown] = file_digests(files.take(unknown), options.max_file_bytes, workers)
-    return digests
+    return digests, known
 
 
 # -- labels ---------------------------------------------------------------------------------------------------------

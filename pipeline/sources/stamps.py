@@ -61,7 +61,7 @@ def file_digests(files: TextColumn | FileColumn, max_bytes: int | None, workers:
         digests = _in_processes(files, workers, step, work, DIGEST_WIDTH, np.uint8)
         if digests is not None:
             return digests
-    return _filled(files, 1, 1 << 12, work, DIGEST_WIDTH, np.uint8)
+    return _filled(files, 1, step, work, DIGEST_WIDTH, np.uint8)
 
 
 def stamp_blocks(blocks: Iterable[T], files: Callable[[T], TextColumn], workers: int,
