@@ -10,7 +10,8 @@ process per size and way, computes the data fingerprint the store's is compared 
 
 The two fingerprints must be equal. The backbone is not built (a fixed cost) and no image is read (a manifest with
 splits needs no content). `--source stratified` lists a manifest without a split column instead (distinct file
-contents): every file is read and hashed to split it by content; `--source folder` an image folder. Reports wall
+contents): every file is read and hashed to split it by content; `--source folder` an image folder; `--source
+tar` WebDataset tar shards. Reports wall
 time per phase, each child's own peak RSS (its getrusage when the work is done; the stat processes' largest in
 `children_peak_mib`; wait4's figure, which also counts the interpreter's teardown, in `peak_rss_mib`) and the growth
 between sizes.
@@ -19,6 +20,7 @@ between sizes.
     python benchmarks/plan_scale.py --sizes 10000,100000     # a quick look
     python benchmarks/plan_scale.py --sizes 1000000,10000000 # 10M rows naming 1M files 10 times each
     python benchmarks/plan_scale.py --source stratified      # split by content: 100k and 1M files read
+    python benchmarks/plan_scale.py --source tar             # WebDataset shards: 100k and 1M keys
 """
 
 from __future__ import annotations
@@ -131,6 +133,42 @@ def make_folder(work: Path, rows: int) -> Path:
     return root
 
 
+def make_shards(work: Path, rows: int) -> Path:
+    """N samples as WebDataset tar shards of 10,000 keys, `KEY.jpg` (one byte) + `KEY.cls` (100 classes), split
+    by shard name (`train-NNNNN.tar` / `test-NNNNN.tar`, every fifth shard a test shard): listing them reads every
+    member header and label, and no image."""
+    import io
+    import os
+    import tarfile
+
+    folder = work / f"tar{rows}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for shard in range(0, math.ceil(rows / 10_000)):
+        name = f"{'test' if shard % 5 == 0 else 'train'}-{shard:05d}.tar"
+        with tarfile.open(folder / name, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(shard * 10_000, min(rows, shard * 10_000 + 10_000)):
+                for ext, data in (("jpg", b"x"), ("cls", str(i % 100).encode())):
+                    info = tarfile.TarInfo(f"{i:08d}.{ext}")
+                    info.size, info.mtime = len(data), 1_700_000_000
+                    tar.addfile(info, io.BytesIO(data))
+        os.utime(folder / name, ns=(1_700_000_000 * 10**9,) * 2)  # the same stamps, so the same fingerprint, each run
+    return folder
+
+
+def _tar_size(work: Path, rows: int, args: argparse.Namespace) -> dict:
+    folder = make_shards(work, rows)
+    listed, figures = _child(CHECK, [str(folder)], work)
+    if figures["rows"] != rows:
+        raise SystemExit(f"the {rows} keys of the shards listed {figures['rows']} rows")
+    listed.update(self_peak_mib=figures.pop("self_peak_mib"), children_peak_mib=figures.pop("children_peak_mib"))
+    print(f"{rows:>10,} tar keys: listing {listed['seconds']:.1f} s ({figures['list_s']:.1f} read the shards, "
+          f"{figures['listing_s']:.1f} listing, {figures['fingerprint_s']:.1f} fingerprint), peak RSS "
+          f"{listed['self_peak_mib']:.0f} MiB; {figures['test']:,} test rows", flush=True)
+    shutil.rmtree(folder)
+    return {"rows": rows, "listing": listed, **figures}
+
+
 def _manifest_size(work: Path, rows: int, args: argparse.Namespace) -> dict:
     manifest = make_source(work, rows, args.files)
     listed, figures = _child(CHECK, [str(manifest)], work)
@@ -179,15 +217,17 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--files", type=int, default=1_000_000,
                         help="at most this many distinct files; larger sizes name them repeatedly (default 1M)")
-    parser.add_argument("--source", choices=("manifest", "folder", "stratified"), default="manifest",
+    parser.add_argument("--source", choices=("manifest", "folder", "stratified", "tar"), default="manifest",
                         help="folder: list an image folder of as many files (no streamed check: a folder is walked); "
-                             "stratified: a manifest without splits, split by content (every file read)")
+                             "stratified: a manifest without splits, split by content (every file read); "
+                             "tar: WebDataset shards of 10,000 keys, split by shard name")
     parser.add_argument("--work", type=Path, default=Path("data/benchmarks/plan"))
     parser.add_argument("--out", type=Path, default=Path("data/benchmarks/plan_scale.json"))
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    size = {"manifest": _manifest_size, "folder": _folder_size, "stratified": _stratified_size}[args.source]
+    size = {"manifest": _manifest_size, "folder": _folder_size, "stratified": _stratified_size,
+            "tar": _tar_size}[args.source]
     results = [size(work, int(rows), args) for rows in args.sizes.split(",")]
     growth = {way: _growth(results, way) for way in ("listing", "check") if way in results[0]}
     print(json.dumps(growth, indent=1))

@@ -112,11 +112,11 @@ class Source:
     def locators(self, positions: Iterable[int] | None = None) -> Sequence:
         """Where each sample (all, or those at `positions`) is read from. A table's are its paths as a column
         (`FileColumn`/`TextColumn`: one buffer, not a string per row), which is what the decode workers receive."""
-        if isinstance(self.samples, SampleTable):  # no locators: the paths
-            paths = self.samples.paths
+        if isinstance(self.samples, SampleTable):  # the paths, unless the table has other locators (tar members)
+            column = self.samples.paths if self.samples.locators is None else self.samples.locators
             if positions is None:
-                return paths
-            return paths.take(positions if isinstance(positions, np.ndarray) else np.asarray(list(positions)))
+                return column
+            return column.take(positions if isinstance(positions, np.ndarray) else np.asarray(list(positions)))
         picked = self.samples if positions is None else [self.samples[int(i)] for i in positions]
         return [s.path if s.locator is None else s.locator for s in picked]
 
@@ -359,9 +359,9 @@ def finish(kind: str, root: Path, ids: list[str], paths: list[Path], class_names
 def finish_table(kind: str, root: Path, ids: TextColumn, paths: TextColumn, class_names: tuple[str, ...],
                  labels: np.ndarray, hints: np.ndarray, stamps: np.ndarray, *, options: ListOptions, hinted_by: str,
                  key_of: Callable[[int], str], reader: Reader, description: str, label_source: str = "",
-                 warnings: list[str] | None = None) -> Source:
-    """`finish` of columns: `labels` codes, `hints` split codes (UNDECIDED where the source gives none) and
-    [n, 2] `stamps`; the source's samples are a `SampleTable`."""
+                 warnings: list[str] | None = None, locators: Any = None) -> Source:
+    """`finish` of columns: `labels` codes, `hints` split codes (UNDECIDED where the source gives none), [n, 2]
+    `stamps` and the reader's `locators` where they are not the paths; the source's samples are a `SampleTable`."""
     n = len(ids)
     given = int(np.count_nonzero(hints != UNDECIDED))
     mode = split_mode(kind, n, given, options=options, hinted_by=hinted_by, description=description)
@@ -375,7 +375,7 @@ def finish_table(kind: str, root: Path, ids: TextColumn, paths: TextColumn, clas
                               tie_of=ids.__getitem__)  # keys asked for one at a time, kept as 20-byte ranks
         codes = np.where(test, SPLITS.index("test"), SPLITS.index("train")).astype(np.int8)
         split_source = stratified_source(options, hinted_by, given)
-    samples = SampleTable(ids, paths, labels.astype(np.int64, copy=False), codes, stamps)
+    samples = SampleTable(ids, paths, labels.astype(np.int64, copy=False), codes, stamps, locators)
     return _source(kind, root, samples, class_names, split_source, reader, description, label_source,
                    [*(warnings or []), *unlabelled_warning(kind, n, class_names, description)], options)
 

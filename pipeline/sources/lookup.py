@@ -32,9 +32,9 @@ def source_for(made: Provenance) -> Source:
 
 
 def sample_path(kind: str, sample: Sample) -> str:
-    """Where a sample's image lives, as absolute text: the file; for tar shards `shard.tar:key`."""
-    path = os.path.abspath(sample.path)
-    return printable(path if kind != "tar" else f"{path}:{sample.id}")
+    """Where a sample's image lives, as absolute text: the file; for tar shards `shard.tar:key` (which a tar
+    listing's path already is: `pipeline.sources.tar`)."""
+    return printable(str(sample.path) if kind == "tar" else os.path.abspath(sample.path))
 
 
 def stored_paths(store: str | Path | None, ids: Iterable[str]) -> dict[str, str] | None:

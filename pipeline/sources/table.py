@@ -9,6 +9,7 @@ relative to (`FileColumn`), and 8 + 1 + 16 bytes a row of codes and stamps, wher
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -285,17 +286,21 @@ class SplitColumn(Sequence):
 class SampleTable(Sequence):
     """Samples of a listed source as columns: `ids` (TextColumn) and `paths` (TextColumn, or a FileColumn whose
     texts may be the ids themselves), `labels` ([n] int64, -1 unlabelled),
-    `codes` ([n] int8 split codes) and `stamps` ([n, 2] int64). Indexing and iteration build `Sample`s (with the
-    path as text, no locator, the stamp as a pair); `take` selects rows as another table."""
+    `codes` ([n] int8 split codes), `stamps` ([n, 2] int64) and, where the reader takes other locators than the
+    paths (tar members), `locators` (a column with `take`; None: the paths). Indexing and iteration build `Sample`s
+    (with the path as text, the stamp as a pair); `take` selects rows as another table."""
 
-    __slots__ = ("ids", "paths", "labels", "codes", "stamps")
+    __slots__ = ("ids", "paths", "labels", "codes", "stamps", "locators")
 
     def __init__(self, ids: TextColumn, paths: TextColumn | FileColumn, labels: np.ndarray, codes: np.ndarray,
-                 stamps: np.ndarray) -> None:
+                 stamps: np.ndarray, locators: Any = None) -> None:
         n = len(ids)
-        if not (len(paths) == len(labels) == len(codes) == len(stamps) == n):
-            raise ValueError("a sample table needs ids, paths, labels, split codes and stamps of the same length")
+        if not (len(paths) == len(labels) == len(codes) == len(stamps) == n) or (locators is not None
+                                                                                  and len(locators) != n):
+            raise ValueError("a sample table needs ids, paths, labels, split codes, stamps (and locators) of the same "
+                             "length")
         self.ids, self.paths, self.labels, self.codes, self.stamps = ids, paths, labels, codes, stamps
+        self.locators = locators
 
     @property
     def splits(self) -> SplitColumn:
@@ -308,8 +313,8 @@ class SampleTable(Sequence):
         from pipeline.sources.base import Sample
 
         size, mtime = self.stamps[i].tolist()
-        return Sample(self.ids[i], self.paths[i], int(self.labels[i]), SPLIT_CODES[self.codes[i]], None,
-                      (size, mtime))
+        return Sample(self.ids[i], self.paths[i], int(self.labels[i]), SPLIT_CODES[self.codes[i]],
+                      None if self.locators is None else self.locators[i], (size, mtime))
 
     def __getitem__(self, where: Any) -> Any:
         if isinstance(where, slice):
@@ -323,15 +328,18 @@ class SampleTable(Sequence):
             stop = start + _CHUNK
             rows = zip(self.ids.block(start, stop), self.paths.block(start, stop), self.labels[start:stop].tolist(),
                        map(SPLIT_CODES.__getitem__, self.codes[start:stop].tolist()),
-                       map(tuple, self.stamps[start:stop].tolist()), strict=True)
-            yield from (Sample(i, p, lab, s, None, st) for i, p, lab, s, st in rows)
+                       map(tuple, self.stamps[start:stop].tolist()),
+                       itertools.repeat(None) if self.locators is None else self.locators.take(range(start, min(
+                           stop, len(self)))), strict=False)
+            yield from (Sample(i, p, lab, s, at, st) for i, p, lab, s, st, at in rows)
 
     def take(self, where: Any) -> SampleTable:
         positions = _positions(where, len(self))
         ids = self.ids.take(positions)
         shared = isinstance(self.paths, FileColumn) and self.paths.texts is self.ids  # the ids are the path texts
         return SampleTable(ids, FileColumn(self.paths.base, ids) if shared else self.paths.take(positions),
-                           self.labels[positions], self.codes[positions], self.stamps[positions])
+                           self.labels[positions], self.codes[positions], self.stamps[positions],
+                           None if self.locators is None else self.locators.take(positions))
 
     def split_counts(self) -> dict[str, int]:
         counts = np.bincount(self.codes, minlength=len(SPLIT_CODES))

@@ -14,9 +14,14 @@ import json
 import os
 import re
 import tarfile
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.engine.decode import SPLITS, PerProcessReader, check_file_size
 from pipeline.errors import DataError
@@ -26,27 +31,20 @@ from pipeline.sources.base import (
     ListOptions,
     Source,
     check_unique,
-    class_index,
+    class_order,
     content_keys,
-    finish,
+    finish_table,
     label_text,
     printable,
+    recoded,
     split_cell,
 )
+from pipeline.sources.members import MemberBuilder, TarMember
+from pipeline.sources.table import UNDECIDED, TextBuilder
 
 # Which member of a key is the image when several are, and which carry the label.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 LABEL_EXTS = ("cls", "cls.txt", "label", "label.txt")
-
-
-@dataclass(frozen=True)
-class TarMember:
-    """Where a sample's image lies: shard number, byte offset and size of the member (`problem`: why there is none)."""
-
-    shard: int
-    offset: int
-    size: int
-    problem: str = ""
 
 
 class TarReader(PerProcessReader):
@@ -180,83 +178,113 @@ def _tar_meta(fh: Any, members: dict[str, tarfile.TarInfo]) -> tuple[str | None,
     return label, split
 
 
-def folder_labels(keys: list[str]) -> tuple[list[str], list[str | None]] | None:
-    """(class, split folder or None) per key when every key lies in a folder, read as an image folder below the
-    folders all keys share (keeping at least one folder per key); None when some key has no folder."""
-    parts = [k.split("/")[:-1] for k in keys]
-    if not parts or not all(parts):
+def folder_labels(keys: Sequence[str]) -> tuple[dict[str, int], np.ndarray, np.ndarray] | None:
+    """Each key read as an image folder below the folders all keys share (keeping at least one folder per key):
+    (class names numbered in order of appearance, each key's class number, each key's split code or UNDECIDED);
+    None when some key has no folder. Two passes over the keys, nothing kept per key but the two codes."""
+    shared: list[str] | None = None
+    shortest = 0
+    for key in keys:
+        parts = key.split("/")[:-1]
+        if not parts:
+            return None
+        if shared is None:
+            shared, shortest = parts, len(parts)
+        shortest = min(shortest, len(parts))
+        while shared and parts[:len(shared)] != shared:
+            shared = shared[:-1]
+    if shared is None:
         return None
-    shared = 0
-    while all(len(p) > shared + 1 for p in parts) and len({p[shared] for p in parts}) == 1:
-        shared += 1
-    classes, splits = [], []
-    for p in parts:
-        rest = p[shared:]
+    depth = min(len(shared), shortest - 1)
+    classes: dict[str, int] = {}
+    labels = np.empty(len(keys), dtype=np.int32)
+    splits = np.full(len(keys), UNDECIDED, dtype=np.int8)
+    for i, key in enumerate(keys):
+        rest = key.split("/")[depth:-1]
         if rest[0] in SPLITS and len(rest) >= 2:
-            splits.append(rest[0])
-            classes.append(rest[1])
-        else:
-            splits.append(None)
-            classes.append(rest[0])
-    return classes, splits
+            splits[i], rest = SPLITS.index(rest[0]), rest[1:]
+        labels[i] = classes.setdefault(rest[0], len(classes))
+    return classes, labels, splits
 
 
-def _list_shards(shards: list[Path], *, streamed: bool = False) -> dict[str, list]:
-    """The rows of the shards; a member's stamp is (its size, the shard's mtime), or for streamed shards (spooled
-    anew each run) the mtime in the member's own tar header."""
-    rows: dict[str, list] = {k: [] for k in ("ids", "owners", "names", "hints", "members", "stamps")}
-    for number, shard in enumerate(shards):
+@dataclass
+class _Rows:
+    """The listing of the shards as columns, gathered a shard at a time (`add`): ids and `shard:key` paths as text
+    buffers, provisional class codes (numbered in `classes`), split codes from the shards, stamps and members."""
+
+    ids: TextBuilder = field(default_factory=TextBuilder)
+    paths: TextBuilder = field(default_factory=TextBuilder)
+    members: MemberBuilder = field(default_factory=MemberBuilder)
+    classes: dict[str, int] = field(default_factory=dict)
+    labels: list[np.ndarray] = field(default_factory=list)
+    hints: list[np.ndarray] = field(default_factory=list)
+    stamps: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, number: int, shard: Path, *, streamed: bool) -> None:
+        """One shard's keys; a member's stamp is (its size, the shard's mtime), or for streamed shards (spooled
+        anew each run) the mtime in the member's own tar header."""
         shard_mtime = os.stat(shard).st_mtime_ns
         groups = _tar_groups(shard)
         with open(shard, "rb") as fh:
             metas = [_tar_meta(fh, group) for group in groups.values()]
-        for (key, group), (label, split) in zip(groups.items(), metas, strict=True):
-            split = split_cell(split, f"{shard}: key {key!r}")
+        named = _split_from_name(shard.name)
+        labels, hints, offsets, sizes, stamps, problems = [], [], [], [], [], {}
+        for k, ((key, group), (label, split)) in enumerate(zip(groups.items(), metas, strict=True)):
+            split = split_cell(split, f"{shard}: key {key!r}") or named
             image_ext = next((e for e in IMAGE_EXTS if e in group), None)
             if image_ext is None:
-                found = ", ".join(sorted(group))
-                rows["members"].append(TarMember(number, 0, 0, f"no image member for key {key!r} (members: {found})"))
-                rows["stamps"].append((0, 0 if streamed else shard_mtime))
+                problems[k] = f"no image member for key {key!r} (members: {', '.join(sorted(group))})"
+                offsets.append(0), sizes.append(0), stamps.append((0, 0 if streamed else shard_mtime))
             else:
                 info = group[image_ext]
-                rows["members"].append(TarMember(number, info.offset_data, info.size))
-                rows["stamps"].append((info.size, int(info.mtime) * 10**9 if streamed else shard_mtime))
-            rows["ids"].append(key)
-            rows["owners"].append(shard.name)
-            rows["names"].append(label)
-            rows["hints"].append(split or _split_from_name(shard.name))
-    return rows
+                offsets.append(info.offset_data), sizes.append(info.size)
+                stamps.append((info.size, int(info.mtime) * 10**9 if streamed else shard_mtime))
+            labels.append(-1 if label is None else self.classes.setdefault(label, len(self.classes)))
+            hints.append(UNDECIDED if split is None else SPLITS.index(split))
+        keys = pa.array(list(groups), pa.large_string())  # printable: valid UTF-8
+        self.ids.append(keys)
+        prefix = pa.scalar(printable(os.path.abspath(shard)) + ":", pa.large_string())
+        self.paths.append(pc.binary_join_element_wise(prefix, keys, pa.scalar("", pa.large_string())))
+        self.members.add(number, offsets, sizes, problems)
+        self.labels.append(np.array(labels, dtype=np.int32))
+        self.hints.append(np.array(hints, dtype=np.int8))
+        self.stamps.append(np.array(stamps, dtype=np.int64).reshape(-1, 2))
 
 
 def scan_tar_shards(shards: list[Path], options: ListOptions = DEFAULT_OPTIONS, *,
                     addresses: list[str] | None = None) -> Source:
-    """List WebDataset-style tar shards: one sample per key with an image member (a key without one becomes a
-    recorded failure); duplicate keys across shards are an error. `addresses`: where streamed shards came from
-    (`pipeline.sources.stream`), for the description."""
+    """List WebDataset-style tar shards as columns (a `SampleTable` whose locators are a `MemberColumn`): one
+    sample per key with an image member (a key without one becomes a recorded failure); duplicate keys across
+    shards are an error. `addresses`: where streamed shards came from (`pipeline.sources.stream`), for the
+    description."""
     if not shards:
         raise DataError(f"no tar shards given; {DATA_HINT}")
-    rows = _list_shards(shards, streamed=addresses is not None)
-    ids, names, hints = rows["ids"], rows["names"], rows["hints"]
-    if not ids:
+    rows = _Rows()
+    for number, shard in enumerate(shards):
+        rows.add(number, shard, streamed=addresses is not None)
+    ids, paths, members = rows.ids.finish(), rows.paths.finish(), rows.members.finish()
+    if not len(ids):
         raise DataError(f"the {len(shards)} tar shard(s) hold no samples (expected members like KEY.jpg + KEY.cls)")
-    check_unique(ids, f"{len(shards)} tar shard(s)", owners=rows["owners"])
-    label_source = "KEY.cls / KEY.json members" if any(n is not None for n in names) else ""
+    if not ids.distinct():
+        check_unique(list(ids), f"{len(shards)} tar shard(s)", owners=[shards[k].name for k in members.rows["shard"]])
+    provisional, hints, classes = np.concatenate(rows.labels), np.concatenate(rows.hints), rows.classes
+    stamps = np.concatenate(rows.stamps)
+    del rows
+    label_source = "KEY.cls / KEY.json members" if classes else ""
     if not label_source and (from_folders := folder_labels(ids)) is not None:
-        names = from_folders[0]
-        hints = [h if h is not None else f for h, f in zip(hints, from_folders[1], strict=True)]
+        classes, provisional, folder_splits = from_folders
+        hints = np.where(hints != UNDECIDED, hints, folder_splits).astype(np.int8)
         label_source = "member folders"
-    class_names, labels = class_index(names)
+    class_names, remap = class_order(classes)
     reader = TarReader(tuple(shards))
-
-    key_of = content_keys(options, ids, rows["stamps"], lambda i: reader.read(rows["members"][i],
-                                                                               options.max_file_bytes))
+    key_of = content_keys(options, ids, stamps, lambda i: reader.read(members[i], options.max_file_bytes))
     named = addresses or [str(p) for p in shards]
     description = named[0] if len(named) == 1 else f"{named[0]} .. {named[-1]} ({len(named)} shards)"
     if addresses is not None:
         description += ", streamed"
-    return finish("tar", shards[0].parent, ids, [shards[m.shard] for m in rows["members"]], class_names, labels,
-                  hints, options=options, hinted_by="shards", key_of=key_of, reader=reader, description=description,
-                  locators=rows["members"], stamps=rows["stamps"], label_source=label_source)
+    return finish_table("tar", shards[0].parent, ids, paths, class_names, recoded(provisional, remap), hints, stamps,
+                        options=options, hinted_by="shards", key_of=key_of, reader=reader, description=description,
+                        label_source=label_source, locators=members)
 
 
 def open_if_mine(data: str, options: ListOptions) -> Source | None:

@@ -1,0 +1,102 @@
+"""Where tar samples lie, as columns: a `MemberColumn` holds each member's shard number, byte offset and size in one
+structured array (20 bytes a row, pickled to the decode workers as that array), not a `TarMember` object per row;
+indexing builds the `TarMember` the reader takes. A key without an image member keeps its reason (`problem`) in a
+small dict, by row."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MEMBER = np.dtype([("shard", "<i4"), ("offset", "<i8"), ("size", "<i8")])
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """Where a sample's image lies: shard number, byte offset and size of the member (`problem`: why there is none)."""
+
+    shard: int
+    offset: int
+    size: int
+    problem: str = ""
+
+
+class MemberColumn(Sequence):
+    """`TarMember`s as a [n] `MEMBER` array and the problems of the rows that have one (row -> reason)."""
+
+    __slots__ = ("rows", "problems")
+
+    def __init__(self, rows: np.ndarray, problems: Mapping[int, str] | None = None) -> None:
+        if rows.dtype != MEMBER or rows.ndim != 1:
+            raise ValueError(f"tar member rows must be a 1-d array of {MEMBER}, not {rows.dtype} x {rows.shape}")
+        self.rows, self.problems = rows, dict(problems or {})
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, where: Any) -> Any:
+        if isinstance(where, slice):
+            return self.take(np.arange(len(self))[where])
+        i = operator.index(where)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {where} of {len(self)} tar members")
+        shard, offset, size = self.rows[i].tolist()
+        return TarMember(shard, offset, size, self.problems.get(i, ""))
+
+    def __iter__(self) -> Iterator[TarMember]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def take(self, where: Any) -> MemberColumn:
+        """The rows at these positions (an array or sequence of row numbers)."""
+        positions = np.asarray(where, dtype=np.int64).reshape(-1)
+        if len(positions) and (positions.min() < -len(self) or positions.max() >= len(self)):
+            raise IndexError(f"rows outside {len(self)} tar members")
+        positions = np.where(positions < 0, positions + len(self), positions)
+        problems = {}
+        if self.problems:
+            wanted = np.fromiter(self.problems, dtype=np.int64, count=len(self.problems))
+            for new in np.flatnonzero(np.isin(positions, wanted)).tolist():
+                problems[new] = self.problems[int(positions[new])]
+        return MemberColumn(self.rows[positions], problems)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, MemberColumn):
+            return bool(np.array_equal(self.rows, other.rows)) and self.problems == other.problems
+        return isinstance(other, Sequence) and not isinstance(other, str) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"MemberColumn({len(self)} members, {len(self.problems)} without an image)"
+
+
+class MemberBuilder:
+    """A `MemberColumn` built a shard at a time: each shard's members as an array, joined once at the end."""
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+        self.problems: dict[int, str] = {}
+        self.rows = 0
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def add(self, shard: int, offsets: list[int], sizes: list[int], problems: Mapping[int, str]) -> None:
+        """One shard's members in row order: the image member's offset and size (0 and 0 where `problems`, by row
+        within the shard, says why there is none)."""
+        part = np.zeros(len(offsets), dtype=MEMBER)
+        part["shard"], part["offset"], part["size"] = shard, offsets, sizes
+        self.problems.update((self.rows + k, reason) for k, reason in problems.items())
+        self.parts.append(part)
+        self.rows += len(part)
+
+    def finish(self) -> MemberColumn:
+        rows = np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=MEMBER)
+        return MemberColumn(rows, self.problems)

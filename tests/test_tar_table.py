@@ -1,0 +1,107 @@
+"""Tar shards listed as columns: the keys, `shard:key` paths, labels, splits and stamps as arrays and the members as
+a `MemberColumn` (not a `Sample` and a `TarMember` per key), giving the same samples, store listing and fingerprint
+as the tuples they replace."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from pipeline.engine.resolve import data_fingerprint, decoding_policy, source_listing
+from pipeline.sources import open_source
+from pipeline.sources.base import ListOptions, Source
+from pipeline.sources.lookup import sample_path
+from pipeline.sources.members import MEMBER, MemberBuilder, MemberColumn, TarMember
+from pipeline.sources.table import UNDECIDED, SampleTable
+from pipeline.sources.tar import folder_labels
+from tests.sources_data import write_shard
+
+
+def _members(n: int, problems: dict[int, str]) -> MemberColumn:
+    builder = MemberBuilder()
+    builder.add(0, list(range(0, 10 * n, 10)), [3] * n, problems)
+    builder.add(1, [512, 0], [7, 0], {1: "no image member for key 'z'"})
+    return builder.finish()
+
+
+def test_member_column_rows_problems_take_and_pickle():
+    column = _members(5, {2: "no image member for key 'c'"})
+    assert len(column) == 7 and column.rows.dtype == MEMBER
+    assert column[1] == TarMember(0, 10, 3) and column[-1] == TarMember(1, 0, 0, "no image member for key 'z'")
+    assert column[2].problem == "no image member for key 'c'" and column[5] == TarMember(1, 512, 7)
+    picked = column.take(np.array([6, 2, 0, 2]))
+    assert list(picked) == [column[6], column[2], column[0], column[2]]
+    assert picked.problems == {0: "no image member for key 'z'", 1: column[2].problem, 3: column[2].problem}
+    assert list(column[1:3]) == [column[1], column[2]] and column.take([-1])[0] == column[6]
+    assert pickle.loads(pickle.dumps(column)) == column
+    with pytest.raises(IndexError):
+        column[7]
+    with pytest.raises(IndexError):
+        column.take([7])
+    with pytest.raises(ValueError, match="1-d array"):
+        MemberColumn(np.zeros((2, 3), dtype=np.int64))
+    many = _members(100_000, {})
+    assert len(pickle.dumps(many)) < 21 * len(many) + 1000  # the 20-byte rows, not an object per member
+
+
+def _shards(tmp_path):
+    write_shard(tmp_path / "train-000.tar", [(f"k{i}.jpg", bytes([i]) * (i + 2)) for i in range(6)]
+                + [(f"k{i}.cls", str(i % 2).encode()) for i in range(6)] + [("lost.cls", b"1")])
+    write_shard(tmp_path / "test-001.tar", [(f"t{i}.png", bytes([9, i]) * 3) for i in range(4)]
+                + [(f"t{i}.cls", str(i % 2).encode()) for i in range(4)])
+    return tmp_path
+
+
+def test_tar_shards_list_as_a_table_of_members(tmp_path):
+    source = open_source(str(_shards(tmp_path)))
+    samples = source.samples
+    assert isinstance(samples, SampleTable) and isinstance(samples.locators, MemberColumn)
+    ids = [f"t{i}" for i in range(4)] + [f"k{i}" for i in range(6)] + ["lost"]  # shards in name order
+    assert list(samples.ids) == ids and source.class_names == ("0", "1")
+    assert samples.labels.tolist() == [0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1]
+    assert source.split_counts() == {"train": 7, "test": 4} and source.split_source == "shards"
+    test, train = (os.path.abspath(tmp_path / name) for name in ("test-001.tar", "train-000.tar"))
+    expected = [f"{test}:{i}" for i in ids[:4]] + [f"{train}:{i}" for i in ids[4:]]
+    assert list(samples.paths) == expected == list(source_listing(source).paths)
+    assert [sample_path("tar", s) for s in samples] == expected
+    lost = source.samples[10]
+    assert lost.locator.problem == "no image member for key 'lost' (members: cls)" and lost.stamp[0] == 0
+    assert samples.stamps[:, 0].tolist() == [6, 6, 6, 6, 2, 3, 4, 5, 6, 7, 0]  # each image member's size
+    assert samples.stamps[:, 1].tolist() == [os.stat(test).st_mtime_ns] * 4 + [os.stat(train).st_mtime_ns] * 7
+    at = source.locators(np.array([1, 7]))
+    assert isinstance(at, MemberColumn) and [source.reader.read(m) for m in at] == [bytes([9, 1]) * 3, bytes([3]) * 5]
+    assert [source.reader.read(s.locator) for s in samples.take([4, 3])] == [bytes([0]) * 2, bytes([9, 3]) * 3]
+    assert source.content_hash(10) == ""  # a key without an image: no hash, so the row is recomputed (and fails)
+
+
+def test_tar_table_listing_equals_its_tuples(tmp_path):
+    """The table's store listing and fingerprint equal those of the same samples as tuples (the listing's other
+    code path), for given, stratified and undecided splits."""
+    data = str(_shards(tmp_path))
+    decoding = decoding_policy({})
+    for split in ("auto", "stratified", "none"):
+        table = open_source(data, ListOptions(split=split, test_fraction=0.4))
+        tuples = Source(table.kind, table.root, tuple(table.samples), table.class_names, table.split_source,
+                        table.reader)
+        assert isinstance(tuples.samples[0].locator, TarMember)
+        assert data_fingerprint(table, source_listing(table), decoding) == \
+            data_fingerprint(tuples, source_listing(tuples), decoding)
+    stratified = open_source(data, ListOptions(split="stratified", test_fraction=0.4))
+    again = open_source(data, ListOptions(split="stratified", test_fraction=0.4, seed=1))
+    assert stratified.split_counts()["test"] >= 3 and list(stratified.samples.splits) != list(again.samples.splits)
+
+
+def test_folder_labels_from_member_folders():
+    classes, labels, splits = folder_labels(["data/train/cat/1", "data/train/dog/2", "data/test/cat/3",
+                                             "data/dog/4"])
+    assert classes == {"cat": 0, "dog": 1} and labels.tolist() == [0, 1, 0, 1]
+    assert splits.tolist() == [0, 0, 2, UNDECIDED]
+    classes, labels, _ = folder_labels(["only/a/x", "only/b/y"])  # the shared folder is not the class
+    assert classes == {"a": 0, "b": 1} and labels.tolist() == [0, 1]
+    classes, labels, _ = folder_labels(["a/x", "a/y"])  # one folder: it is the class, though shared
+    assert classes == {"a": 0} and labels.tolist() == [0, 0]
+    assert folder_labels(["a/x", "y"]) is None
+    assert folder_labels([]) is None
