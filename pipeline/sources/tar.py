@@ -41,6 +41,7 @@ from pipeline.sources.base import (
 )
 from pipeline.sources.members import MemberBuilder, TarMember
 from pipeline.sources.table import UNDECIDED, TextBuilder
+from pipeline.sources.tarheaders import Entry, plain_entries
 
 # Which member of a key is the image when several are, and which carry the label.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -114,33 +115,43 @@ def _split_from_name(name: str) -> str | None:
     return None
 
 
-def _tar_groups(shard: Path) -> dict[str, dict[str, tarfile.TarInfo]]:
+def _tar_groups(shard: Path) -> dict[str, dict[str, Entry]]:
     """key → {extension: member} for one shard, in member order (WebDataset: the key is the path up to the first
-    dot of the file name, the extension is the rest)."""
+    dot of the file name, the extension is the rest). A plain ustar shard's headers are read directly
+    (`plain_entries`), any other by `tarfile`."""
     with open(shard, "rb") as fh:
         magic = fh.read(3)
     if magic[:2] == b"\x1f\x8b" or magic == b"BZh" or magic[:3] == b"\xfd7z":
         raise DataError(f"{shard} is compressed; shards are read in place by offset, so they must be plain .tar "
                         "(images are compressed already): decompress it (e.g. gunzip) and point --data at the .tar")
-    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    entries = plain_entries(shard)
+    if entries is None:
+        entries = _read_by_tarfile(shard)
+    groups: dict[str, dict[str, Entry]] = {}
+    for entry in entries:
+        folder, _, base = entry.name.rpartition("/")
+        stem, dot, ext = base.partition(".")
+        if not dot or base.startswith("."):
+            continue
+        key = f"{folder}/{stem}" if folder else stem
+        groups.setdefault(printable(key), {})[ext.lower()] = entry
+    return groups
+
+
+def _read_by_tarfile(shard: Path) -> list[Entry]:
     count = 0
     try:
         with tarfile.open(shard, "r:") as tar:
+            entries = []
             for member in tar:
                 count += 1
-                if not member.isfile():
-                    continue
-                folder, _, base = member.name.rpartition("/")
-                stem, dot, ext = base.partition(".")
-                if not dot or base.startswith("."):
-                    continue
-                key = f"{folder}/{stem}" if folder else stem
-                groups.setdefault(printable(key), {})[ext.lower()] = member
-        _check_whole(shard, tar)
+                if member.isfile():
+                    entries.append(Entry(member.name, member.offset_data, member.size, int(member.mtime)))
+            _check_whole(shard, tar)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DataError(f"{shard} is not a readable tar file after {count} member(s) ({exc}); re-create the shard "
                         "or leave it out of --data") from exc
-    return groups
+    return entries
 
 
 def _check_whole(shard: Path, tar: tarfile.TarFile) -> None:
@@ -156,7 +167,7 @@ def _check_whole(shard: Path, tar: tarfile.TarFile) -> None:
             raise tarfile.ReadError("truncated: no end-of-archive marker after the last member")
 
 
-def _tar_meta(fh: Any, members: dict[str, tarfile.TarInfo]) -> tuple[str | None, Any]:
+def _tar_meta(fh: Any, members: dict[str, Entry]) -> tuple[str | None, Any]:
     """(label, split as given) of one key from its `.cls` or `.json` member (`fh`: the shard, open for reading)."""
     def text(ext: str) -> str:
         fh.seek(members[ext].offset_data)
