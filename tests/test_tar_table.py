@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from pipeline.engine.resolve import data_fingerprint, decoding_policy, source_listing
+from pipeline.errors import DataError
 from pipeline.sources import open_source
 from pipeline.sources.base import ListOptions, Source
 from pipeline.sources.lookup import sample_path
 from pipeline.sources.members import MEMBER, MemberBuilder, MemberColumn, TarMember
 from pipeline.sources.table import UNDECIDED, SampleTable
-from pipeline.sources.tar import folder_labels
+from pipeline.sources.tar import folder_labels, scan_tar_shards
 from tests.sources_data import write_shard
 
 
@@ -105,3 +106,36 @@ def test_folder_labels_from_member_folders():
     assert classes == {"a": 0} and labels.tolist() == [0, 0]
     assert folder_labels(["a/x", "y"]) is None
     assert folder_labels([]) is None
+
+
+def test_many_shards_are_read_by_processes_as_they_are_here(tmp_path, caplog):
+    """From `parallel_from` keys (judged by the first shard) the other shards are read by forkserver processes; the
+    listing is the one read here, with each shard's own class numbering mapped to the listing's, and a bad shard's
+    error is the same."""
+    named = {}
+    for s in range(7):
+        keys = [f"s{s}k{i}" for i in range(5)]
+        named.update({k: ("cat", "dog", "emu")[(s + i) % 3 if s % 2 else (s * i) % 2] for i, k in enumerate(keys)})
+        write_shard(tmp_path / f"{('train', 'test')[s % 3 == 1]}-{s:03d}.tar",
+                    [(f"{k}.jpg", bytes([s, i]) * (i + 1)) for i, k in enumerate(keys)]
+                    + [(f"{k}.cls", named[k].encode()) for k in keys])  # shards name their classes in other orders
+    shards = sorted(tmp_path.glob("*.tar"))
+    decoding = decoding_policy({})
+    here = scan_tar_shards(shards, workers=1)
+    with caplog.at_level("INFO"):
+        there = scan_tar_shards(shards, workers=2, parallel_from=20)
+    assert "in this process" not in caplog.text
+    assert list(there.samples) == list(here.samples) and len(here) == 35
+    assert there.class_names == here.class_names == ("cat", "dog", "emu")
+    assert {s.id: here.class_names[s.label] for s in there.samples} == named
+    assert data_fingerprint(there, source_listing(there), decoding) == \
+        data_fingerprint(here, source_listing(here), decoding)
+    raw = shards[4].read_bytes()
+    shards[4].write_bytes(raw[:len(raw) // 2])  # cut: refused, by a process as here
+    with pytest.raises(DataError, match=f"{shards[4].name} is not a readable tar file") as by_process:
+        scan_tar_shards(shards, workers=2, parallel_from=20)
+    with pytest.raises(DataError) as by_this:
+        scan_tar_shards(shards, workers=1)
+    assert str(by_process.value) == str(by_this.value)
+    assert type(by_process.value.__cause__).__name__ == "_RemoteTraceback"  # raised in a listing process
+    assert type(by_this.value.__cause__).__name__ != "_RemoteTraceback"

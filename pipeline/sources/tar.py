@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 import tarfile
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -40,8 +42,11 @@ from pipeline.sources.base import (
     split_cell,
 )
 from pipeline.sources.members import MemberBuilder, TarMember
+from pipeline.sources.stamps import stat_workers
 from pipeline.sources.table import UNDECIDED, TextBuilder
 from pipeline.sources.tarheaders import Entry, plain_entries
+
+log = logging.getLogger(__name__)
 
 # Which member of a key is the image when several are, and which carry the label.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -218,6 +223,47 @@ def folder_labels(keys: Sequence[str]) -> tuple[dict[str, int], np.ndarray, np.n
     return classes, labels, splits
 
 
+class ShardRows(NamedTuple):
+    """One shard's keys as columns (what a listing process returns): the keys, the label texts they name
+    (`classes`, numbered here) and each key's number among them (-1: none), split codes, the image members' offsets
+    and sizes (and by row, why a key has none), and stamps: a member's (size, the shard's mtime), or for streamed
+    shards (spooled anew each run) the mtime in the member's own tar header."""
+
+    keys: pa.Array
+    classes: list[str]
+    labels: np.ndarray
+    hints: np.ndarray
+    offsets: list[int]
+    sizes: list[int]
+    problems: dict[int, str]
+    stamps: np.ndarray
+
+
+def read_shard(shard: Path, streamed: bool) -> ShardRows:
+    shard_mtime = os.stat(shard).st_mtime_ns
+    groups = _tar_groups(shard)
+    with open(shard, "rb") as fh:
+        metas = [_tar_meta(fh, group) for group in groups.values()]
+    named = _split_from_name(shard.name)
+    classes: dict[str, int] = {}
+    labels, hints, offsets, sizes, stamps, problems = [], [], [], [], [], {}
+    for k, ((key, group), (label, split)) in enumerate(zip(groups.items(), metas, strict=True)):
+        split = split_cell(split, f"{shard}: key {key!r}") or named
+        image_ext = next((e for e in IMAGE_EXTS if e in group), None)
+        if image_ext is None:
+            problems[k] = f"no image member for key {key!r} (members: {', '.join(sorted(group))})"
+            offsets.append(0), sizes.append(0), stamps.append((0, 0 if streamed else shard_mtime))
+        else:
+            info = group[image_ext]
+            offsets.append(info.offset_data), sizes.append(info.size)
+            stamps.append((info.size, int(info.mtime) * 10**9 if streamed else shard_mtime))
+        labels.append(-1 if label is None else classes.setdefault(label, len(classes)))
+        hints.append(UNDECIDED if split is None else SPLITS.index(split))
+    return ShardRows(pa.array(list(groups), pa.large_string()), list(classes), np.array(labels, dtype=np.int32),
+                     np.array(hints, dtype=np.int8), offsets, sizes, problems,
+                     np.array(stamps, dtype=np.int64).reshape(-1, 2))  # the keys are printable: valid UTF-8
+
+
 @dataclass
 class _Rows:
     """The listing of the shards as columns, gathered a shard at a time (`add`): ids and `shard:key` paths as text
@@ -231,48 +277,70 @@ class _Rows:
     hints: list[np.ndarray] = field(default_factory=list)
     stamps: list[np.ndarray] = field(default_factory=list)
 
-    def add(self, number: int, shard: Path, *, streamed: bool) -> None:
-        """One shard's keys; a member's stamp is (its size, the shard's mtime), or for streamed shards (spooled
-        anew each run) the mtime in the member's own tar header."""
-        shard_mtime = os.stat(shard).st_mtime_ns
-        groups = _tar_groups(shard)
-        with open(shard, "rb") as fh:
-            metas = [_tar_meta(fh, group) for group in groups.values()]
-        named = _split_from_name(shard.name)
-        labels, hints, offsets, sizes, stamps, problems = [], [], [], [], [], {}
-        for k, ((key, group), (label, split)) in enumerate(zip(groups.items(), metas, strict=True)):
-            split = split_cell(split, f"{shard}: key {key!r}") or named
-            image_ext = next((e for e in IMAGE_EXTS if e in group), None)
-            if image_ext is None:
-                problems[k] = f"no image member for key {key!r} (members: {', '.join(sorted(group))})"
-                offsets.append(0), sizes.append(0), stamps.append((0, 0 if streamed else shard_mtime))
-            else:
-                info = group[image_ext]
-                offsets.append(info.offset_data), sizes.append(info.size)
-                stamps.append((info.size, int(info.mtime) * 10**9 if streamed else shard_mtime))
-            labels.append(-1 if label is None else self.classes.setdefault(label, len(self.classes)))
-            hints.append(UNDECIDED if split is None else SPLITS.index(split))
-        keys = pa.array(list(groups), pa.large_string())  # printable: valid UTF-8
-        self.ids.append(keys)
+    def add(self, number: int, shard: Path, part: ShardRows) -> None:
+        self.ids.append(part.keys)
         prefix = pa.scalar(printable(os.path.abspath(shard)) + ":", pa.large_string())
-        self.paths.append(pc.binary_join_element_wise(prefix, keys, pa.scalar("", pa.large_string())))
-        self.members.add(number, offsets, sizes, problems)
-        self.labels.append(np.array(labels, dtype=np.int32))
-        self.hints.append(np.array(hints, dtype=np.int8))
-        self.stamps.append(np.array(stamps, dtype=np.int64).reshape(-1, 2))
+        self.paths.append(pc.binary_join_element_wise(prefix, part.keys, pa.scalar("", pa.large_string())))
+        self.members.add(number, part.offsets, part.sizes, part.problems)
+        remap = np.array([self.classes.setdefault(name, len(self.classes)) for name in part.classes] or [-1],
+                         dtype=np.int32)
+        self.labels.append(np.where(part.labels >= 0, remap[part.labels], -1).astype(np.int32))
+        self.hints.append(part.hints)
+        self.stamps.append(part.stamps)
+
+
+PARALLEL_TAR_KEYS = 1 << 19  # about 10 us a key: from 500k keys (judged by the first shard) processes pay off
+
+
+def _read_shards(shards: list[Path], streamed: bool, workers: int, parallel_from: int = PARALLEL_TAR_KEYS) -> _Rows:
+    """Every shard's rows, in order: the first here, then, when the shards look like `parallel_from` keys or more,
+    the others in `workers` processes (the forkserver the decode stage uses), else here."""
+    rows = _Rows()
+    first = read_shard(shards[0], streamed)
+    rows.add(0, shards[0], first)
+    rest = shards[1:]
+    if workers > 1 and len(rest) > 1 and len(first.keys) * len(shards) >= parallel_from:
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            for number, part in enumerate(_in_processes(rest, streamed, workers), 1):
+                rows.add(number, shards[number], part)
+            return rows
+        except (OSError, RuntimeError, AssertionError, BrokenProcessPool) as exc:  # e.g. in a daemonic worker
+            log.info("reading the %d shards in this process (%s: %s)", len(shards), type(exc).__name__, exc)
+            rows = _Rows()
+            rows.add(0, shards[0], first)
+    for number, shard in enumerate(rest, 1):
+        rows.add(number, shard, read_shard(shard, streamed))
+    return rows
+
+
+def _in_processes(shards: list[Path], streamed: bool, workers: int) -> Iterator[ShardRows]:
+    """`read_shard` of each shard by `workers` processes, in order, at most two shards a process in flight."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from pipeline.engine.loader import forkserver_context
+
+    pending: deque = deque()
+    with ProcessPoolExecutor(workers, mp_context=forkserver_context()) as pool:
+        for shard in shards:
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+            pending.append(pool.submit(read_shard, shard, streamed))
+        while pending:
+            yield pending.popleft().result()
 
 
 def scan_tar_shards(shards: list[Path], options: ListOptions = DEFAULT_OPTIONS, *,
-                    addresses: list[str] | None = None) -> Source:
+                    addresses: list[str] | None = None, workers: int | None = None,
+                    parallel_from: int = PARALLEL_TAR_KEYS) -> Source:
     """List WebDataset-style tar shards as columns (a `SampleTable` whose locators are a `MemberColumn`): one
     sample per key with an image member (a key without one becomes a recorded failure); duplicate keys across
     shards are an error. `addresses`: where streamed shards came from (`pipeline.sources.stream`), for the
-    description."""
+    description. Many shards are read by `workers` processes (`_read_shards`)."""
     if not shards:
         raise DataError(f"no tar shards given; {DATA_HINT}")
-    rows = _Rows()
-    for number, shard in enumerate(shards):
-        rows.add(number, shard, streamed=addresses is not None)
+    rows = _read_shards(shards, addresses is not None, stat_workers() if workers is None else workers, parallel_from)
     ids, paths, members = rows.ids.finish(), rows.paths.finish(), rows.members.finish()
     if not len(ids):
         raise DataError(f"the {len(shards)} tar shard(s) hold no samples (expected members like KEY.jpg + KEY.cls)")
