@@ -16,7 +16,7 @@ from pipeline.sources import open_source
 from pipeline.sources.base import ListOptions, Source
 from pipeline.sources.lookup import sample_path
 from pipeline.sources.members import MEMBER, MemberBuilder, MemberColumn, TarMember
-from pipeline.sources.table import UNDECIDED, SampleTable
+from pipeline.sources.table import UNDECIDED, SampleTable, TextColumn
 from pipeline.sources.tar import folder_labels, scan_tar_shards
 from tests.sources_data import write_shard
 
@@ -139,3 +139,28 @@ def test_many_shards_are_read_by_processes_as_they_are_here(tmp_path, caplog):
     assert str(by_process.value) == str(by_this.value)
     assert type(by_process.value.__cause__).__name__ == "_RemoteTraceback"  # raised in a listing process
     assert type(by_this.value.__cause__).__name__ != "_RemoteTraceback"
+
+
+def test_shard_paths_read_and_hash_as_the_joined_texts(monkeypatch):
+    """`ShardPaths` (each shard's path once, and the keys) reads, takes and hashes as the TextColumn of the joined
+    `shard.tar:key` texts, block by block (blocks of 3 rows here)."""
+    import hashlib
+
+    from pipeline.sources import members
+
+    monkeypatch.setattr(members, "_BLOCK", 3)
+    prefixes = ["/data/s-000.tar:", "/données/été-001.tar:", "/x\\xff.tar:"]
+    keys = TextColumn.from_strings([f"k{i}" if i % 4 else f"dir/clé{i}" for i in range(11)])
+    shards = np.array([0, 0, 1, 2, 1, 1, 0, 2, 2, 0, 1], dtype=np.int32)
+    paths = members.ShardPaths(prefixes, shards, keys)
+    joined = [prefixes[s] + k for s, k in zip(shards.tolist(), keys, strict=True)]
+    assert list(paths) == joined and [paths[i] for i in range(11)] == joined and paths[-1] == joined[-1]
+    assert list(paths.block(2, 7)) == joined[2:7] and list(paths.block(9, 40)) == joined[9:]
+    assert list(paths.take(np.array([10, 0, 3]))) == [joined[10], joined[0], joined[3]] and list(paths[1:3]) == \
+        joined[1:3]
+    ours, theirs = hashlib.sha256(), hashlib.sha256()
+    paths.digest_into(ours)
+    TextColumn.from_strings(joined).digest_into(theirs)
+    assert ours.hexdigest() == theirs.hexdigest()
+    with pytest.raises(IndexError):
+        paths[11]

@@ -1,7 +1,7 @@
 """Where tar samples lie, as columns: a `MemberColumn` holds each member's shard number, byte offset and size in one
 structured array (20 bytes a row, pickled to the decode workers as that array), not a `TarMember` object per row;
 indexing builds the `TarMember` the reader takes. A key without an image member keeps its reason (`problem`) in a
-small dict, by row."""
+small dict, by row. `ShardPaths`: their `shard.tar:key` texts as each shard's path once and the keys."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.sources.table import TextColumn
 
 MEMBER = np.dtype([("shard", "<i4"), ("offset", "<i8"), ("size", "<i8")])
 
@@ -100,3 +104,68 @@ class MemberBuilder:
     def finish(self) -> MemberColumn:
         rows = np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=MEMBER)
         return MemberColumn(rows, self.problems)
+
+
+class ShardPaths(Sequence):
+    """The `shard.tar:key` texts of tar samples (what the store's path column records) as each shard's path once and
+    the keys column, not a text per row: reads as the TextColumn of the joined texts would (by row, in blocks as
+    TextColumns, hashed the same), joining a block at a time with arrow's kernel."""
+
+    __slots__ = ("prefixes", "shards", "keys")
+
+    def __init__(self, prefixes: Sequence[str], shards: np.ndarray, keys: TextColumn) -> None:
+        if len(shards) != len(keys):
+            raise ValueError("tar paths need a shard number for every key")
+        self.prefixes, self.shards, self.keys = list(prefixes), shards, keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, where: Any) -> Any:
+        if isinstance(where, slice):
+            return self.take(np.arange(len(self))[where])
+        key = self.keys[where]  # IndexError for a row outside
+        return self.prefixes[int(self.shards[operator.index(where)])] + key
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self), _BLOCK):
+            yield from self.block(start, start + _BLOCK)
+
+    def take(self, where: Any) -> ShardPaths:
+        positions = np.asarray(where, dtype=np.int64).reshape(-1)
+        return ShardPaths(self.prefixes, self.shards[positions], self.keys.take(positions))
+
+    def _joined(self, start: int, stop: int) -> pa.Array:
+        shards = pa.array(np.ascontiguousarray(self.shards[start:stop], dtype=np.int32))
+        prefixes = pa.array(self.prefixes, pa.large_string()).take(shards)
+        return pc.binary_join_element_wise(prefixes, self.keys.block(start, stop).to_arrow(),
+                                           pa.scalar("", pa.large_string()))
+
+    def block(self, start: int, stop: int) -> TextColumn:
+        return TextColumn.from_arrow(self._joined(start, min(stop, len(self))))
+
+    def digest_into(self, digest: Any) -> None:
+        """`TextColumn.digest_into` of the joined texts: their offsets (from the lengths, without joining), then
+        their bytes a block at a time."""
+        lengths = np.array([len(p.encode("utf-8", "surrogateescape")) for p in self.prefixes] or [0], dtype=np.int64)
+        digest.update(np.zeros(1, dtype="<i8"))
+        total = 0
+        for start in range(0, len(self), _BLOCK):
+            stop = min(start + _BLOCK, len(self))
+            ends = np.cumsum(lengths[self.shards[start:stop]] + np.diff(self.keys.offsets[start:stop + 1])) + total
+            digest.update(ends.astype("<i8"))
+            total = int(ends[-1])
+        for start in range(0, len(self), _BLOCK):
+            digest.update(self.block(start, start + _BLOCK).data)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and not isinstance(other, str) and len(self) == len(other) and \
+            all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ShardPaths({len(self)} keys in {len(self.prefixes)} shards)"
+
+
+_BLOCK = 1 << 16

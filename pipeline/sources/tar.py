@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.engine.decode import SPLITS, PerProcessReader, check_file_size
 from pipeline.errors import DataError
@@ -41,7 +40,7 @@ from pipeline.sources.base import (
     recoded,
     split_cell,
 )
-from pipeline.sources.members import MemberBuilder, TarMember
+from pipeline.sources.members import MemberBuilder, ShardPaths, TarMember
 from pipeline.sources.stamps import stat_workers
 from pipeline.sources.table import UNDECIDED, TextBuilder
 from pipeline.sources.tarheaders import Entry, plain_entries
@@ -266,21 +265,18 @@ def read_shard(shard: Path, streamed: bool) -> ShardRows:
 
 @dataclass
 class _Rows:
-    """The listing of the shards as columns, gathered a shard at a time (`add`): ids and `shard:key` paths as text
-    buffers, provisional class codes (numbered in `classes`), split codes from the shards, stamps and members."""
+    """The listing of the shards as columns, gathered a shard at a time (`add`): ids as a text buffer, provisional
+    class codes (numbered in `classes`), split codes from the shards, stamps and members."""
 
     ids: TextBuilder = field(default_factory=TextBuilder)
-    paths: TextBuilder = field(default_factory=TextBuilder)
     members: MemberBuilder = field(default_factory=MemberBuilder)
     classes: dict[str, int] = field(default_factory=dict)
     labels: list[np.ndarray] = field(default_factory=list)
     hints: list[np.ndarray] = field(default_factory=list)
     stamps: list[np.ndarray] = field(default_factory=list)
 
-    def add(self, number: int, shard: Path, part: ShardRows) -> None:
+    def add(self, number: int, part: ShardRows) -> None:
         self.ids.append(part.keys)
-        prefix = pa.scalar(printable(os.path.abspath(shard)) + ":", pa.large_string())
-        self.paths.append(pc.binary_join_element_wise(prefix, part.keys, pa.scalar("", pa.large_string())))
         self.members.add(number, part.offsets, part.sizes, part.problems)
         remap = np.array([self.classes.setdefault(name, len(self.classes)) for name in part.classes] or [-1],
                          dtype=np.int32)
@@ -297,21 +293,21 @@ def _read_shards(shards: list[Path], streamed: bool, workers: int, parallel_from
     the others in `workers` processes (the forkserver the decode stage uses), else here."""
     rows = _Rows()
     first = read_shard(shards[0], streamed)
-    rows.add(0, shards[0], first)
+    rows.add(0, first)
     rest = shards[1:]
     if workers > 1 and len(rest) > 1 and len(first.keys) * len(shards) >= parallel_from:
         from concurrent.futures.process import BrokenProcessPool
 
         try:
             for number, part in enumerate(_in_processes(rest, streamed, workers), 1):
-                rows.add(number, shards[number], part)
+                rows.add(number, part)
             return rows
         except (OSError, RuntimeError, AssertionError, BrokenProcessPool) as exc:  # e.g. in a daemonic worker
             log.info("reading the %d shards in this process (%s: %s)", len(shards), type(exc).__name__, exc)
             rows = _Rows()
-            rows.add(0, shards[0], first)
+            rows.add(0, first)
     for number, shard in enumerate(rest, 1):
-        rows.add(number, shard, read_shard(shard, streamed))
+        rows.add(number, read_shard(shard, streamed))
     return rows
 
 
@@ -341,7 +337,8 @@ def scan_tar_shards(shards: list[Path], options: ListOptions = DEFAULT_OPTIONS, 
     if not shards:
         raise DataError(f"no tar shards given; {DATA_HINT}")
     rows = _read_shards(shards, addresses is not None, stat_workers() if workers is None else workers, parallel_from)
-    ids, paths, members = rows.ids.finish(), rows.paths.finish(), rows.members.finish()
+    ids, members = rows.ids.finish(), rows.members.finish()
+    paths = ShardPaths([printable(os.path.abspath(shard)) + ":" for shard in shards], members.rows["shard"], ids)
     if not len(ids):
         raise DataError(f"the {len(shards)} tar shard(s) hold no samples (expected members like KEY.jpg + KEY.cls)")
     if not ids.distinct():
