@@ -156,12 +156,18 @@ def make_shards(work: Path, rows: int) -> Path:
     return folder
 
 
+def _listed(work: Path, data: Path, rows: int, what: str) -> tuple[dict, dict]:
+    """The CHECK child's run of `data`: its wall time and peaks, and its figures; it must list `rows` rows."""
+    listed, figures = _child(CHECK, [str(data)], work)
+    if figures["rows"] != rows:
+        raise SystemExit(f"the {rows} {what} listed {figures['rows']} rows")
+    listed.update(self_peak_mib=figures.pop("self_peak_mib"), children_peak_mib=figures.pop("children_peak_mib"))
+    return listed, figures
+
+
 def _tar_size(work: Path, rows: int, args: argparse.Namespace) -> dict:
     folder = make_shards(work, rows)
-    listed, figures = _child(CHECK, [str(folder)], work)
-    if figures["rows"] != rows:
-        raise SystemExit(f"the {rows} keys of the shards listed {figures['rows']} rows")
-    listed.update(self_peak_mib=figures.pop("self_peak_mib"), children_peak_mib=figures.pop("children_peak_mib"))
+    listed, figures = _listed(work, folder, rows, "keys of the shards")
     print(f"{rows:>10,} tar keys: listing {listed['seconds']:.1f} s ({figures['list_s']:.1f} read the shards, "
           f"{figures['listing_s']:.1f} listing, {figures['fingerprint_s']:.1f} fingerprint), peak RSS "
           f"{listed['self_peak_mib']:.0f} MiB; {figures['test']:,} test rows", flush=True)
@@ -190,8 +196,7 @@ def _manifest_size(work: Path, rows: int, args: argparse.Namespace) -> dict:
 def _stratified_size(work: Path, rows: int, args: argparse.Namespace) -> dict:
     """A manifest without a split column: listing it reads and hashes every file to split it by content."""
     manifest = make_source(work, rows, args.files, splits=False)
-    listed, figures = _child(CHECK, [str(manifest)], work)
-    listed.update(self_peak_mib=figures.pop("self_peak_mib"), children_peak_mib=figures.pop("children_peak_mib"))
+    listed, figures = _listed(work, manifest, rows, "rows of the manifest")
     print(f"{rows:>10,} rows split by content: listing {listed['seconds']:.1f} s ({figures['list_s']:.1f} list, "
           f"hash and split, {figures['listing_s']:.1f} listing, {figures['fingerprint_s']:.1f} fingerprint), "
           f"peak RSS {listed['self_peak_mib']:.0f} MiB; {figures['test']:,} test rows", flush=True)
@@ -201,10 +206,7 @@ def _stratified_size(work: Path, rows: int, args: argparse.Namespace) -> dict:
 
 def _folder_size(work: Path, rows: int, args: argparse.Namespace) -> dict:
     root = make_folder(work, rows)
-    listed, figures = _child(CHECK, [str(root)], work)
-    if figures["rows"] != rows:
-        raise SystemExit(f"the folder of {rows} files listed {figures['rows']} rows")
-    listed.update(self_peak_mib=figures.pop("self_peak_mib"), children_peak_mib=figures.pop("children_peak_mib"))
+    listed, figures = _listed(work, root, rows, "files of the folder")
     print(f"{rows:>10,} files: listing {listed['seconds']:.1f} s ({figures['list_s']:.1f} walk and stat, "
           f"{figures['listing_s']:.1f} listing, {figures['fingerprint_s']:.1f} fingerprint), peak RSS "
           f"{listed['self_peak_mib']:.0f} MiB", flush=True)
