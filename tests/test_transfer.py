@@ -84,3 +84,26 @@ def test_the_full_loop_refuses_large_sets_and_bad_options_are_one_line(tmp_path,
     with pytest.raises(SystemExit) as exit_:
         main(["transfer", "--data", "d", "--out-dir", str(tmp_path), "--blocks", "one"])
     assert exit_.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_the_full_loop_reads_a_tar_store_through_its_reader(tmp_path):
+    """The reference loop decodes a tar store's images in place (the shard's reader at each member's offset), as
+    the extraction did: one epoch, every split scored (it read the shard path as an image file before)."""
+    from pipeline.config import FullFinetuneConfig
+    from pipeline.engine.runner import extract_to_store
+    from pipeline.evaluation.full_finetune import full_finetune
+    from pipeline.plan import ExtractConfig
+    from tests.sources_data import digit_images, png_bytes, webdataset_members, write_shard
+
+    images, labels = digit_images(36)
+    data = [png_bytes(im) for im in images]
+    for split, rows in (("train", range(0, 27)), ("test", range(27, 36))):
+        write_shard(tmp_path / "shards" / f"{split}-000.tar", webdataset_members(
+            [f"k{i:02d}" for i in rows], [data[i] for i in rows], [int(labels[i]) % 3 for i in rows]))
+    store = tmp_path / "s.h5"
+    extract_to_store(ExtractConfig.of(data=str(tmp_path / "shards"), out=store, backbone=TINY_BACKBONE,
+                                      random_init=True, workers=0, progress=False))
+    result = full_finetune(FullFinetuneConfig(store=store, out=tmp_path / "f.json", epochs=1, batch_size=8,
+                                              device="cpu", resamples=0))
+    assert result["n_test"] == 9 and result["n_train"] + result["n_val"] == 27 and len(result["history"]) == 1
+    assert 0 <= result["test_top1"] <= 1 and json.loads((tmp_path / "f.json").read_text())["n_test"] == 9

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from PIL import Image
 
 from pipeline.backbones.factory import OVERRIDABLE, create_backbone
 from pipeline.backbones.model import PRE_LOGITS, Backbone
-from pipeline.engine.decode import Decoding, FileReader, decode, load_plugins, read_file
+from pipeline.engine.decode import Decoding, FileReader, Reader, decode, load_plugins, read_file
 from pipeline.engine.forward import l2_normalize
 from pipeline.engine.resolve import decoding_policy
 from pipeline.errors import PipelineError
@@ -67,15 +68,18 @@ def embed_files_hashed(paths: Iterable[str | Path], backbone: Backbone, *, decod
     return np.concatenate(out).astype(np.float32), hashes
 
 
-def transformed_files(paths: Iterable[str | Path], transform, decoding: Decoding) -> tuple[list[torch.Tensor],
-                                                                                       list[str]]:
-    """Image files decoded as a store's images were and passed through `transform`, with their content hashes. An
-    unreadable file is an error naming it; no files at all is an error too."""
+def transformed_files(paths: Iterable[Any], transform, decoding: Decoding, reader: Reader | None = None) -> tuple[
+        list[torch.Tensor], list[str]]:
+    """Image files decoded as a store's images were and passed through `transform`, with their content hashes (or,
+    with a source's `reader`, the images at its locators: tar members, dataset items). An unreadable file is an
+    error naming it; no files at all is an error too."""
     load_plugins(decoding.plugins)
     tensors, hashes = [], []
     for path in paths:
         try:
-            image, digest = decode(read_file(path, decoding.max_file_bytes), decoding)
+            raw = read_file(path, decoding.max_file_bytes) if reader is None else reader.read(path,
+                                                                                             decoding.max_file_bytes)
+            image, digest = decode(raw, decoding)
         except Exception as exc:  # noqa: BLE001 - any decode problem is the user's file: say which and why
             raise PipelineError(f"cannot read the image {path}: {type(exc).__name__}: {exc}") from None
         tensors.append(transform(image))

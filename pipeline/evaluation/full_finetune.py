@@ -25,16 +25,18 @@ from pipeline.store.read import FeatureSet
 log = logging.getLogger(__name__)
 
 
-def _batches(transform, paths: list[str], rows: np.ndarray, batch: int, decoding, device):
+def _batches(loop: _Loop, transform, rows: np.ndarray):
     from pipeline.engine.embed import transformed_files
 
-    for i in range(0, len(rows), batch):
-        chunk = rows[i:i + batch]
-        yield chunk, torch.stack(transformed_files([paths[r] for r in chunk], transform, decoding)[0]).to(device)
+    for i in range(0, len(rows), loop.config.batch_size):
+        chunk = rows[i:i + loop.config.batch_size]
+        images = transformed_files([loop.locators[int(r)] for r in chunk], transform, loop.decoding, loop.reader)[0]
+        yield chunk, torch.stack(images).to(loop.device)
 
 
 class _Loop:
-    """The whole network and a head, trained from image files."""
+    """The whole network and a head, trained from the images, read through the source's reader (files, tar
+    members, dataset items)."""
 
     def __init__(self, fs: FeatureSet, config: FullFinetuneConfig, classes: np.ndarray) -> None:
         from pipeline.backbones.factory import training_transform
@@ -55,11 +57,11 @@ class _Loop:
         self.train_transform = training_transform(self.backbone)
         self.decoding = decoding_policy(self.backbone.data_config, DecodeSpec(alpha=made.alpha))
         source = source_for(made)
-        where = {s.id: str(s.path) for s in source.samples}
+        where = {s.id: k for k, s in enumerate(source.samples)}
         missing = [str(i) for i in fs.ids if str(i) not in where]
         if missing:
             raise PipelineError(f"{len(missing)} images of the store are no longer in its source (e.g. {missing[0]})")
-        self.paths = [where[str(i)] for i in fs.ids]
+        self.locators, self.reader = source.locators([where[str(i)] for i in fs.ids]), source.reader
         index = {int(c): k for k, c in enumerate(classes)}
         self.target = np.array([index.get(int(v), -1) for v in fs.labels], dtype=np.int64)
         self.optimizer = torch.optim.AdamW([{"params": self.net.parameters(), "lr": config.lr_block},
@@ -74,8 +76,7 @@ class _Loop:
         self.net.eval()
         outs = []
         with torch.no_grad():
-            for _, images in _batches(self.backbone.transform, self.paths, rows, self.config.batch_size,
-                                      self.decoding, self.device):
+            for _, images in _batches(self, self.backbone.transform, rows):
                 outs.append(self.logits(images).float().cpu())
         logits = torch.cat(outs)
         return float(self.loss(logits, torch.from_numpy(self.target[rows]))), logits.numpy()
@@ -83,8 +84,7 @@ class _Loop:
     def epoch(self, order: np.ndarray, schedule: Any) -> float:
         self.net.train()
         total = 0.0
-        for chunk, images in _batches(self.train_transform, self.paths, order, self.config.batch_size,
-                                      self.decoding, self.device):
+        for chunk, images in _batches(self, self.train_transform, order):
             loss = self.loss(self.logits(images), torch.from_numpy(self.target[chunk]).to(self.device))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
