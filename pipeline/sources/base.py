@@ -111,7 +111,8 @@ class Source:
 
     def locators(self, positions: Iterable[int] | None = None) -> Sequence:
         """Where each sample (all, or those at `positions`) is read from. A table's are its paths as a column
-        (`FileColumn`/`TextColumn`: one buffer, not a string per row), which is what the decode workers receive."""
+        (`FileColumn`/`TextColumn`: one buffer, not a string per row) or, for tar shards, its `MemberColumn`: what
+        the decode workers receive."""
         if isinstance(self.samples, SampleTable):  # the paths, unless the table has other locators (tar members)
             column = self.samples.paths if self.samples.locators is None else self.samples.locators
             if positions is None:

@@ -284,8 +284,8 @@ class SplitColumn(Sequence):
 
 
 class SampleTable(Sequence):
-    """Samples of a listed source as columns: `ids` (TextColumn) and `paths` (TextColumn, or a FileColumn whose
-    texts may be the ids themselves), `labels` ([n] int64, -1 unlabelled),
+    """Samples of a listed source as columns: `ids` (TextColumn) and `paths` (TextColumn, a FileColumn whose texts
+    may be the ids themselves, or tar `ShardPaths`), `labels` ([n] int64, -1 unlabelled),
     `codes` ([n] int8 split codes), `stamps` ([n, 2] int64) and, where the reader takes other locators than the
     paths (tar members), `locators` (a column with `take`; None: the paths). Indexing and iteration build `Sample`s
     (with the path as text, the stamp as a pair); `take` selects rows as another table."""
