@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.backbones.factory import OVERRIDABLE, create_backbone
 from pipeline.backbones.model import PRE_LOGITS, Backbone
-from pipeline.engine.decode import Decoding, FileReader, Reader, decode, load_plugins, read_file
+from pipeline.engine.decode import Decoding, FileReader, Reader, decode, load_plugins
 from pipeline.engine.forward import l2_normalize
 from pipeline.engine.resolve import decoding_policy
 from pipeline.errors import PipelineError
@@ -74,12 +74,11 @@ def transformed_files(paths: Iterable[Any], transform, decoding: Decoding, reade
     with a source's `reader`, the images at its locators: tar members, dataset items). An unreadable file is an
     error naming it; no files at all is an error too."""
     load_plugins(decoding.plugins)
+    reader = reader or FileReader()
     tensors, hashes = [], []
     for path in paths:
         try:
-            raw = read_file(path, decoding.max_file_bytes) if reader is None else reader.read(path,
-                                                                                             decoding.max_file_bytes)
-            image, digest = decode(raw, decoding)
+            image, digest = decode(reader.read(path, decoding.max_file_bytes), decoding)
         except Exception as exc:  # noqa: BLE001 - any decode problem is the user's file: say which and why
             raise PipelineError(f"cannot read the image {path}: {type(exc).__name__}: {exc}") from None
         tensors.append(transform(image))

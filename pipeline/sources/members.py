@@ -89,9 +89,6 @@ class MemberBuilder:
         self.problems: dict[int, str] = {}
         self.rows = 0
 
-    def __len__(self) -> int:
-        return self.rows
-
     def add(self, shard: int, offsets: list[int], sizes: list[int], problems: Mapping[int, str]) -> None:
         """One shard's members in row order: the image member's offset and size (0 and 0 where `problems`, by row
         within the shard, says why there is none)."""
@@ -111,12 +108,13 @@ class ShardPaths(Sequence):
     the keys column, not a text per row: reads as the TextColumn of the joined texts would (by row, in blocks as
     TextColumns, hashed the same), joining a block at a time with arrow's kernel."""
 
-    __slots__ = ("prefixes", "shards", "keys")
+    __slots__ = ("prefixes", "shards", "keys", "_prefixes")
 
     def __init__(self, prefixes: Sequence[str], shards: np.ndarray, keys: TextColumn) -> None:
         if len(shards) != len(keys):
             raise ValueError("tar paths need a shard number for every key")
         self.prefixes, self.shards, self.keys = list(prefixes), shards, keys
+        self._prefixes = pa.array(self.prefixes, pa.large_string())  # taken by shard number for each block
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -137,7 +135,7 @@ class ShardPaths(Sequence):
 
     def _joined(self, start: int, stop: int) -> pa.Array:
         shards = pa.array(np.ascontiguousarray(self.shards[start:stop], dtype=np.int32))
-        prefixes = pa.array(self.prefixes, pa.large_string()).take(shards)
+        prefixes = self._prefixes.take(shards)
         return pc.binary_join_element_wise(prefixes, self.keys.block(start, stop).to_arrow(),
                                            pa.scalar("", pa.large_string()))
 

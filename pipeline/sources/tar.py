@@ -10,13 +10,14 @@ train/val/test, else those split folders, else stratified.
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import os
 import re
 import tarfile
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -291,23 +292,21 @@ PARALLEL_TAR_KEYS = 1 << 19  # about 10 us a key: from 500k keys (judged by the 
 def _read_shards(shards: list[Path], streamed: bool, workers: int, parallel_from: int = PARALLEL_TAR_KEYS) -> _Rows:
     """Every shard's rows, in order: the first here, then, when the shards look like `parallel_from` keys or more,
     the others in `workers` processes (the forkserver the decode stage uses), else here."""
-    rows = _Rows()
     first = read_shard(shards[0], streamed)
-    rows.add(0, first)
-    rest = shards[1:]
-    if workers > 1 and len(rest) > 1 and len(first.keys) * len(shards) >= parallel_from:
+    if workers > 1 and len(shards) > 2 and len(first.keys) * len(shards) >= parallel_from:
         from concurrent.futures.process import BrokenProcessPool
 
         try:
-            for number, part in enumerate(_in_processes(rest, streamed, workers), 1):
-                rows.add(number, part)
-            return rows
+            return _gathered(first, _in_processes(shards[1:], streamed, workers))
         except (OSError, RuntimeError, AssertionError, BrokenProcessPool) as exc:  # e.g. in a daemonic worker
             log.info("reading the %d shards in this process (%s: %s)", len(shards), type(exc).__name__, exc)
-            rows = _Rows()
-            rows.add(0, first)
-    for number, shard in enumerate(rest, 1):
-        rows.add(number, read_shard(shard, streamed))
+    return _gathered(first, (read_shard(shard, streamed) for shard in shards[1:]))
+
+
+def _gathered(first: ShardRows, rest: Iterable[ShardRows]) -> _Rows:
+    rows = _Rows()
+    for number, part in enumerate(itertools.chain([first], rest)):
+        rows.add(number, part)
     return rows
 
 
