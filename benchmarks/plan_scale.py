@@ -11,7 +11,9 @@ process per size and way, computes the data fingerprint the store's is compared 
 The two fingerprints must be equal. The backbone is not built (a fixed cost) and no image is read (a manifest with
 splits needs no content). `--source stratified` lists a manifest without a split column instead (distinct file
 contents): every file is read and hashed to split it by content; `--source folder` an image folder; `--source
-tar` WebDataset tar shards. Reports wall
+tar` WebDataset tar shards, whose `check` is what the up-to-date check computes of them: each shard's stats
+hashed (`shards_stamp`), which must equal the stamp the listing gave (the store's attributes and the backbone are
+a fixed cost beside it). Reports wall
 time per phase, each child's own peak RSS (its getrusage when the work is done; the stat processes' largest in
 `children_peak_mib`; wait4's figure, which also counts the interpreter's teardown, in `peak_rss_mib`) and the growth
 between sizes.
@@ -44,8 +46,8 @@ from pipeline.engine.resolve import data_fingerprint, decoding_policy, source_li
 from pipeline.sources.base import ListOptions
 """
 _RESULT = """
-print("RESULT", json.dumps({"rows": rows, "fingerprint": fingerprint, **{k: round(v, 3) for k, v in t.items()},
-                            **peak()}), flush=True)
+print("RESULT", json.dumps({"rows": rows, "fingerprint": fingerprint, **peak(),
+                            **{k: round(v, 6) if isinstance(v, float) else v for k, v in t.items()}}), flush=True)
 os._exit(0)  # no interpreter teardown: it can raise the process's peak RSS by 100 MiB or more (torch's)
 """
 
@@ -62,6 +64,7 @@ start = time.perf_counter()
 fingerprint, rows = data_fingerprint(source, listing, decoding_policy({})), len(source)
 t["fingerprint_s"] = time.perf_counter() - start
 t["test"] = source.split_counts().get("test", 0)
+t["stamp"] = getattr(source, "stamp", "")  # tar shards: their stats, which the store records (older code: none)
 """ + _RESULT
 
 STREAMED = _PRELUDE + """
@@ -72,6 +75,15 @@ start = time.perf_counter()
 many = int(sys.argv[2]) >= PARALLEL_STAT_ROWS
 fingerprint, rows = manifest_fingerprint(sys.argv[1], ListOptions(), decoding_policy({}),
                                          workers=stat_workers() if many else 1)
+t["check_s"] = time.perf_counter() - start
+""" + _RESULT
+
+
+SHARDS = _PRELUDE + """
+from pipeline.sources.tar import shards_stamp, tar_shards
+t = {"import_s": time.perf_counter() - start}
+start = time.perf_counter()
+fingerprint, rows = shards_stamp(tar_shards(sys.argv[1])), int(sys.argv[2])
 t["check_s"] = time.perf_counter() - start
 """ + _RESULT
 
@@ -168,11 +180,19 @@ def _listed(work: Path, data: Path, rows: int, what: str) -> tuple[dict, dict]:
 def _tar_size(work: Path, rows: int, args: argparse.Namespace) -> dict:
     folder = make_shards(work, rows)
     listed, figures = _listed(work, folder, rows, "keys of the shards")
+    checked, stamped = _child(SHARDS, [str(folder), str(rows)], work)
+    if stamped["fingerprint"] != figures["stamp"]:
+        raise SystemExit(f"at {rows} keys the check's stamp of the shards {stamped['fingerprint']} is not the "
+                         f"listing's {figures['stamp']!r}")
+    checked.update(self_peak_mib=stamped["self_peak_mib"], children_peak_mib=stamped["children_peak_mib"],
+                   check_s=stamped["check_s"])
     print(f"{rows:>10,} tar keys: listing {listed['seconds']:.1f} s ({figures['list_s']:.1f} read the shards, "
           f"{figures['listing_s']:.1f} listing, {figures['fingerprint_s']:.1f} fingerprint), peak RSS "
-          f"{listed['self_peak_mib']:.0f} MiB; {figures['test']:,} test rows", flush=True)
+          f"{listed['self_peak_mib']:.0f} MiB; {figures['test']:,} test rows; check of the shards' stats "
+          f"{checked['check_s'] * 1000:.1f} ms after the imports, peak RSS {checked['self_peak_mib']:.0f} MiB",
+          flush=True)
     shutil.rmtree(folder)
-    return {"rows": rows, "listing": listed, **figures}
+    return {"rows": rows, "listing": listed, "check": checked, **figures}
 
 
 def _manifest_size(work: Path, rows: int, args: argparse.Namespace) -> dict:

@@ -145,7 +145,8 @@ def dask_runner(workers: int, address: str | None = None) -> Any:
 
 @task(name="check-current", cache_policy=NO_CACHE, task_run_name="check-{backbone}")
 def check_current_task(dataset: DatasetSpec, backbone: str, output_dir: str, spec: ExtractSpec) -> dict | None:
-    """The merged store's summary when it is current (a manifest source, checked without listing it), else None."""
+    """The merged store's summary when it is current (a manifest or tar source, checked without listing it), else
+    None."""
     from pipeline.engine.parts import current_merged
 
     found = current_merged(recipe.extract_config(dataset, backbone, output_dir, spec, progress=False))

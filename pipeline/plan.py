@@ -307,6 +307,7 @@ class Provenance:
     spatial_dtype: str = ""
     views: int = 0  # --views: augmented views stored per training image
     view_transform: str = ""  # their transform, as its library prints it
+    source_stamp: str = ""  # tar shards: their stats bound to the fingerprint they gave (`engine.current`)
 
     def to_attrs(self) -> dict[str, Any]:
         """The store attributes: JSON strings for the structured ones (h5py stores only plain values)."""

@@ -119,7 +119,7 @@ def test_an_unchanged_manifest_is_found_current_without_listing_and_a_change_is_
     assert first.returncode == 0 and "16 extracted" in first.stdout, first.stderr
     again = extract()
     assert again.returncode == 0 and "is up to date (16 rows" in again.stdout, again.stderr
-    assert "found without listing the manifest" in again.stderr
+    assert "found without listing the source" in again.stderr
     Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "data" / "img" / "16.png")
     manifest.write_text(manifest.read_text() + "img/16.png,c0,test\n")  # one image more
     more = extract()  # the first pass shows the new row: no stats, the listing follows and extracts it
@@ -129,7 +129,7 @@ def test_an_unchanged_manifest_is_found_current_without_listing_and_a_change_is_
     changed = extract()
     assert changed.returncode == 0 and "1 extracted" in changed.stdout and "16 unchanged kept" in changed.stdout
     assert "without listing" not in changed.stderr, changed.stderr
-    assert "found without listing the manifest" in extract().stderr
+    assert "found without listing the source" in extract().stderr
     store = (elsewhere / "s.h5").read_bytes()
     manifest.write_text(manifest.read_text().replace("img/7.png,c1,train", "img/7.png,c1,tarin"))
     bad = extract()

@@ -1,6 +1,10 @@
-"""The up-to-date check of a store made from a manifest, without listing the manifest: its data fingerprint streamed
-in a few passes over the file, a block of rows at a time, so that a scheduled run over millions of unchanged images
-holds a few blocks, not the listing's columns (about 70 bytes a row), before it finds there is nothing to do.
+"""The up-to-date check of a store made from a manifest or from tar shards, without listing the source.
+
+A manifest: its data fingerprint streamed in a few passes over the file, a block of rows at a time, so that a
+scheduled run over millions of unchanged images holds a few blocks, not the listing's columns (about 70 bytes a
+row), before it finds there is nothing to do. Tar shards: the shards' own stats (`shards_stamp`; one stat a shard,
+not a header read a member), which the store recorded bound to the fingerprint they gave, the listing options and
+the decoding policy (`source_stamp`): unchanged, the listing would give the recorded fingerprint again.
 
 The fingerprint is `data_fingerprint` of the listing `scan_manifest` would give, byte for byte: the class names
 (pass 1: every label text), the rows with their stamps (pass 2: the stats, in processes for millions of rows),
@@ -24,11 +28,13 @@ from pipeline.engine.decode import Decoding, load_plugins
 from pipeline.engine.resolve import (
     absolute_data,
     build_backbone,
+    data_options,
     decoding_policy,
     fingerprint_digest,
     list_options,
     listing_lines,
     plan_key,
+    source_stamp,
 )
 from pipeline.errors import PipelineError
 from pipeline.plan import ExtractConfig, Provenance
@@ -43,7 +49,9 @@ from pipeline.sources.manifest import (
     regular_or_not,
 )
 from pipeline.sources.stamps import PARALLEL_STAT_ROWS, stamp_blocks, stat_workers
+from pipeline.sources.stream import is_stream
 from pipeline.sources.table import UNDECIDED, SplitColumn, TextColumn, digest_files, file_cells
+from pipeline.sources.tar import shards_stamp, tar_shards
 from pipeline.store.read import is_current, read_attrs
 from pipeline.store.reuse import Listing
 from pipeline.store.schema import layout_attrs
@@ -125,20 +133,41 @@ def _streamed(path: Path, first: ManifestCoder, options: ListOptions, decoding: 
     return digest.hexdigest()[:32]
 
 
+def shards_fingerprint(config: ExtractConfig, made: Provenance, decoding: Decoding,
+                       recorded: str) -> tuple[str, int] | None:
+    """(the store's fingerprint, its rows) when the tar shards `config` names are the ones the store was made from,
+    unchanged (their stats, as `recorded` bound them to that fingerprint, these listing options and this decoding
+    policy); None when anything differs, or the shards cannot be found (the listing says why)."""
+    data = absolute_data(config.source.data)
+    if not recorded or is_stream(data):
+        return None
+    try:
+        shards = tar_shards(data)
+        stamp = shards_stamp(shards) if shards else ""
+    except (PipelineError, OSError):
+        return None
+    if source_stamp("tar", stamp, made.data_fingerprint, data_options(config), decoding) != recorded:
+        log.info("the tar shards of %s, the listing options or the decoding policy changed: listing them", data)
+        return None
+    return made.data_fingerprint, made.num_images
+
+
 def check_without_listing(config: ExtractConfig, backbone: Backbone | None) -> tuple[int | None, Backbone | None]:
-    """Whether the store at `config.out` is current for a manifest source, found without listing it: (its rows,
-    or None when it is not current or this cannot tell; the backbone, built here when the check needed one and
-    none was given, for the listing that follows)."""
+    """Whether the store at `config.out` is current for a manifest or tar source, found without listing it: (its
+    rows, or None when it is not current or this cannot tell; the backbone, built here when the check needed one
+    and none was given, for the listing that follows)."""
     out, run, s = Path(config.out), config.run, config.source
     data = absolute_data(s.data)
-    if run.overwrite or run.check_content or s.views or Path(data).suffix.lower() not in MANIFEST_FORMATS \
-            or not out.is_file():
+    if run.overwrite or run.check_content or s.views or not out.is_file():
         return None, backbone
     try:
         attrs = read_attrs(out)
     except PipelineError:
         return None, backbone
-    if not attrs.get("complete") or attrs.get("source") != "manifest" or attrs.get("data") != data:
+    kind = attrs.get("source")
+    manifest = kind == "manifest" and Path(data).suffix.lower() in MANIFEST_FORMATS
+    stamped = kind == "tar" and bool(attrs.get("source_stamp"))  # stores of older releases have none
+    if not attrs.get("complete") or not (manifest or stamped) or attrs.get("data") != data:
         return None, backbone
     load_plugins(config.decode.image_plugins)
     backbone = build_backbone(config) if backbone is None else backbone
@@ -149,8 +178,11 @@ def check_without_listing(config: ExtractConfig, backbone: Backbone | None) -> t
     made = Provenance.from_attrs(attrs)
     if not isinstance(made.num_images, int | np.integer) or not isinstance(made.class_names, list):
         return None, backbone  # not what extract writes: the listing's check decides
-    found = manifest_fingerprint(data, list_options(config, known=False), decoding, expect=made,
-                                 workers=stat_workers() if made.num_images >= PARALLEL_STAT_ROWS else 1)
+    if manifest:
+        found = manifest_fingerprint(data, list_options(config, known=False), decoding, expect=made,
+                                     workers=stat_workers() if made.num_images >= PARALLEL_STAT_ROWS else 1)
+    else:
+        found = shards_fingerprint(config, made, decoding, str(attrs.get("source_stamp") or ""))
     layout = layout_attrs(shard_rows=config.layout.shard_rows, compression=config.layout.compression)
     if found is None or not is_current(out, key=key, fingerprint=found[0], layout=layout, data=data):
         return None, backbone

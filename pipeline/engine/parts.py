@@ -25,6 +25,7 @@ from pipeline.engine.resolve import (
     data_options,
     open_source_with_views,
     source_listing,
+    source_stamp,
 )
 from pipeline.engine.runner import ExtractResult, extract_to_store
 from pipeline.errors import PipelineError, StoreError
@@ -86,9 +87,11 @@ def _merged_provenance(config: ExtractConfig, source: Source, parts: list[dict])
     first = Provenance.from_attrs(parts[0])
     listing = source_listing(source)
     fingerprint = data_fingerprint(source, listing, Decoding.from_attrs(first.decoding))
+    options = data_options(config)
     return dataclasses.replace(first, data_fingerprint=fingerprint, source_description=source.description,
-                               num_images=len(source), data=absolute_data(config.source.data),
-                               data_options=data_options(config)), listing
+                               num_images=len(source), data=absolute_data(config.source.data), data_options=options,
+                               source_stamp=source_stamp(source.kind, source.stamp, fingerprint, options,
+                                                         Decoding.from_attrs(first.decoding))), listing
 
 
 def merge_parts(config: ExtractConfig, parts: int, *, block_rows: int = 65536) -> ExtractResult:
@@ -149,7 +152,7 @@ def _copy_rows(writer: StoreWriter, listing: Listing, paths: list[Path], dim: in
 
 
 def current_merged(config: ExtractConfig) -> ExtractResult | None:
-    """The merged store's result when it is current for a manifest source, found without listing the source
+    """The merged store's result when it is current for a manifest or tar source, found without listing it
     (`check_without_listing`), so that no part runs; else None (the parts and the merge check their own stores,
     and report what is wrong: e.g. here, the coordinator, may have no GPU for `--device cuda`)."""
     try:
@@ -159,7 +162,7 @@ def current_merged(config: ExtractConfig) -> ExtractResult | None:
         return None
     if rows is None:
         return None
-    log.info("%s is up to date (found without listing the manifest); no part runs", config.out)
+    log.info("%s is up to date (found without listing the source); no part runs", config.out)
     return ExtractResult(str(config.out), rows, 0, True, 0.0, 0.0, backbone.name, backbone.dim)
 
 

@@ -103,6 +103,16 @@ def data_fingerprint(source: Source, listing: Listing, decoding: Decoding) -> st
     return digest.hexdigest()[:32]
 
 
+def source_stamp(kind: str, stamp: str, fingerprint: str, options: dict[str, Any], decoding: Decoding) -> str:
+    """What the store records so that the up-to-date check need not list the source again ("" when it must): the
+    source's own `stamp` (tar shards: their stats, `Source.stamp`) bound to the fingerprint the listing gave, to how
+    it was listed (`data_options`) and to the decoding policy, the other inputs of that fingerprint."""
+    if not stamp:
+        return ""
+    bound = json.dumps([kind, stamp, fingerprint, options, decoding.as_attrs()], sort_keys=True)
+    return hashlib.sha256(bound.encode()).hexdigest()[:32]
+
+
 def fingerprint_digest(class_names: Sequence[str], decoding: Decoding) -> Any:
     """The fingerprint's hash before the rows: the class names, then the decoding policy."""
     digest = hashlib.sha256(json.dumps(list(class_names)).encode())
@@ -226,7 +236,9 @@ class Plan:
             data_fingerprint=self.fingerprint, versions=library_versions(), preprocessing_overrides=b.overrides,
             transform=transform_text(b.transform), spatial_layer=b.spatial_layer or "",
             spatial_shape=list(b.spatial_shape), spatial_dtype=self.spatial_dtype, views=self.config.source.views,
-            view_transform=transform_text(self.train_transform) if self.train_transform is not None else "")
+            view_transform=transform_text(self.train_transform) if self.train_transform is not None else "",
+            source_stamp=source_stamp(source.kind, source.stamp if self.data else "", self.fingerprint,
+                                      data_options(self.config), self.decoding))
 
     @property
     def spatial_dtype(self) -> str:

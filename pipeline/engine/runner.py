@@ -78,10 +78,10 @@ def extract_to_store(config: ExtractConfig, *, backbone: Backbone | None = None,
     is called from the writer thread after each committed batch.
     """
     optimize = backbone is None
-    if source is None:  # a manifest's store found current without listing the manifest
+    if source is None:  # a manifest's or tar shards' store found current without listing them
         rows, backbone = check_without_listing(config, backbone)
         if rows is not None:
-            log.info("%s is up to date (found without listing the manifest); no forward pass", config.out)
+            log.info("%s is up to date (found without listing the source); no forward pass", config.out)
             return ExtractResult(str(config.out), rows, 0, True, 0.0, 0.0, backbone.name, backbone.dim)
     plan = resolve_plan(config, backbone=backbone, source=source, optimize=optimize)
     if plan.is_current():

@@ -99,6 +99,7 @@ class Source:
     label_source: str = ""
     warnings: tuple[str, ...] = ()
     max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES
+    stamp: str = ""  # the stats of the files the listing was read from, where they alone fix it (tar shards)
 
     def __len__(self) -> int:
         return len(self.samples)

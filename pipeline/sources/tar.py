@@ -9,7 +9,9 @@ train/val/test, else those split folders, else stratified.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import hashlib
 import itertools
 import json
 import logging
@@ -111,6 +113,20 @@ def tar_shards(data: str | Path) -> list[Path]:
     if missing:
         raise DataError(f"{len(missing)} of {len(names)} tar shard(s) do not exist (e.g. {missing[0]}); check --data")
     return [Path(n) for n in names]
+
+
+SHARDS_LISTING = 1  # raise it when a change of `scan_tar_shards` gives unchanged shards another listing
+
+
+def shards_stamp(shards: Sequence[Path]) -> str:
+    """The shards as the up-to-date check compares them, hashed: each one's absolute path, size, mtime and inode
+    (a shard rewritten in place, or replaced by another file, reads as changed; the stamp a folder's files get).
+    `SHARDS_LISTING` is in it: a release that lists the same shards differently makes every stamp differ."""
+    digest = hashlib.sha256(f"tar shards, listing {SHARDS_LISTING}\n".encode())
+    for shard in shards:
+        st = os.stat(shard)
+        digest.update(os.fsencode(os.path.abspath(shard)) + f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode())
+    return digest.hexdigest()[:32]
 
 
 def _split_from_name(name: str) -> str | None:
@@ -335,6 +351,7 @@ def scan_tar_shards(shards: list[Path], options: ListOptions = DEFAULT_OPTIONS, 
     description. Many shards are read by `workers` processes (`_read_shards`)."""
     if not shards:
         raise DataError(f"no tar shards given; {DATA_HINT}")
+    stamp = shards_stamp(shards) if addresses is None else ""  # before reading: a shard changed meanwhile differs
     rows = _read_shards(shards, addresses is not None, stat_workers() if workers is None else workers, parallel_from)
     ids, members = rows.ids.finish(), rows.members.finish()
     paths = ShardPaths([printable(os.path.abspath(shard)) + ":" for shard in shards], members.rows["shard"], ids)
@@ -357,9 +374,10 @@ def scan_tar_shards(shards: list[Path], options: ListOptions = DEFAULT_OPTIONS, 
     description = named[0] if len(named) == 1 else f"{named[0]} .. {named[-1]} ({len(named)} shards)"
     if addresses is not None:
         description += ", streamed"
-    return finish_table("tar", shards[0].parent, ids, paths, class_names, recoded(provisional, remap), hints, stamps,
-                        options=options, hinted_by="shards", key_of=key_of, reader=reader, description=description,
-                        label_source=label_source, locators=members)
+    source = finish_table("tar", shards[0].parent, ids, paths, class_names, recoded(provisional, remap), hints,
+                          stamps, options=options, hinted_by="shards", key_of=key_of, reader=reader,
+                          description=description, label_source=label_source, locators=members)
+    return dataclasses.replace(source, stamp=stamp)
 
 
 def open_if_mine(data: str, options: ListOptions) -> Source | None:
