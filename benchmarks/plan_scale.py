@@ -23,6 +23,7 @@ between sizes.
     python benchmarks/plan_scale.py --sizes 1000000,10000000 # 10M rows naming 1M files 10 times each
     python benchmarks/plan_scale.py --source stratified      # split by content: 100k and 1M files read
     python benchmarks/plan_scale.py --source tar             # WebDataset shards: 100k and 1M keys
+    python benchmarks/plan_scale.py --source tar --tar-format pax  # a pax header before every member
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import json
 import math
 import shutil
 import sys
+import tarfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -145,23 +147,28 @@ def make_folder(work: Path, rows: int) -> Path:
     return root
 
 
-def make_shards(work: Path, rows: int) -> Path:
+TAR_FORMATS = {"ustar": (tarfile.USTAR_FORMAT, "{:08d}"),  # plain headers
+               "pax": (tarfile.PAX_FORMAT, "caf\u00e9-{:08d}"),  # a non-ASCII name: a pax header a member
+               "gnu-long": (tarfile.GNU_FORMAT, "k" * 100 + "{:08d}")}  # a 108-byte name: a GNU long-name header
+
+
+def make_shards(work: Path, rows: int, fmt: str = "ustar") -> Path:
     """N samples as WebDataset tar shards of 10,000 keys, `KEY.jpg` (one byte) + `KEY.cls` (100 classes), split
     by shard name (`train-NNNNN.tar` / `test-NNNNN.tar`, every fifth shard a test shard): listing them reads every
-    member header and label, and no image."""
+    member header and label, and no image. `fmt` (`TAR_FORMATS`): how the headers are written."""
     import io
     import os
-    import tarfile
 
+    form, key = TAR_FORMATS[fmt]
     folder = work / f"tar{rows}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     for shard in range(0, math.ceil(rows / 10_000)):
         name = f"{'test' if shard % 5 == 0 else 'train'}-{shard:05d}.tar"
-        with tarfile.open(folder / name, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with tarfile.open(folder / name, "w", format=form) as tar:
             for i in range(shard * 10_000, min(rows, shard * 10_000 + 10_000)):
                 for ext, data in (("jpg", b"x"), ("cls", str(i % 100).encode())):
-                    info = tarfile.TarInfo(f"{i:08d}.{ext}")
+                    info = tarfile.TarInfo(f"{key.format(i)}.{ext}")
                     info.size, info.mtime = len(data), 1_700_000_000
                     tar.addfile(info, io.BytesIO(data))
         os.utime(folder / name, ns=(1_700_000_000 * 10**9,) * 2)  # the same stamps, so the same fingerprint, each run
@@ -178,7 +185,7 @@ def _listed(work: Path, data: Path, rows: int, what: str) -> tuple[dict, dict]:
 
 
 def _tar_size(work: Path, rows: int, args: argparse.Namespace) -> dict:
-    folder = make_shards(work, rows)
+    folder = make_shards(work, rows, args.tar_format)
     listed, figures = _listed(work, folder, rows, "keys of the shards")
     checked, stamped = _child(SHARDS, [str(folder), str(rows)], work)
     if stamped["fingerprint"] != figures["stamp"]:
@@ -243,6 +250,9 @@ def main() -> None:
                         help="folder: list an image folder of as many files (no streamed check: a folder is walked); "
                              "stratified: a manifest without splits, split by content (every file read); "
                              "tar: WebDataset shards of 10,000 keys, split by shard name")
+    parser.add_argument("--tar-format", choices=sorted(TAR_FORMATS), default="ustar",
+                        help="tar: plain ustar headers, or a pax header (non-ASCII keys) or a GNU long-name header "
+                             "(long keys) before every member")
     parser.add_argument("--work", type=Path, default=Path("data/benchmarks/plan"))
     parser.add_argument("--out", type=Path, default=Path("data/benchmarks/plan_scale.json"))
     args = parser.parse_args()

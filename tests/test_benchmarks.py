@@ -90,8 +90,10 @@ def test_the_planning_benchmark_splits_a_manifest_by_content(tmp_path):
     assert "check" not in result["results"][0] and result["results"][1]["list_s"] > 0
 
 
-def test_the_planning_benchmark_lists_tar_shards(tmp_path):
-    result = _run(tmp_path, "plan_scale", "--source", "tar", "--sizes", "12000,25000", "--work", str(tmp_path / "w"))
+@pytest.mark.parametrize("fmt", ["ustar", "pax", "gnu-long"])
+def test_the_planning_benchmark_lists_tar_shards(tmp_path, fmt):
+    result = _run(tmp_path, "plan_scale", "--source", "tar", "--tar-format", fmt, "--sizes", "12000,25000", "--work",
+                  str(tmp_path / "w"))
     # shards of 10,000 keys, every fifth one (the first) a test shard: the split comes from the shard names
     assert [r["rows"] for r in result["results"]] == [12000, 25000]  # the script checks every key was listed
     assert [r["test"] for r in result["results"]] == [10000, 10000]

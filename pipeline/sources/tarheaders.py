@@ -65,17 +65,10 @@ def _number(header: bytes, start: int, stop: int) -> int:
     return int(header[start:stop].split(b"\0", 1)[0] or b"0", 8)
 
 
-class _Header(NamedTuple):
-    kind: bytes
-    name: str
-    length: int
-    mtime: int
-    checksum: int
-
-
-def _header(header: bytes) -> _Header | None:
-    """One ustar header's fields as tarfile reads them (the prefix joined to the name; a V7-style folder's type);
-    None for a kind or field this does not read."""
+def _header(header: bytes) -> tuple[bytes, str, int, int, int] | None:
+    """One ustar header's (kind, name, size, mtime, checksum) as tarfile reads them (the prefix joined to the name;
+    a V7-style folder's type); None for a kind or field this does not read. (A plain tuple: cheaper than a named
+    one, made once a member.)"""
     kind = header[156:157]
     if header[257:262] != b"ustar" or kind not in _KNOWN:
         return None
@@ -98,7 +91,7 @@ def _header(header: bytes) -> _Header | None:
         name = name.rstrip("/")
     if prefix and kind not in _EXTENDED:
         name = f"{prefix}/{name}"
-    return _Header(kind, name, length, mtime, checksum)
+    return kind, name, length, mtime, checksum
 
 
 def _entries(mapped: mmap.mmap, size: int) -> list[Entry] | None:
@@ -115,22 +108,23 @@ def _entries(mapped: mmap.mmap, size: int) -> list[Entry] | None:
             if mapped[pos:pos + 2 * BLOCK] != _END or not headers or end > size or extended:
                 return None
             break
-        header = _header(block)
-        if header is None:
+        fields = _header(block)
+        if fields is None:
             return None
+        kind, name, length, mtime, checksum = fields
         headers.append(block)
-        stored.append(header.checksum)
+        stored.append(checksum)
         data = pos + BLOCK
-        pos = data + -(-header.length // BLOCK) * BLOCK
-        if header.kind in _EXTENDED:
-            if extended or pos > size or not _extend(extended, header.kind, mapped[data:pos], header.length):
+        if kind in _EXTENDED:
+            pos = data + -(-length // BLOCK) * BLOCK
+            if extended or pos > size or not _extend(extended, kind, mapped[data:pos], length):
                 return None
             continue
-        name, length, mtime = extended.get("name", header.name), extended.get("size", header.length), \
-            extended.get("mtime", header.mtime)
-        extended.clear()
+        if extended:  # what the pax or long-name header said
+            name, length, mtime = extended.get("name", name), extended.get("size", length), extended.get("mtime", mtime)
+            extended.clear()
         end = data + length  # tarfile refuses a shard whose last member runs past its end
-        if header.kind in _FILES:
+        if kind in _FILES:
             entries.append(Entry(name, data, length, mtime))
             pos = data + -(-length // BLOCK) * BLOCK
         else:
