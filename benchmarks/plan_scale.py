@@ -24,6 +24,7 @@ between sizes.
     python benchmarks/plan_scale.py --source stratified      # split by content: 100k and 1M files read
     python benchmarks/plan_scale.py --source tar             # WebDataset shards: 100k and 1M keys
     python benchmarks/plan_scale.py --source tar --tar-format pax  # a pax header before every member
+    python benchmarks/plan_scale.py --source tar --tar-split content  # split by content: every image hashed
 """
 
 from __future__ import annotations
@@ -152,10 +153,12 @@ TAR_FORMATS = {"ustar": (tarfile.USTAR_FORMAT, "{:08d}"),  # plain headers
                "gnu-long": (tarfile.GNU_FORMAT, "k" * 100 + "{:08d}")}  # a 108-byte name: a GNU long-name header
 
 
-def make_shards(work: Path, rows: int, fmt: str = "ustar") -> Path:
+def make_shards(work: Path, rows: int, fmt: str = "ustar", by_content: bool = False) -> Path:
     """N samples as WebDataset tar shards of 10,000 keys, `KEY.jpg` (one byte) + `KEY.cls` (100 classes), split
     by shard name (`train-NNNNN.tar` / `test-NNNNN.tar`, every fifth shard a test shard): listing them reads every
-    member header and label, and no image. `fmt` (`TAR_FORMATS`): how the headers are written."""
+    member header and label, and no image. `fmt` (`TAR_FORMATS`): how the headers are written. `by_content`:
+    shards named `shard-NNNNN.tar` and each image its key's digits (distinct), so listing splits them by content:
+    every image member read and hashed."""
     import io
     import os
 
@@ -164,10 +167,10 @@ def make_shards(work: Path, rows: int, fmt: str = "ustar") -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     for shard in range(0, math.ceil(rows / 10_000)):
-        name = f"{'test' if shard % 5 == 0 else 'train'}-{shard:05d}.tar"
+        name = f"shard-{shard:05d}.tar" if by_content else f"{'test' if shard % 5 == 0 else 'train'}-{shard:05d}.tar"
         with tarfile.open(folder / name, "w", format=form) as tar:
             for i in range(shard * 10_000, min(rows, shard * 10_000 + 10_000)):
-                for ext, data in (("jpg", b"x"), ("cls", str(i % 100).encode())):
+                for ext, data in (("jpg", str(i).encode() if by_content else b"x"), ("cls", str(i % 100).encode())):
                     info = tarfile.TarInfo(f"{key.format(i)}.{ext}")
                     info.size, info.mtime = len(data), 1_700_000_000
                     tar.addfile(info, io.BytesIO(data))
@@ -185,7 +188,7 @@ def _listed(work: Path, data: Path, rows: int, what: str) -> tuple[dict, dict]:
 
 
 def _tar_size(work: Path, rows: int, args: argparse.Namespace) -> dict:
-    folder = make_shards(work, rows, args.tar_format)
+    folder = make_shards(work, rows, args.tar_format, args.tar_split == "content")
     listed, figures = _listed(work, folder, rows, "keys of the shards")
     checked, stamped = _child(SHARDS, [str(folder), str(rows)], work)
     if stamped["fingerprint"] != figures["stamp"]:
@@ -253,6 +256,8 @@ def main() -> None:
     parser.add_argument("--tar-format", choices=sorted(TAR_FORMATS), default="ustar",
                         help="tar: plain ustar headers, or a pax header (non-ASCII keys) or a GNU long-name header "
                              "(long keys) before every member")
+    parser.add_argument("--tar-split", choices=("names", "content"), default="names",
+                        help="tar: split by the shards' names (train-/test-), or by content (every image read)")
     parser.add_argument("--work", type=Path, default=Path("data/benchmarks/plan"))
     parser.add_argument("--out", type=Path, default=Path("data/benchmarks/plan_scale.json"))
     args = parser.parse_args()

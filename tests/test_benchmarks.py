@@ -90,13 +90,18 @@ def test_the_planning_benchmark_splits_a_manifest_by_content(tmp_path):
     assert "check" not in result["results"][0] and result["results"][1]["list_s"] > 0
 
 
-@pytest.mark.parametrize("fmt", ["ustar", "pax", "gnu-long"])
+@pytest.mark.parametrize("fmt", ["ustar", "pax", "gnu-long", "by content"])
 def test_the_planning_benchmark_lists_tar_shards(tmp_path, fmt):
-    result = _run(tmp_path, "plan_scale", "--source", "tar", "--tar-format", fmt, "--sizes", "12000,25000", "--work",
+    from pipeline.splits import held_out_count
+
+    how = ["--tar-split", "content"] if fmt == "by content" else ["--tar-format", fmt]
+    result = _run(tmp_path, "plan_scale", "--source", "tar", *how, "--sizes", "12000,25000", "--work",
                   str(tmp_path / "w"))
-    # shards of 10,000 keys, every fifth one (the first) a test shard: the split comes from the shard names
     assert [r["rows"] for r in result["results"]] == [12000, 25000]  # the script checks every key was listed
-    assert [r["test"] for r in result["results"]] == [10000, 10000]
+    # shards of 10,000 keys, every fifth one (the first) a test shard: the split comes from the shard names; or
+    # by content (distinct images, 100 classes): each class gives held_out_count of its keys
+    assert [r["test"] for r in result["results"]] == ([100 * held_out_count(n // 100, 0.3) for n in (12000, 25000)]
+                                                      if fmt == "by content" else [10000, 10000])
     assert all(len(r["fingerprint"]) == 32 and r["list_s"] > 0 for r in result["results"])
     # the check stats the shards (its stamp equals the listing's, or the script stops) and reads none of them
     assert all(len(r["stamp"]) == 32 and 0 < r["check"]["check_s"] < r["list_s"] for r in result["results"])

@@ -164,3 +164,42 @@ def test_shard_paths_read_and_hash_as_the_joined_texts(monkeypatch):
     assert ours.hexdigest() == theirs.hexdigest()
     with pytest.raises(IndexError):
         paths[11]
+
+
+def test_the_split_by_content_hashes_tar_members_a_shard_at_a_time_as_the_reader_reads_them(tmp_path):
+    """`MemberFiles.digests`, here and in two processes, is each member's content hash of what `TarReader.read`
+    returns (none for a key without an image or an image over the size limit), in row order across shards; the
+    keys the split by content takes from it, with hashes the store records for some keys, are the ones the
+    members read one at a time give."""
+    from pipeline.engine.decode import content_hash
+    from pipeline.sources.base import content_keys, file_content_keys
+    from pipeline.sources.members import MemberFiles
+
+    for number in range(3):
+        members = [(f"s{number}k{i}.jpg", bytes([number, i]) * (i + 1)) for i in range(7)]
+        members += [("s0dup.jpg" if number == 0 else "s2dup.jpg", b"same bytes")] if number != 1 else []
+        members += [(f"s{number}k{i}.cls", str(i % 2).encode()) for i in range(7)]
+        write_shard(tmp_path / f"shard-{number}.tar", members + ([("lost.cls", b"1")] if number == 1 else []))
+    options = ListOptions(split="stratified", max_file_bytes=12)  # the 7th image of each shard (14 bytes): refused
+    source = open_source(str(tmp_path), options)
+    members, reader, ids, stamps = source.samples.locators, source.reader, source.samples.ids, source.samples.stamps
+
+    def one_at_a_time(i):
+        try:
+            return content_hash(reader.read(members[i], 12))
+        except (OSError, ValueError):
+            return ""
+
+    expected = [one_at_a_time(i) for i in range(len(members))]
+    assert expected.count("") == 4 and len(set(expected) - {""}) == len(members) - 5  # the two duplicates: one
+    files = MemberFiles(reader.shards, members)
+    for workers, parallel_from in ((1, 1 << 30), (2, 1)):
+        digests = files.digests(12, workers, parallel_from)
+        assert [d[:16].tobytes().hex() if d[16] else "" for d in digests] == expected
+    assert [d[:16].tobytes().hex() for d in files.take([5, 2]).digests(12, 1)] == [expected[5], expected[2]]
+    recorded = {ids[3]: (*stamps[3].tolist(), "ab" * 16), ids[9]: (*stamps[9].tolist(), "cd" * 16)}
+    known = ListOptions(split="stratified", max_file_bytes=12, known=recorded)
+    old = content_keys(known, ids, stamps, lambda i: reader.read(members[i], 12))
+    new = file_content_keys(known, ids, stamps, files, workers=2)
+    assert [new(i) for i in range(len(ids))] == [old(i) for i in range(len(ids))]
+    assert new(3) == "ab" * 16 and new(9) == "cd" * 16 and new(4) == expected[4]

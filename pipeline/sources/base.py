@@ -32,8 +32,8 @@ from pipeline.engine.decode import (
 )
 from pipeline.errors import DataError
 from pipeline.sources.hints import how_to
-from pipeline.sources.stamps import DIGEST_WIDTH, file_digests
-from pipeline.sources.table import UNDECIDED, FileColumn, SampleTable, TextColumn
+from pipeline.sources.stamps import DIGEST_WIDTH, file_digests, stat_workers
+from pipeline.sources.table import UNDECIDED, SampleTable, TextColumn
 from pipeline.splits import pick_per_label
 
 log = logging.getLogger(__name__)
@@ -169,10 +169,11 @@ def content_keys(options: ListOptions, ids: list[str], stamps: list, read: Calla
     return key_of
 
 
-def file_content_keys(options: ListOptions, ids: TextColumn, stamps: np.ndarray, files: TextColumn | FileColumn,
+def file_content_keys(options: ListOptions, ids: TextColumn, stamps: np.ndarray, files: Any,
                       workers: int | None = None) -> Callable[[int], str]:
-    """`content_keys` of a table's files, found at the first key asked for: the files without a recorded hash read
-    and hashed at once (`file_digests`: shared among processes for many rows), kept as 17 bytes a row."""
+    """`content_keys` of a table's files (a TextColumn or FileColumn of paths, or tar `MemberFiles`), found at the
+    first key asked for: the files without a recorded hash read and hashed at once (`file_digests`: shared among
+    processes for many rows), kept as 17 bytes a row."""
     found: list[tuple[np.ndarray, dict[int, str]]] = []
 
     def key_of(i: int) -> str:
@@ -185,12 +186,12 @@ def file_content_keys(options: ListOptions, ids: TextColumn, stamps: np.ndarray,
     return key_of
 
 
-def _digests(options: ListOptions, ids: TextColumn, stamps: np.ndarray, files: TextColumn | FileColumn,
+def _digests(options: ListOptions, ids: TextColumn, stamps: np.ndarray, files: Any,
              workers: int | None) -> tuple[np.ndarray, dict[int, str]]:
     """Each row's digest (`file_digests`; zeros for a row whose hash the store being updated records) and those
     recorded hashes by row: one look-up of a row's recorded hash, one read of each other file."""
     if not options.known:
-        return file_digests(files, options.max_file_bytes, workers), {}
+        return _read(files, options.max_file_bytes, workers), {}
     known: dict[int, str] = {}
     for i in range(len(ids)):
         key = known_key(options, ids[i], stamps[i])
@@ -200,8 +201,14 @@ def _digests(options: ListOptions, ids: TextColumn, stamps: np.ndarray, files: T
                            assume_unique=True)
     digests = np.zeros((len(ids), DIGEST_WIDTH), dtype=np.uint8)
     if len(unknown):
-        digests[unknown] = file_digests(files.take(unknown), options.max_file_bytes, workers)
+        digests[unknown] = _read(files.take(unknown), options.max_file_bytes, workers)
     return digests, known
+
+
+def _read(files: Any, max_bytes: int | None, workers: int | None) -> np.ndarray:
+    """`file_digests`, or the files' own `digests` (tar members: `MemberFiles`)."""
+    own = getattr(files, "digests", None)
+    return file_digests(files, max_bytes, workers) if own is None else own(max_bytes, workers or stat_workers())
 
 
 # -- labels ---------------------------------------------------------------------------------------------------------

@@ -1,20 +1,29 @@
 """Where tar samples lie, as columns: a `MemberColumn` holds each member's shard number, byte offset and size in one
 structured array (20 bytes a row, pickled to the decode workers as that array), not a `TarMember` object per row;
 indexing builds the `TarMember` the reader takes. A key without an image member keeps its reason (`problem`) in a
-small dict, by row. `ShardPaths`: their `shard.tar:key` texts as each shard's path once and the keys."""
+small dict, by row. `ShardPaths`: their `shard.tar:key` texts as each shard's path once and the keys. `MemberFiles`:
+the members' content digests for a split by content, a shard at a time, in processes for many rows."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import operator
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.engine.decode import check_file_size
+from pipeline.sources.stamps import DIGEST_WIDTH, PARALLEL_HASH_ROWS, in_order
 from pipeline.sources.table import TextColumn
+
+log = logging.getLogger(__name__)
 
 MEMBER = np.dtype([("shard", "<i4"), ("offset", "<i8"), ("size", "<i8")])
 
@@ -101,6 +110,66 @@ class MemberBuilder:
     def finish(self) -> MemberColumn:
         rows = np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=MEMBER)
         return MemberColumn(rows, self.problems)
+
+
+class MemberFiles:
+    """Tar members as the split by content reads them (`file_content_keys`): `take` some rows, and `digests` of
+    them all, each shard's members read in one pass over it, by processes for many rows."""
+
+    def __init__(self, shards: Sequence[Path], members: MemberColumn) -> None:
+        self.shards, self.members = tuple(shards), members
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def take(self, rows: Any) -> MemberFiles:
+        return MemberFiles(self.shards, self.members.take(rows))
+
+    def digests(self, max_bytes: int | None, workers: int, parallel_from: int = PARALLEL_HASH_ROWS) -> np.ndarray:
+        """[n, DIGEST_WIDTH]: each member's `content_hash` as 16 bytes and 1, as `TarReader.read` would give its
+        bytes; zeros for a key without an image member, one over `max_bytes`, or one that cannot be read. By
+        `workers` processes, a shard a job, from `parallel_from` rows."""
+        rows = self.members.rows.copy()
+        rows["size"][np.fromiter(self.members.problems, dtype=np.int64, count=len(self.members.problems))] = -1
+        order = np.argsort(rows["shard"], kind="stable")
+        groups = np.split(order, np.flatnonzero(np.diff(rows["shard"][order])) + 1) if len(order) else []
+        jobs = [(str(self.shards[rows["shard"][g[0]]]), rows[g], max_bytes) for g in groups]
+        out = np.zeros((len(rows), DIGEST_WIDTH), dtype=np.uint8)
+        if len(rows) >= parallel_from and workers > 1:
+            from concurrent.futures.process import BrokenProcessPool
+
+            try:
+                for group, part in zip(groups, in_order(shard_digests, jobs, workers), strict=True):
+                    out[group] = part
+                return out
+            except (OSError, RuntimeError, AssertionError, BrokenProcessPool) as exc:  # e.g. in a daemonic worker
+                log.info("reading the %d members in this process (%s: %s)", len(rows), type(exc).__name__, exc)
+        for group, job in zip(groups, jobs, strict=True):
+            out[group] = shard_digests(*job)
+        return out
+
+
+def shard_digests(path: str, rows: np.ndarray, max_bytes: int | None) -> np.ndarray:
+    """`MemberFiles.digests` of one shard's rows (`MEMBER`, size -1 where there is no image member), in the order
+    given: one process's share."""
+    digests = np.zeros((len(rows), DIGEST_WIDTH), dtype=np.uint8)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return digests
+    try:
+        for i, (offset, size) in enumerate(zip(rows["offset"].tolist(), rows["size"].tolist(), strict=True)):
+            try:
+                check_file_size(size, max_bytes)
+                data = os.pread(fd, size, offset) if size >= 0 else b""
+            except (OSError, ValueError):
+                continue
+            if size >= 0 and len(data) == size:
+                digests[i, :16] = np.frombuffer(hashlib.blake2b(data, digest_size=16).digest(), dtype=np.uint8)
+                digests[i, 16] = 1
+    finally:
+        os.close(fd)
+    return digests
 
 
 class ShardPaths(Sequence):

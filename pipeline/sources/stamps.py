@@ -92,6 +92,23 @@ def stamp_blocks(blocks: Iterable[T], files: Callable[[T], TextColumn], workers:
             yield done, future.result()
 
 
+def in_order(work: Callable[..., T], jobs: Iterable[tuple], workers: int) -> Iterator[T]:
+    """`work(*job)` of each job, in order, by `workers` processes from the forkserver the decode stage uses, at most
+    two jobs a process in flight. Raises what starting the processes raises (see `stamp_blocks`)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from pipeline.engine.loader import forkserver_context
+
+    pending: deque = deque()
+    with ProcessPoolExecutor(workers, mp_context=forkserver_context()) as pool:
+        for job in jobs:
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+            pending.append(pool.submit(work, *job))
+        while pending:
+            yield pending.popleft().result()
+
+
 def file_stamps(files: TextColumn | FileColumn, workers: int | None = None) -> np.ndarray:
     """[n, 2] stamps of each file: in processes from PARALLEL_STAT_ROWS rows (when they can be started here), else in
     this process."""

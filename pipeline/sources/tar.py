@@ -18,8 +18,7 @@ import logging
 import os
 import re
 import tarfile
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,15 +35,15 @@ from pipeline.sources.base import (
     Source,
     check_unique,
     class_order,
-    content_keys,
+    file_content_keys,
     finish_table,
     label_text,
     printable,
     recoded,
     split_cell,
 )
-from pipeline.sources.members import MemberBuilder, ShardPaths, TarMember
-from pipeline.sources.stamps import stat_workers
+from pipeline.sources.members import MemberBuilder, MemberFiles, ShardPaths, TarMember
+from pipeline.sources.stamps import in_order, stat_workers
 from pipeline.sources.table import UNDECIDED, TextBuilder
 from pipeline.sources.tarheaders import Entry, plain_entries
 
@@ -313,7 +312,7 @@ def _read_shards(shards: list[Path], streamed: bool, workers: int, parallel_from
         from concurrent.futures.process import BrokenProcessPool
 
         try:
-            return _gathered(first, _in_processes(shards[1:], streamed, workers))
+            return _gathered(first, in_order(read_shard, ((shard, streamed) for shard in shards[1:]), workers))
         except (OSError, RuntimeError, AssertionError, BrokenProcessPool) as exc:  # e.g. in a daemonic worker
             log.info("reading the %d shards in this process (%s: %s)", len(shards), type(exc).__name__, exc)
     return _gathered(first, (read_shard(shard, streamed) for shard in shards[1:]))
@@ -324,22 +323,6 @@ def _gathered(first: ShardRows, rest: Iterable[ShardRows]) -> _Rows:
     for number, part in enumerate(itertools.chain([first], rest)):
         rows.add(number, part)
     return rows
-
-
-def _in_processes(shards: list[Path], streamed: bool, workers: int) -> Iterator[ShardRows]:
-    """`read_shard` of each shard by `workers` processes, in order, at most two shards a process in flight."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    from pipeline.engine.loader import forkserver_context
-
-    pending: deque = deque()
-    with ProcessPoolExecutor(workers, mp_context=forkserver_context()) as pool:
-        for shard in shards:
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-            pending.append(pool.submit(read_shard, shard, streamed))
-        while pending:
-            yield pending.popleft().result()
 
 
 def scan_tar_shards(shards: list[Path], options: ListOptions = DEFAULT_OPTIONS, *,
@@ -369,7 +352,7 @@ def scan_tar_shards(shards: list[Path], options: ListOptions = DEFAULT_OPTIONS, 
         label_source = "member folders"
     class_names, remap = class_order(classes)
     reader = TarReader(tuple(shards))
-    key_of = content_keys(options, ids, stamps, lambda i: reader.read(members[i], options.max_file_bytes))
+    key_of = file_content_keys(options, ids, stamps, MemberFiles(shards, members), workers)
     named = addresses or [str(p) for p in shards]
     description = named[0] if len(named) == 1 else f"{named[0]} .. {named[-1]} ({len(named)} shards)"
     if addresses is not None:
