@@ -32,7 +32,7 @@ from pipeline.engine.decode import (
 )
 from pipeline.errors import DataError
 from pipeline.sources.hints import how_to
-from pipeline.sources.stamps import DIGEST_WIDTH, file_digests, stat_workers
+from pipeline.sources.stamps import DIGEST_WIDTH, file_digests
 from pipeline.sources.table import UNDECIDED, SampleTable, TextColumn
 from pipeline.splits import pick_per_label
 
@@ -208,7 +208,7 @@ def _digests(options: ListOptions, ids: TextColumn, stamps: np.ndarray, files: A
 def _read(files: Any, max_bytes: int | None, workers: int | None) -> np.ndarray:
     """`file_digests`, or the files' own `digests` (tar members: `MemberFiles`)."""
     own = getattr(files, "digests", None)
-    return file_digests(files, max_bytes, workers) if own is None else own(max_bytes, workers or stat_workers())
+    return file_digests(files, max_bytes, workers) if own is None else own(max_bytes, workers)
 
 
 # -- labels ---------------------------------------------------------------------------------------------------------

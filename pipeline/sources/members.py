@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.engine.decode import check_file_size
-from pipeline.sources.stamps import DIGEST_WIDTH, PARALLEL_HASH_ROWS, in_order
+from pipeline.sources.stamps import DIGEST_WIDTH, PARALLEL_HASH_ROWS, in_order, stat_workers
 from pipeline.sources.table import TextColumn
 
 log = logging.getLogger(__name__)
@@ -125,10 +125,12 @@ class MemberFiles:
     def take(self, rows: Any) -> MemberFiles:
         return MemberFiles(self.shards, self.members.take(rows))
 
-    def digests(self, max_bytes: int | None, workers: int, parallel_from: int = PARALLEL_HASH_ROWS) -> np.ndarray:
+    def digests(self, max_bytes: int | None, workers: int | None = None,
+                parallel_from: int = PARALLEL_HASH_ROWS) -> np.ndarray:
         """[n, DIGEST_WIDTH]: each member's `content_hash` as 16 bytes and 1, as `TarReader.read` would give its
         bytes; zeros for a key without an image member, one over `max_bytes`, or one that cannot be read. By
-        `workers` processes, a shard a job, from `parallel_from` rows."""
+        `workers` processes (default `stat_workers`), a shard a job, from `parallel_from` rows."""
+        workers = stat_workers() if workers is None else workers
         rows = self.members.rows.copy()
         rows["size"][np.fromiter(self.members.problems, dtype=np.int64, count=len(self.members.problems))] = -1
         order = np.argsort(rows["shard"], kind="stable")
@@ -159,12 +161,14 @@ def shard_digests(path: str, rows: np.ndarray, max_bytes: int | None) -> np.ndar
         return digests
     try:
         for i, (offset, size) in enumerate(zip(rows["offset"].tolist(), rows["size"].tolist(), strict=True)):
+            if size < 0:
+                continue
             try:
                 check_file_size(size, max_bytes)
-                data = os.pread(fd, size, offset) if size >= 0 else b""
+                data = os.pread(fd, size, offset)
             except (OSError, ValueError):
                 continue
-            if size >= 0 and len(data) == size:
+            if len(data) == size:
                 digests[i, :16] = np.frombuffer(hashlib.blake2b(data, digest_size=16).digest(), dtype=np.uint8)
                 digests[i, 16] = 1
     finally:

@@ -75,21 +75,16 @@ def stamp_blocks(blocks: Iterable[T], files: Callable[[T], TextColumn], workers:
             column = files(block)
             yield block, work(column.data, column.offsets)
         return
-    from concurrent.futures import ProcessPoolExecutor
+    waiting: deque = deque()  # the blocks whose results are still to come, in order
 
-    from pipeline.engine.loader import forkserver_context
-
-    pending: deque = deque()
-    with ProcessPoolExecutor(workers, mp_context=forkserver_context()) as pool:
+    def jobs() -> Iterator[tuple]:
         for block in blocks:
-            if len(pending) >= 2 * workers:
-                done, future = pending.popleft()
-                yield done, future.result()
             column = files(block)
-            pending.append((block, pool.submit(work, column.data, column.offsets)))
-        while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
+            waiting.append(block)
+            yield column.data, column.offsets
+
+    for result in in_order(work, jobs(), workers):
+        yield waiting.popleft(), result
 
 
 def in_order(work: Callable[..., T], jobs: Iterable[tuple], workers: int) -> Iterator[T]:
