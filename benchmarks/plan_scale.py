@@ -13,7 +13,8 @@ splits needs no content). `--source stratified` lists a manifest without a split
 contents): every file is read and hashed to split it by content; `--source folder` an image folder; `--source
 tar` WebDataset tar shards, whose `check` is what the up-to-date check computes of them: each shard's stats
 hashed (`shards_stamp`), which must equal the stamp the listing gave (the store's attributes and the backbone are
-a fixed cost beside it). Reports wall
+a fixed cost beside it); `--source torchvision` a `torchvision.datasets` class defined in the child (integer
+targets in train and test splits, what a dataset holds). Reports wall
 time per phase, each child's own peak RSS (its getrusage when the work is done; the stat processes' largest in
 `children_peak_mib`; wait4's figure, which also counts the interpreter's teardown, in `peak_rss_mib`) and the growth
 between sizes.
@@ -25,6 +26,7 @@ between sizes.
     python benchmarks/plan_scale.py --source tar             # WebDataset shards: 100k and 1M keys
     python benchmarks/plan_scale.py --source tar --tar-format pax  # a pax header before every member
     python benchmarks/plan_scale.py --source tar --tar-split content  # split by content: every image hashed
+    python benchmarks/plan_scale.py --source torchvision      # a torchvision dataset class of as many items
 """
 
 from __future__ import annotations
@@ -88,6 +90,37 @@ t = {"import_s": time.perf_counter() - start}
 start = time.perf_counter()
 fingerprint, rows = shards_stamp(tar_shards(sys.argv[1])), int(sys.argv[2])
 t["check_s"] = time.perf_counter() - start
+""" + _RESULT
+
+TORCHVISION = _PRELUDE + """
+import numpy as np
+from torchvision.datasets import VisionDataset
+from pipeline.sources.torchvision import scan_torchvision
+
+
+class Synthetic(VisionDataset):  # what a torchvision dataset holds: its targets (and classes), images read by index
+    classes = [f"class {k}" for k in range(100)]
+
+    def __init__(self, root, train=True):
+        super().__init__(root)
+        n = int(sys.argv[2]) * 4 // 5 if train else int(sys.argv[2]) - int(sys.argv[2]) * 4 // 5
+        self.targets = np.random.default_rng(int(train)).integers(0, 100, n)
+
+    def __len__(self):
+        return len(self.targets)
+
+
+t = {"import_s": time.perf_counter() - start}
+start = time.perf_counter()
+source = scan_torchvision(Synthetic, ListOptions(root=sys.argv[1]))
+t["list_s"] = time.perf_counter() - start
+start = time.perf_counter()
+listing = source_listing(source)
+t["listing_s"] = time.perf_counter() - start
+start = time.perf_counter()
+fingerprint, rows = data_fingerprint(source, listing, decoding_policy({})), len(source)
+t["fingerprint_s"] = time.perf_counter() - start
+t["test"] = source.split_counts().get("test", 0)
 """ + _RESULT
 
 
@@ -244,15 +277,31 @@ def _folder_size(work: Path, rows: int, args: argparse.Namespace) -> dict:
     return {"rows": rows, "listing": listed, **figures}
 
 
+def _torchvision_size(work: Path, rows: int, args: argparse.Namespace) -> dict:
+    """A torchvision dataset class with train/test splits and integer targets over 100 classes (no image read)."""
+    root = work / "torchvision"
+    root.mkdir(exist_ok=True)
+    listed, figures = _child(TORCHVISION, [str(root), str(rows)], work)
+    if figures["rows"] != rows:
+        raise SystemExit(f"the {rows} items of the dataset listed {figures['rows']} rows")
+    listed.update(self_peak_mib=figures.pop("self_peak_mib"), children_peak_mib=figures.pop("children_peak_mib"))
+    print(f"{rows:>10,} dataset items: listing {listed['seconds']:.1f} s ({figures['list_s']:.1f} list, "
+          f"{figures['listing_s']:.1f} listing, {figures['fingerprint_s']:.1f} fingerprint), peak RSS "
+          f"{listed['self_peak_mib']:.0f} MiB; {figures['test']:,} test rows", flush=True)
+    return {"rows": rows, "listing": listed, **figures}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--files", type=int, default=1_000_000,
                         help="at most this many distinct files; larger sizes name them repeatedly (default 1M)")
-    parser.add_argument("--source", choices=("manifest", "folder", "stratified", "tar"), default="manifest",
+    parser.add_argument("--source", choices=("manifest", "folder", "stratified", "tar", "torchvision"),
+                        default="manifest",
                         help="folder: list an image folder of as many files (no streamed check: a folder is walked); "
                              "stratified: a manifest without splits, split by content (every file read); "
-                             "tar: WebDataset shards of 10,000 keys, split by shard name")
+                             "tar: WebDataset shards of 10,000 keys, split by shard name; torchvision: a dataset "
+                             "class of as many items (train/test, integer targets)")
     parser.add_argument("--tar-format", choices=sorted(TAR_FORMATS), default="ustar",
                         help="tar: plain ustar headers, or a pax header (non-ASCII keys) or a GNU long-name header "
                              "(long keys) before every member")
@@ -264,7 +313,7 @@ def main() -> None:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     size = {"manifest": _manifest_size, "folder": _folder_size, "stratified": _stratified_size,
-            "tar": _tar_size}[args.source]
+            "tar": _tar_size, "torchvision": _torchvision_size}[args.source]
     results = [size(work, int(rows), args) for rows in args.sizes.split(",")]
     growth = {way: _growth(results, way) for way in ("listing", "check") if way in results[0]}
     print(json.dumps(growth, indent=1))

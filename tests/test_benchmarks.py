@@ -90,6 +90,15 @@ def test_the_planning_benchmark_splits_a_manifest_by_content(tmp_path):
     assert "check" not in result["results"][0] and result["results"][1]["list_s"] > 0
 
 
+def test_the_planning_benchmark_lists_a_torchvision_dataset(tmp_path):
+    result = _run(tmp_path, "plan_scale", "--source", "torchvision", "--sizes", "1000,5000", "--work",
+                  str(tmp_path / "w"))
+    assert [r["rows"] for r in result["results"]] == [1000, 5000]  # the script checks every item was listed
+    assert [r["test"] for r in result["results"]] == [200, 1000]  # the class's test split: a fifth of the items
+    assert all(len(r["fingerprint"]) == 32 and r["list_s"] > 0 for r in result["results"])
+    assert set(result["growth"]) == {"listing"}
+
+
 @pytest.mark.parametrize("fmt", ["ustar", "pax", "gnu-long", "by content"])
 def test_the_planning_benchmark_lists_tar_shards(tmp_path, fmt):
     from pipeline.splits import held_out_count

@@ -1,24 +1,42 @@
 """torchvision datasets as a source: `--data torchvision:CIFAR10 --root DIR`, any `torchvision.datasets` class that
 yields images, read from a local root and downloaded only when asked. Ids are `split/index`, and a stratified split
-is by id: a torchvision dataset has only the one spelling."""
+is by id: a torchvision dataset has only the one spelling.
+
+A dataset is listed as columns (a `SampleTable`): the ids made by arrow a split at a time, integer targets coded as
+arrays, and the items' `(split, index)` locators as an `ItemColumn`, so a dataset of millions of items holds no
+Python object per item beyond what the dataset itself holds."""
 
 from __future__ import annotations
 
 import difflib
 import inspect
 import logging
+import operator
 import os
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
-from pipeline.engine.decode import PerProcessReader
+from pipeline.engine.decode import SPLITS, PerProcessReader
 from pipeline.errors import DataError
-from pipeline.sources.base import DEFAULT_OPTIONS, UNLABELLED, ListOptions, Source, class_index, finish, label_text
+from pipeline.sources.base import (
+    DEFAULT_OPTIONS,
+    UNLABELLED,
+    ListOptions,
+    Source,
+    class_index,
+    finish_table,
+    label_text,
+    printable,
+)
+from pipeline.sources.table import UNDECIDED, FileColumn, TextBuilder, TextColumn
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +106,19 @@ def _dataset_class(name: str) -> type:
     return cls
 
 
-def _targets(dataset: Any) -> list[Any]:
+def _targets(dataset: Any) -> np.ndarray:
+    """[n] each item's target: from the dataset's targets (labels, ...) attribute, else read from each item."""
     n = len(dataset)
     for attr in ("targets", "labels", "_labels", "y"):
         values = getattr(dataset, attr, None)
         if values is not None and not isinstance(values, str | bytes) and hasattr(values, "__len__") \
                 and len(values) == n:
-            return np.asarray(values).reshape(n, -1)[:, 0].tolist() if n else []
+            return np.asarray(values).reshape(n, -1)[:, 0] if n else np.zeros(0, dtype=np.int64)
     log.info("%s has no targets attribute: reading each item for its label", type(dataset).__name__)
-    return [item[1] if isinstance(item, tuple | list) and len(item) > 1 else None for item in
-            (dataset[i] for i in range(n))]
+    found = np.empty(n, dtype=object)
+    found[:] = [item[1] if isinstance(item, tuple | list) and len(item) > 1 else None for item in
+                (dataset[i] for i in range(n))]
+    return found
 
 
 def _root_stamp(root: str | None) -> tuple[int, int]:
@@ -150,22 +171,101 @@ def _construct_splits(cls: type, root_text: str | None, download: bool) -> dict[
     return found
 
 
-def _rows(found: dict[str, tuple[dict, Any]]) -> tuple[tuple[str, ...], list, list, list, list]:
-    """(the datasets' class names, ids, label names, splits, locators) of every item of every split."""
+class ItemColumn(Sequence):
+    """Dataset items as `(split, index)` locators, what `TorchvisionReader` reads: a split code into `names` ([n]
+    int8) and the item's index ([n] int64) per row, not a tuple per item."""
+
+    __slots__ = ("names", "codes", "index")
+
+    def __init__(self, names: tuple[str, ...], codes: np.ndarray, index: np.ndarray) -> None:
+        if len(codes) != len(index):
+            raise ValueError("an item column needs as many split codes as indices")
+        self.names, self.codes, self.index = names, codes, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, where: Any) -> Any:
+        if isinstance(where, slice):
+            return self.take(np.arange(len(self))[where])
+        i = operator.index(where)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"row {where} of {len(self)} dataset items")
+        return self.names[self.codes[i]], int(self.index[i])
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        for start in range(0, len(self), 1 << 16):
+            codes, index = self.codes[start:start + (1 << 16)].tolist(), self.index[start:start + (1 << 16)].tolist()
+            yield from zip(map(self.names.__getitem__, codes), index, strict=True)
+
+    def take(self, where: Any) -> ItemColumn:
+        """The rows at these positions (an array or sequence of row numbers)."""
+        positions = np.asarray(where, dtype=np.int64).reshape(-1)
+        if len(positions) and (positions.min() < -len(self) or positions.max() >= len(self)):
+            raise IndexError(f"rows outside {len(self)} dataset items")
+        return ItemColumn(self.names, self.codes[positions], self.index[positions])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and not isinstance(other, str) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ItemColumn({len(self)} items of {', '.join(self.names) or 'one set'})"
+
+
+_ID_ROWS = 1 << 20  # ids made a million at a time: ~50 MB of arrow temporaries
+
+
+def _ids(prefix: str, start: int, stop: int, width: int) -> pa.Array:
+    """`prefix` + each index from start to stop, zero-padded to `width`, as `f"{prefix}{i:0{width}d}"` would."""
+    numbers = pa.array(np.arange(start, stop, dtype=np.int64)).cast(pa.large_string())
+    return pc.binary_join_element_wise(pa.scalar(prefix, pa.large_string()),
+                                       pc.utf8_lpad(numbers, width=width, padding="0"),
+                                       pa.scalar("", pa.large_string()))
+
+
+def _rows(found: dict[str, tuple[dict, Any]]) -> tuple[tuple[str, ...], TextColumn, np.ndarray, np.ndarray,
+                                                       ItemColumn]:
+    """(the datasets' class names, ids, targets, split codes, locators) of every item of every split, as columns."""
     class_names: tuple[str, ...] = ()
-    ids, names, splits, locators = [], [], [], []
-    for split, (_, dataset) in found.items():
+    total = sum(len(dataset) for _, dataset in found.values())
+    ids, targets = TextBuilder(), []
+    hints, codes, index = np.empty(total, np.int8), np.empty(total, np.int8), np.empty(total, np.int64)
+    row = 0
+    for number, (split, (_, dataset)) in enumerate(found.items()):
         n = len(dataset)
-        width = max(5, len(str(n - 1)))
         classes = getattr(dataset, "classes", None)
         if classes and not class_names:
             class_names = tuple(str(c) for c in classes)
-        for index, target in enumerate(_targets(dataset)):
-            ids.append(f"{split or 'all'}/{index:0{width}d}")
-            names.append(None if target is None else label_text(target))
-            splits.append(split)
-            locators.append((split, index))
-    return class_names, ids, names, splits, locators
+        for start in range(0, n, _ID_ROWS):
+            ids.append(_ids(f"{split or 'all'}/", start, min(n, start + _ID_ROWS), max(5, len(str(n - 1)))))
+        targets.append(_targets(dataset))
+        hints[row:row + n] = SPLITS.index(split) if split else UNDECIDED
+        codes[row:row + n] = number
+        index[row:row + n] = np.arange(n)
+        row += n
+    if not all(t.dtype.kind in "iu" for t in targets):  # texts, objects or mixed kinds: each as a Python value
+        targets = [t.astype(object) for t in targets]
+    return class_names, ids.finish(), np.concatenate(targets), hints, ItemColumn(tuple(found), codes, index)
+
+
+def _labels(targets: np.ndarray, class_names: tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
+    """(class names, [n] label codes) of the targets: integer targets index the dataset's own classes when they
+    name them all; otherwise (or without classes) each distinct label text is a class (`class_index`), and
+    missing or negative targets are unlabelled. Integer targets are coded as arrays, others a row at a time."""
+    if targets.dtype.kind in "iu":
+        labelled = targets >= 0
+        if class_names and not np.any(targets[labelled] >= len(class_names)):
+            return class_names, np.where(labelled, targets, UNLABELLED).astype(np.int64, copy=False)
+        present = np.unique(targets[labelled])
+        return tuple(str(v) for v in present.tolist()), \
+            np.where(labelled, np.searchsorted(present, targets), UNLABELLED).astype(np.int64, copy=False)
+    names = [label_text(target) for target in targets.tolist()]
+    if class_names and all(v is None or (re.fullmatch(r"\d+", v) and int(v) < len(class_names)) for v in names):
+        return class_names, np.array([UNLABELLED if v is None else int(v) for v in names], dtype=np.int64)
+    class_names, labels = class_index(names)
+    return class_names, np.array(labels, dtype=np.int64)
 
 
 def scan_torchvision(name: str | type, options: ListOptions = DEFAULT_OPTIONS) -> Source:
@@ -181,21 +281,21 @@ def scan_torchvision(name: str | type, options: ListOptions = DEFAULT_OPTIONS) -
         raise DataError(f"torchvision:{cls.__name__} needs --root DIR (the folder that holds or will hold its files)")
     root_text = None if root is None else str(Path(root))
     found = _construct_splits(cls, root_text, options.download)
-    class_names, ids, names, splits, locators = _rows(found)
-    if class_names and all(v is None or (re.fullmatch(r"\d+", v) and int(v) < len(class_names)) for v in names):
-        labels = [UNLABELLED if v is None else int(v) for v in names]  # targets index the dataset's own classes
-    else:
-        class_names, labels = class_index(names)
+    class_names, ids, targets, hints, locators = _rows(found)
+    class_names, labels = _labels(targets, class_names)
+    del targets
     spec = TorchvisionSpec(cls, root_text, tuple((s, tuple(sorted(kw.items()))) for s, (kw, _) in found.items()))
     reader = TorchvisionReader(spec)
     reader._datasets = {s: ds for s, (_, ds) in found.items()}  # reuse in this process
-    stamp = _root_stamp(root_text)
+    # every row's stamp is the root's: one pair seen n times (a read-only view; what is taken from it is copied)
+    stamps = np.broadcast_to(np.array(_root_stamp(root_text), dtype=np.int64), (len(ids), 2))
     base = Path(root_text) if root_text else Path(".")
+    # every row's path is the root (the store's path column: where the dataset lives), "." under it
+    paths = FileColumn(printable(os.path.abspath(base)), TextColumn(b"." * len(ids), np.arange(len(ids) + 1)))
     description = f"torchvision:{cls.__name__}" + (f" (root {root_text})" if root_text else "")
-    return finish("torchvision", base, ids, [base] * len(ids), class_names, labels,
-                  [s if s else None for s in splits], options=options, hinted_by="torchvision",
-                  key_of=lambda i: ids[i], reader=reader, description=description, locators=locators,
-                  stamps=[stamp] * len(ids), label_source="dataset targets" if class_names else "")
+    return finish_table("torchvision", base, ids, paths, class_names, labels, hints, stamps, options=options,
+                        hinted_by="torchvision", key_of=ids.__getitem__, reader=reader, description=description,
+                        locators=locators, label_source="dataset targets" if class_names else "")
 
 
 def open_if_mine(data: str, options: ListOptions) -> Source | None:
