@@ -55,12 +55,7 @@ print("RESULT", json.dumps({"rows": rows, "fingerprint": fingerprint, **peak(),
                             **{k: round(v, 6) if isinstance(v, float) else v for k, v in t.items()}}), flush=True)
 os._exit(0)  # no interpreter teardown: it can raise the process's peak RSS by 100 MiB or more (torch's)
 """
-
-CHECK = _PRELUDE + """
-from pipeline.sources import open_source
-t = {"import_s": time.perf_counter() - start}
-start = time.perf_counter()
-source = open_source(sys.argv[1], ListOptions())
+_LISTED = """
 t["list_s"] = time.perf_counter() - start
 start = time.perf_counter()
 listing = source_listing(source)
@@ -70,7 +65,14 @@ fingerprint, rows = data_fingerprint(source, listing, decoding_policy({})), len(
 t["fingerprint_s"] = time.perf_counter() - start
 t["test"] = source.split_counts().get("test", 0)
 t["stamp"] = getattr(source, "stamp", "")  # tar shards: their stats, which the store records (older code: none)
-""" + _RESULT
+""" + _RESULT  # what is measured once the source is listed (t, start and source set)
+
+CHECK = _PRELUDE + """
+from pipeline.sources import open_source
+t = {"import_s": time.perf_counter() - start}
+start = time.perf_counter()
+source = open_source(sys.argv[1], ListOptions())
+""" + _LISTED
 
 STREAMED = _PRELUDE + """
 from pipeline.engine.current import manifest_fingerprint
@@ -113,15 +115,7 @@ class Synthetic(VisionDataset):  # what a torchvision dataset holds: its targets
 t = {"import_s": time.perf_counter() - start}
 start = time.perf_counter()
 source = scan_torchvision(Synthetic, ListOptions(root=sys.argv[1]))
-t["list_s"] = time.perf_counter() - start
-start = time.perf_counter()
-listing = source_listing(source)
-t["listing_s"] = time.perf_counter() - start
-start = time.perf_counter()
-fingerprint, rows = data_fingerprint(source, listing, decoding_policy({})), len(source)
-t["fingerprint_s"] = time.perf_counter() - start
-t["test"] = source.split_counts().get("test", 0)
-""" + _RESULT
+""" + _LISTED
 
 
 def _child(script: str, args: list[str], work: Path) -> tuple[dict, dict]:
