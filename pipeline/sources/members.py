@@ -6,7 +6,6 @@ the members' content digests for a split by content, a shard at a time, in proce
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import operator
 import os
@@ -19,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.engine.decode import check_file_size
+from pipeline.engine.decode import check_file_size, content_hash
 from pipeline.sources.stamps import DIGEST_WIDTH, PARALLEL_HASH_ROWS, in_order, stat_workers
 from pipeline.sources.table import TextColumn
 
@@ -169,7 +168,7 @@ def shard_digests(path: str, rows: np.ndarray, max_bytes: int | None) -> np.ndar
             except (OSError, ValueError):
                 continue
             if len(data) == size:
-                digests[i, :16] = np.frombuffer(hashlib.blake2b(data, digest_size=16).digest(), dtype=np.uint8)
+                digests[i, :16] = np.frombuffer(bytes.fromhex(content_hash(data)), dtype=np.uint8)
                 digests[i, 16] = 1
     finally:
         os.close(fd)
